@@ -1,0 +1,193 @@
+//! A backend's shared state. Routing tables point at these objects, so a table swap keeps
+//! in-flight counts, health and the upstream connection pool; the request path only
+//! touches atomics here.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::ConnPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    Active = 0,
+    Draining = 1,
+    Disabled = 2,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// `addr` as text, made once so logs and the admin API never format it again.
+    pub name: Arc<str>,
+    pub weight: u32,
+    in_flight: AtomicU64,
+    health: AtomicU8,
+    admin: AtomicU8,
+    pub conns: ConnPool,
+    /// Milliseconds since `epoch` of the last upstream-failure warning, for rate limiting.
+    last_warning_ms: AtomicU64,
+    suppressed_warnings: AtomicU64,
+    epoch: Instant,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, weight: u32, idle_timeout: Duration) -> Backend {
+        Backend {
+            addr,
+            name: addr.to_string().into(),
+            weight,
+            in_flight: AtomicU64::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
+            admin: AtomicU8::new(AdminState::Active as u8),
+            conns: ConnPool::new(idle_timeout),
+            last_warning_ms: AtomicU64::new(0),
+            suppressed_warnings: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Ordering::Relaxed);
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Active,
+        }
+    }
+
+    pub fn set_admin_state(&self, state: AdminState) {
+        self.admin.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// May this backend take a new request? Health not yet known counts as usable, so a
+    /// proxy without health checks still serves.
+    pub fn is_available(&self) -> bool {
+        self.admin.load(Ordering::Relaxed) == AdminState::Active as u8
+            && self.health.load(Ordering::Relaxed) != Health::Unhealthy as u8
+    }
+
+    /// Counts a request (or an upgraded tunnel) as in flight until the guard is dropped.
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            backend: Arc::clone(self),
+        }
+    }
+
+    /// Logs an upstream failure at most once a second per backend, so a dead backend
+    /// under load cannot flood the log; the next line says how many were held back.
+    pub fn warn_rate_limited(&self, what: &str, error: &dyn std::fmt::Display) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < 1000 {
+            self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self
+            .last_warning_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed_warnings.swap(0, Ordering::Relaxed);
+        tracing::warn!(backend = %self.name, suppressed, "{what}: {error}");
+    }
+}
+
+/// Decrements the backend's in-flight count when dropped.
+pub struct InFlight {
+    backend: Arc<Backend>,
+}
+
+impl InFlight {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_follows_guards() {
+        let b = Arc::new(Backend::new(
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            Duration::from_secs(1),
+        ));
+        let g1 = b.track();
+        let g2 = b.track();
+        assert_eq!(b.in_flight(), 2);
+        drop(g1);
+        assert_eq!(b.in_flight(), 1);
+        drop(g2);
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn availability_needs_active_and_not_unhealthy() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Duration::from_secs(1));
+        assert!(b.is_available(), "unknown health is usable");
+        b.set_health(Health::Unhealthy);
+        assert!(!b.is_available());
+        b.set_health(Health::Healthy);
+        b.set_admin_state(AdminState::Draining);
+        assert!(!b.is_available());
+        b.set_admin_state(AdminState::Active);
+        assert!(b.is_available());
+    }
+}

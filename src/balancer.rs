@@ -1,0 +1,194 @@
+//! Picking a backend within a pool. Health and admin state are read from the backends'
+//! atomics at pick time, so no table needs rebuilding when a backend goes down.
+
+use std::sync::atomic::Ordering;
+
+use crate::config::Balance;
+use crate::random;
+use crate::routing::Pool;
+
+/// Draws tried before falling back to a full scan, when many backends are unavailable.
+const QUICK_DRAWS: usize = 4;
+
+/// Most backends one request excludes (those it already tried).
+pub const MAX_EXCLUDED: usize = 16;
+
+/// Index of the backend for the next request, skipping unavailable backends and those in
+/// `exclude` (already tried for this request). `None` when no backend can take it.
+pub fn pick(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+    match pool.balance {
+        Balance::P2c => pick_p2c(pool, exclude),
+        Balance::RoundRobin => pick_round_robin(pool, exclude),
+    }
+}
+
+fn usable(pool: &Pool, index: usize, exclude: &[usize]) -> bool {
+    pool.backends[index].is_available() && !exclude.contains(&index)
+}
+
+/// Weighted power of two choices: two backends drawn in proportion to their weight, the
+/// one with fewer in-flight requests per unit of weight wins. When both are idle the
+/// first draw wins, so light traffic still follows the weights.
+fn pick_p2c(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+    let first = weighted_draw(pool, exclude)?;
+    if pool.backends.len() == 1 {
+        return Some(first);
+    }
+    // The second draw excludes the first, so two-backend pools always compare both.
+    let mut without_first = [usize::MAX; MAX_EXCLUDED + 1];
+    let excluded = exclude.len().min(MAX_EXCLUDED);
+    without_first[..excluded].copy_from_slice(&exclude[..excluded]);
+    without_first[excluded] = first;
+    let Some(second) = weighted_draw(pool, &without_first[..=excluded]) else {
+        return Some(first);
+    };
+    let (a, b) = (&pool.backends[first], &pool.backends[second]);
+    // Compare in_flight/weight without division.
+    let load_a = u128::from(a.in_flight()) * u128::from(b.weight);
+    let load_b = u128::from(b.in_flight()) * u128::from(a.weight);
+    Some(if load_b < load_a { second } else { first })
+}
+
+fn weighted_draw(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+    let total = pool.total_weight();
+    if total == 0 {
+        return None;
+    }
+    for _ in 0..QUICK_DRAWS {
+        let point = random::below(total);
+        let index = pool.cumulative_weight.partition_point(|&c| c <= point);
+        if usable(pool, index, exclude) {
+            return Some(index);
+        }
+    }
+    // Many backends are out: draw among the usable ones only.
+    let usable_total: u64 = (0..pool.backends.len())
+        .filter(|&i| usable(pool, i, exclude))
+        .map(|i| u64::from(pool.backends[i].weight))
+        .sum();
+    if usable_total == 0 {
+        return None;
+    }
+    let mut point = random::below(usable_total);
+    for index in 0..pool.backends.len() {
+        if !usable(pool, index, exclude) {
+            continue;
+        }
+        let weight = u64::from(pool.backends[index].weight);
+        if point < weight {
+            return Some(index);
+        }
+        point -= weight;
+    }
+    None
+}
+
+fn pick_round_robin(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+    let cycle = &pool.rr_cycle;
+    if cycle.is_empty() {
+        return None;
+    }
+    let start = pool.rr_next.fetch_add(1, Ordering::Relaxed);
+    (0..cycle.len())
+        .map(|step| cycle[(start + step) % cycle.len()] as usize)
+        .find(|&i| usable(pool, i, exclude))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{AdminState, Backend, Health};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn pool(weights: &[u32], balance: Balance) -> Pool {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let addr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
+                Arc::new(Backend::new(addr, w, Duration::from_secs(1)))
+            })
+            .collect();
+        Pool::new("p", backends, balance)
+    }
+
+    fn shares(pool: &Pool, picks: usize) -> Vec<f64> {
+        let mut counts = vec![0usize; pool.backends.len()];
+        for _ in 0..picks {
+            counts[pick(pool, &[]).unwrap()] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / picks as f64).collect()
+    }
+
+    #[test]
+    fn p2c_follows_weights_when_backends_are_idle() {
+        let p = pool(&[1, 3], Balance::P2c);
+        let s = shares(&p, 100_000);
+        assert!((s[1] - 0.75).abs() < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn p2c_prefers_the_backend_with_fewer_in_flight() {
+        let p = pool(&[1, 1], Balance::P2c);
+        let _busy: Vec<_> = (0..5).map(|_| p.backends[0].track()).collect();
+        let s = shares(&p, 10_000);
+        assert!(s[1] > 0.99, "{s:?}");
+    }
+
+    #[test]
+    fn p2c_compares_load_per_unit_of_weight() {
+        // Backend 0 has 4 in flight at weight 4 (1 per unit); backend 1 has 2 at weight 1.
+        let p = pool(&[4, 1], Balance::P2c);
+        let _a: Vec<_> = (0..4).map(|_| p.backends[0].track()).collect();
+        let _b: Vec<_> = (0..2).map(|_| p.backends[1].track()).collect();
+        let s = shares(&p, 10_000);
+        assert!(s[0] > 0.99, "{s:?}");
+    }
+
+    #[test]
+    fn unavailable_backends_are_skipped_by_both_strategies() {
+        for balance in [Balance::P2c, Balance::RoundRobin] {
+            let p = pool(&[1, 1, 1], balance);
+            p.backends[0].set_health(Health::Unhealthy);
+            p.backends[1].set_admin_state(AdminState::Draining);
+            for _ in 0..1000 {
+                assert_eq!(pick(&p, &[]), Some(2));
+            }
+            p.backends[2].set_admin_state(AdminState::Disabled);
+            assert_eq!(pick(&p, &[]), None);
+        }
+    }
+
+    #[test]
+    fn excluded_backends_are_not_picked_again() {
+        for balance in [Balance::P2c, Balance::RoundRobin] {
+            let p = pool(&[1, 1], balance);
+            for _ in 0..1000 {
+                assert_eq!(pick(&p, &[0]), Some(1));
+            }
+            assert_eq!(pick(&p, &[0, 1]), None);
+        }
+    }
+
+    #[test]
+    fn round_robin_rotates_in_weight_proportion() {
+        let p = pool(&[2, 1], Balance::RoundRobin);
+        let picks: Vec<_> = (0..6).map(|_| pick(&p, &[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 4);
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 2);
+        // Smooth: never the light backend twice in a row.
+        assert!(picks.windows(2).all(|w| !(w[0] == 1 && w[1] == 1)));
+    }
+
+    #[test]
+    fn weighted_draw_falls_back_to_a_scan_when_most_are_down() {
+        let p = pool(&[1; 50], Balance::P2c);
+        for b in &p.backends[..49] {
+            b.set_health(Health::Unhealthy);
+        }
+        for _ in 0..100 {
+            assert_eq!(pick(&p, &[]), Some(49));
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Body types of the request path. Both stream frame by frame, so hyper's flow control
+//! gives backpressure end to end and no body is ever held whole in memory. They are
+//! concrete types, not boxed, to spare an allocation per request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use crate::backend::InFlight;
+use crate::client::Sender;
+
+/// The client's request body on its way upstream, cut off at `max_request_body`.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    remaining: u64,
+    on_end: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error(
+        "request body is larger than max_request_body (a frame of {0} bytes passed the limit)"
+    )]
+    TooLarge(u64),
+    #[error("reading the client's request body failed: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            remaining: limit.unwrap_or(u64::MAX),
+            on_end: None,
+        }
+    }
+
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            remaining: 0,
+            on_end: None,
+        }
+    }
+
+    /// A receiver that completes once the whole body has been read (or reading it
+    /// failed); `None` when there is no body to wait for. The upstream's response time
+    /// is measured from there, so a long upload is not mistaken for a slow backend.
+    pub fn notify_end(&mut self) -> Option<oneshot::Receiver<()>> {
+        if self.is_end_stream() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.on_end = Some(tx);
+        Some(rx)
+    }
+
+    fn ended(&mut self) {
+        if let Some(tx) = self.on_end.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            this.ended();
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.inner = None;
+                        this.ended();
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(len))));
+                    }
+                    this.remaining -= len;
+                }
+                if inner.is_end_stream() {
+                    this.ended();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ended();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.ended();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// What the client receives: an upstream response streamed through, or a short body the
+/// proxy made itself (errors, rejections).
+pub enum ProxyBody {
+    Upstream {
+        inner: Incoming,
+        done: Option<Finish>,
+    },
+    Full(Option<Bytes>),
+}
+
+/// What happens when an upstream response body has been passed on whole: the connection
+/// goes back to the backend's pool and the request stops counting as in flight. Dropped
+/// early (client gone, upstream error), the connection closes instead.
+pub struct Finish {
+    pub sender: Option<Sender>,
+    pub in_flight: InFlight,
+}
+
+impl Finish {
+    fn complete(self) {
+        if let Some(sender) = self.sender {
+            self.in_flight.backend().conns.checkin(sender);
+        }
+    }
+}
+
+impl ProxyBody {
+    pub fn upstream(inner: Incoming, finish: Finish) -> ProxyBody {
+        if inner.is_end_stream() {
+            // HEAD, 204, 304: hyper may never poll an empty body, so finish now.
+            finish.complete();
+            return ProxyBody::Upstream { inner, done: None };
+        }
+        ProxyBody::Upstream {
+            inner,
+            done: Some(finish),
+        }
+    }
+
+    pub fn text(text: &'static str) -> ProxyBody {
+        ProxyBody::Full(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upstream { inner, done } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        if let Some(finish) = done.take() {
+                            finish.complete();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
+                        if let Some(finish) = done.take() {
+                            finish.complete();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        // The upstream connection broke mid-body: do not pool it.
+                        if let Some(mut finish) = done.take() {
+                            finish.sender = None;
+                        }
+                    }
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,854 @@
+//! Configuration: the raw serde shape of the TOML file, and the validated types the rest
+//! of the program uses. Every error names the file, the key and, when it can be found,
+//! the line, so `switchyard check` points an operator at the exact spot.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw shape, exactly as written in the file.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    pools: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    workers: usize,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    client_header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_idle_timeout: Duration,
+    connect_attempts: u32,
+    max_header_size: ByteSize,
+    max_request_body: Option<ByteSize>,
+    max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    shutdown_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    shutdown_timeout: Duration,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            connect_timeout: Duration::from_secs(2),
+            upstream_header_timeout: Duration::from_secs(60),
+            client_header_timeout: Duration::from_secs(30),
+            upstream_idle_timeout: Duration::from_secs(4),
+            connect_attempts: 2,
+            max_header_size: ByteSize(64 * 1024),
+            max_request_body: None,
+            max_connections: 10_000,
+            shutdown_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawState {
+    path: PathBuf,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            path: PathBuf::from("switchyard.state.json"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    backends: Vec<RawBackend>,
+    #[serde(default)]
+    balance: Balance,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBackend {
+    Addr(String),
+    Weighted(RawWeightedBackend),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeightedBackend {
+    addr: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    path: String,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default = "default_hosts")]
+    hosts: Vec<String>,
+    #[serde(default = "default_prefix")]
+    path_prefix: String,
+    active: String,
+}
+
+fn default_hosts() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// A byte count written either as an integer or as a string with a unit ("64KiB", "10MB").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Int(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Int(n) => Ok(ByteSize(n)),
+            Either::Text(s) => parse_byte_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 65536, \"64KiB\" or \"10MB\""))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated types.
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted power of two choices on in-flight requests.
+    #[default]
+    P2c,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub state: StateConfig,
+    pub pools: Vec<PoolConfig>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    pub upstream_header_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub connect_attempts: u32,
+    pub max_header_size: usize,
+    pub max_request_body: Option<u64>,
+    pub max_connections: usize,
+    pub shutdown_delay: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+    pub balance: Balance,
+    pub health: Option<HealthConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub hosts: Vec<HostMatch>,
+    pub path_prefix: String,
+    pub active: String,
+}
+
+/// How a service matches the request's host (port removed, lower case).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    Any,
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(String),
+    Exact(String),
+}
+
+impl HostMatch {
+    fn parse(text: &str) -> Result<HostMatch, String> {
+        let host = text.trim().to_ascii_lowercase();
+        if host == "*" {
+            return Ok(HostMatch::Any);
+        }
+        let (name, wildcard) = match host.strip_prefix("*.") {
+            Some(rest) => (rest.to_string(), true),
+            None => (host.clone(), false),
+        };
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            && !name.starts_with('.')
+            && !name.ends_with('.');
+        if !valid {
+            return Err(format!(
+                "`{text}` is not a host name (use \"*\", \"example.com\" or \"*.example.com\", without a port)"
+            ));
+        }
+        Ok(if wildcard {
+            HostMatch::Suffix(format!(".{name}"))
+        } else {
+            HostMatch::Exact(name)
+        })
+    }
+
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(name) => name.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.as_bytes()[host.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        }
+    }
+
+    /// Higher is more specific; an exact name beats a wildcard, which beats `*`.
+    pub fn specificity(&self) -> usize {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(s) => 1 + s.len(),
+            HostMatch::Exact(_) => usize::MAX,
+        }
+    }
+}
+
+impl fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostMatch::Any => f.write_str("*"),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+            HostMatch::Exact(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            key: String::new(),
+            line: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&source, path)
+    }
+
+    /// Parses and validates `source`; `path` is only used to name the file in errors.
+    pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(source).map_err(|e| parse_error(source, path, &e))?;
+        Validator { source, path }.validate(raw)
+    }
+}
+
+fn parse_error(source: &str, path: &Path, error: &toml::de::Error) -> ConfigError {
+    let (line, key) = match error.span() {
+        Some(span) => {
+            let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
+            let token = source
+                .get(span.clone())
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+                .to_string();
+            let table = enclosing_table(source, line);
+            let key = match (table.is_empty(), token.contains(['\n', '=', '[', '{'])) {
+                (_, true) => table,
+                (true, false) => token,
+                (false, false) => format!("{table}.{token}"),
+            };
+            (Some(line), key)
+        }
+        None => (None, String::new()),
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        key,
+        line,
+        message: error.message().trim().to_string(),
+    }
+}
+
+/// The `[table]` header in force at 1-based `line`, or "" at the top level.
+fn enclosing_table(source: &str, line: usize) -> String {
+    source
+        .lines()
+        .take(line)
+        .filter_map(|l| {
+            let t = l.trim();
+            t.starts_with('[')
+                .then(|| t.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        })
+        .last()
+        .unwrap_or_default()
+}
+
+/// Best-effort line of `key` inside `[table]` (or of the header itself when `key` is
+/// empty); `None` for inline tables and other shapes it does not understand.
+fn locate(source: &str, table: &str, key: &str) -> Option<usize> {
+    let mut in_table = table.is_empty();
+    for (index, line) in source.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_table = name == table;
+            if in_table && key.is_empty() {
+                return Some(index + 1);
+            }
+            continue;
+        }
+        if in_table && !key.is_empty() {
+            if let Some(rest) = t.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return Some(index + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+struct Validator<'a> {
+    source: &'a str,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error(&self, table: &str, key: &str, message: impl Into<String>) -> ConfigError {
+        let line = locate(self.source, table, key).or_else(|| locate(self.source, table, ""));
+        let full_key = match (table.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => table.to_string(),
+            (false, false) => format!("{table}.{key}"),
+        };
+        ConfigError {
+            file: self.path.to_path_buf(),
+            key: full_key,
+            line,
+            message: message.into(),
+        }
+    }
+
+    fn addr(&self, table: &str, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|_| {
+            self.error(
+                table,
+                key,
+                format!("`{text}` is not an IP address with a port, such as \"127.0.0.1:8080\""),
+            )
+        })
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let p = raw.proxy;
+        let proxy = ProxyConfig {
+            listen: self.addr("proxy", "listen", &p.listen)?,
+            workers: p.workers,
+            connect_timeout: self.positive("proxy", "connect_timeout", p.connect_timeout)?,
+            upstream_header_timeout: self.positive(
+                "proxy",
+                "upstream_header_timeout",
+                p.upstream_header_timeout,
+            )?,
+            client_header_timeout: self.positive(
+                "proxy",
+                "client_header_timeout",
+                p.client_header_timeout,
+            )?,
+            upstream_idle_timeout: self.positive(
+                "proxy",
+                "upstream_idle_timeout",
+                p.upstream_idle_timeout,
+            )?,
+            connect_attempts: match p.connect_attempts {
+                1..=16 => p.connect_attempts,
+                _ => {
+                    return Err(self.error("proxy", "connect_attempts", "must be between 1 and 16"))
+                }
+            },
+            max_header_size: match p.max_header_size.0 {
+                8192..=1_048_576 => p.max_header_size.0 as usize,
+                _ => {
+                    return Err(self.error(
+                        "proxy",
+                        "max_header_size",
+                        "must be between 8KiB and 1MiB",
+                    ))
+                }
+            },
+            max_request_body: p.max_request_body.map(|b| b.0),
+            max_connections: match p.max_connections {
+                0 => return Err(self.error("proxy", "max_connections", "must be at least 1")),
+                n => n,
+            },
+            shutdown_delay: p.shutdown_delay,
+            shutdown_timeout: p.shutdown_timeout,
+        };
+        let admin = AdminConfig {
+            listen: self.addr("admin", "listen", &raw.admin.listen)?,
+        };
+        if admin.listen == proxy.listen && proxy.listen.port() != 0 {
+            return Err(self.error("admin", "listen", "must differ from proxy.listen"));
+        }
+
+        if raw.pools.is_empty() {
+            return Err(self.error("", "pools", "at least one pool is required ([pools.NAME])"));
+        }
+        let mut pools = Vec::with_capacity(raw.pools.len());
+        for (name, pool) in raw.pools {
+            pools.push(self.pool(name, pool)?);
+        }
+
+        if raw.services.is_empty() {
+            return Err(self.error(
+                "",
+                "services",
+                "at least one service is required ([services.NAME])",
+            ));
+        }
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.services.len());
+        for (name, service) in raw.services {
+            let table = format!("services.{name}");
+            check_name(&name).map_err(|m| self.error(&table, "", m))?;
+            if !pools.iter().any(|p| p.name == service.active) {
+                return Err(self.error(
+                    &table,
+                    "active",
+                    format!(
+                        "pool `{}` does not exist (pools: {})",
+                        service.active,
+                        pools
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            if !service.path_prefix.starts_with('/') {
+                return Err(self.error(&table, "path_prefix", "must start with `/`"));
+            }
+            if service.hosts.is_empty() {
+                return Err(self.error(
+                    &table,
+                    "hosts",
+                    "must list at least one host (\"*\" for any)",
+                ));
+            }
+            let mut hosts = Vec::with_capacity(service.hosts.len());
+            for host in &service.hosts {
+                let parsed = HostMatch::parse(host).map_err(|m| self.error(&table, "hosts", m))?;
+                if !hosts.contains(&parsed) {
+                    hosts.push(parsed);
+                }
+            }
+            if let Some(other) = services.iter().find(|s| {
+                s.path_prefix == service.path_prefix && s.hosts.iter().any(|h| hosts.contains(h))
+            }) {
+                return Err(self.error(
+                    &table,
+                    "hosts",
+                    format!(
+                        "matches the same requests as service `{}` (same host and path_prefix `{}`)",
+                        other.name, service.path_prefix
+                    ),
+                ));
+            }
+            services.push(ServiceConfig {
+                name,
+                hosts,
+                path_prefix: service.path_prefix,
+                active: service.active,
+            });
+        }
+
+        Ok(Config {
+            proxy,
+            admin,
+            state: StateConfig {
+                path: raw.state.path,
+            },
+            pools,
+            services,
+        })
+    }
+
+    fn positive(&self, table: &str, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            Err(self.error(table, key, "must be greater than zero"))
+        } else {
+            Ok(d)
+        }
+    }
+
+    fn pool(&self, name: String, pool: RawPool) -> Result<PoolConfig, ConfigError> {
+        let table = format!("pools.{name}");
+        check_name(&name).map_err(|m| self.error(&table, "", m))?;
+        if pool.backends.is_empty() {
+            return Err(self.error(&table, "backends", "a pool needs at least one backend"));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
+        let mut seen = HashSet::new();
+        for backend in pool.backends {
+            let (text, weight) = match backend {
+                RawBackend::Addr(addr) => (addr, 1),
+                RawBackend::Weighted(b) => (b.addr, b.weight),
+            };
+            let addr = self.addr(&table, "backends", &text)?;
+            if !(1..=1000).contains(&weight) {
+                return Err(self.error(
+                    &table,
+                    "backends",
+                    format!("weight of `{text}` must be between 1 and 1000 (drain a backend to take it out)"),
+                ));
+            }
+            if !seen.insert(addr) {
+                return Err(self.error(&table, "backends", format!("`{text}` is listed twice")));
+            }
+            backends.push(BackendConfig { addr, weight });
+        }
+        let health = match pool.health {
+            None => None,
+            Some(h) => {
+                let table = format!("{table}.health");
+                if !h.path.starts_with('/') {
+                    return Err(self.error(&table, "path", "must start with `/`"));
+                }
+                self.positive(&table, "interval", h.interval)?;
+                self.positive(&table, "timeout", h.timeout)?;
+                if h.timeout >= h.interval {
+                    return Err(self.error(
+                        &table,
+                        "timeout",
+                        format!(
+                            "must be shorter than interval ({} >= {})",
+                            humantime::format_duration(h.timeout),
+                            humantime::format_duration(h.interval)
+                        ),
+                    ));
+                }
+                for (key, value) in [
+                    ("healthy_threshold", h.healthy_threshold),
+                    ("unhealthy_threshold", h.unhealthy_threshold),
+                ] {
+                    if value < 1 {
+                        return Err(self.error(&table, key, "must be at least 1"));
+                    }
+                }
+                Some(HealthConfig {
+                    path: h.path,
+                    interval: h.interval,
+                    timeout: h.timeout,
+                    healthy_threshold: h.healthy_threshold,
+                    unhealthy_threshold: h.unhealthy_threshold,
+                })
+            }
+        };
+        Ok(PoolConfig {
+            name,
+            backends,
+            balance: pool.balance,
+            health,
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "name `{name}` must be 1-64 characters of letters, digits, `-` or `_`"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[pools.blue]
+backends = ["127.0.0.1:9001"]
+
+[services.app]
+active = "blue"
+"#;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(src, Path::new("test.toml"))
+    }
+
+    fn err(src: &str) -> ConfigError {
+        parse(src).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.proxy.connect_attempts, 2);
+        assert_eq!(c.services[0].hosts, vec![HostMatch::Any]);
+        assert_eq!(c.services[0].path_prefix, "/");
+        assert_eq!(c.pools[0].balance, Balance::P2c);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = err("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key, "proxy.lisen");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e.to_string().starts_with("test.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn active_pool_must_exist() {
+        let e = err(&MINIMAL.replace("active = \"blue\"", "active = \"green\""));
+        assert_eq!(e.key, "services.app.active");
+        assert_eq!(e.line, Some(6));
+        assert!(e.message.contains("`green` does not exist"));
+    }
+
+    #[test]
+    fn pool_without_backends_is_rejected() {
+        let e = err(&MINIMAL.replace("[\"127.0.0.1:9001\"]", "[]"));
+        assert_eq!(e.key, "pools.blue.backends");
+    }
+
+    #[test]
+    fn unparsable_backend_address_is_rejected() {
+        let e = err(&MINIMAL.replace("127.0.0.1:9001", "127.0.0.1"));
+        assert_eq!(e.key, "pools.blue.backends");
+        assert!(e.message.contains("`127.0.0.1`"));
+    }
+
+    #[test]
+    fn duplicate_backends_are_rejected() {
+        let e = err(&MINIMAL.replace(
+            "[\"127.0.0.1:9001\"]",
+            "[\"127.0.0.1:9001\", { addr = \"127.0.0.1:9001\", weight = 2 }]",
+        ));
+        assert!(e.message.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn health_timeout_must_be_below_interval() {
+        let src = format!("{MINIMAL}\n[pools.blue.health]\ninterval = \"1s\"\ntimeout = \"1s\"\n");
+        let e = err(&src);
+        assert_eq!(e.key, "pools.blue.health.timeout");
+        assert_eq!(e.line, Some(10));
+    }
+
+    #[test]
+    fn thresholds_must_be_at_least_one() {
+        let src = format!("{MINIMAL}\n[pools.blue.health]\nunhealthy_threshold = 0\n");
+        assert_eq!(err(&src).key, "pools.blue.health.unhealthy_threshold");
+        let src = format!("{MINIMAL}\n[pools.blue.health]\nhealthy_threshold = 0\n");
+        assert_eq!(err(&src).key, "pools.blue.health.healthy_threshold");
+    }
+
+    #[test]
+    fn services_with_identical_match_rules_are_rejected() {
+        let src = format!("{MINIMAL}\n[services.other]\nhosts = [\"*\"]\nactive = \"blue\"\n");
+        let e = err(&src);
+        assert!(e.message.contains("same requests"), "{e}");
+    }
+
+    #[test]
+    fn different_prefixes_on_the_same_host_are_fine() {
+        let src = format!("{MINIMAL}\n[services.api]\npath_prefix = \"/api\"\nactive = \"blue\"\n");
+        assert_eq!(parse(&src).unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn byte_sizes_accept_units() {
+        assert_eq!(parse_byte_size("64KiB"), Ok(65536));
+        assert_eq!(parse_byte_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_byte_size("123"), Ok(123));
+        assert!(parse_byte_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn host_patterns_match_as_documented() {
+        let wild = HostMatch::parse("*.example.com").unwrap();
+        assert!(wild.matches("a.example.com"));
+        assert!(wild.matches("A.Example.COM"));
+        assert!(!wild.matches("example.com"));
+        assert!(HostMatch::parse("example.com:80").is_err());
+        assert!(HostMatch::Exact("x".into()).specificity() > wild.specificity());
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
+        Config::load(&path).unwrap();
+    }
+}

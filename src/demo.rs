@@ -1,0 +1,89 @@
+//! `switchyard demo`: stand-in app servers on every backend address of the config, so a
+//! new user sees the proxy move traffic without deploying anything.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the stand-in app server for pool `{pool}` on {addr}: {source}")]
+pub struct DemoError {
+    pool: String,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds a tiny app server on each backend address; each answers with its pool and
+/// address, and `/health` with 200.
+pub async fn start_app_servers(config: &Config) -> Result<Vec<SocketAddr>, DemoError> {
+    let mut started = Vec::new();
+    for pool in &config.pools {
+        for backend in &pool.backends {
+            let listener = TcpListener::bind(backend.addr)
+                .await
+                .map_err(|source| DemoError {
+                    pool: pool.name.clone(),
+                    addr: backend.addr,
+                    source,
+                })?;
+            let greeting = Bytes::from(format!("hello from {} ({})\n", pool.name, backend.addr));
+            tokio::spawn(serve(listener, greeting));
+            started.push(backend.addr);
+        }
+    }
+    Ok(started)
+}
+
+async fn serve(listener: TcpListener, greeting: Bytes) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let greeting = greeting.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/health" {
+                    Bytes::from_static(b"ok\n")
+                } else {
+                    greeting.clone()
+                };
+                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+pub fn print_guide(config: &Config, proxy: SocketAddr, admin: SocketAddr) {
+    let mut pools = String::new();
+    for pool in &config.pools {
+        let addrs: Vec<String> = pool.backends.iter().map(|b| b.addr.to_string()).collect();
+        pools.push_str(&format!("  {:<8} {}\n", pool.name, addrs.join(" ")));
+    }
+    let services: Vec<String> = config
+        .services
+        .iter()
+        .map(|s| format!("{} -> {}", s.name, s.active))
+        .collect();
+    println!(
+        "\nswitchyard demo is running (Ctrl-C stops it).\n\
+         stand-in app servers:\n{pools}\
+         services: {}\n\n\
+         try:\n  \
+         curl -i http://{proxy}/          # answered by the active pool\n  \
+         curl -i http://{admin}/healthz\n  \
+         curl -i http://{admin}/readyz\n",
+        services.join(", ")
+    );
+}

@@ -1,0 +1,131 @@
+//! Responses the proxy makes itself. Each failure maps to one status, a short text body
+//! and an `x-switchyard-error` header, so a client or an operator reading a trace knows
+//! whether the proxy or the app answered.
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+pub static X_SWITCHYARD_ERROR: http::HeaderName =
+    http::HeaderName::from_static("x-switchyard-error");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No service matches the request's host and path.
+    NoRoute,
+    /// The pool has no backend that may take a request.
+    NoHealthyBackend,
+    /// Every connect attempt failed.
+    UpstreamConnect,
+    /// The upstream broke the exchange (reset, bad response).
+    UpstreamError,
+    /// No response headers within `upstream_header_timeout`.
+    UpstreamTimeout,
+    /// The request body passed `max_request_body`.
+    BodyTooLarge,
+    /// The client's request could not be forwarded (malformed, unsupported method).
+    BadRequest,
+    /// `max_connections` reached.
+    Overloaded,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoHealthyBackend | ProxyError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamConnect | ProxyError::UpstreamError => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `x-switchyard-error` value.
+    pub fn code(self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no-route",
+            ProxyError::NoHealthyBackend => "no-healthy-backend",
+            ProxyError::UpstreamConnect => "upstream-connect-failed",
+            ProxyError::UpstreamError => "upstream-error",
+            ProxyError::UpstreamTimeout => "upstream-timeout",
+            ProxyError::BodyTooLarge => "request-body-too-large",
+            ProxyError::BadRequest => "bad-request",
+            ProxyError::Overloaded => "too-many-connections",
+        }
+    }
+
+    pub fn body(self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no service matches this host and path\n",
+            ProxyError::NoHealthyBackend => "no healthy backend is available for this service\n",
+            ProxyError::UpstreamConnect => "could not connect to any backend\n",
+            ProxyError::UpstreamError => "the backend failed to answer\n",
+            ProxyError::UpstreamTimeout => "the backend did not answer in time\n",
+            ProxyError::BodyTooLarge => "request body too large\n",
+            ProxyError::BadRequest => "request cannot be proxied\n",
+            ProxyError::Overloaded => "too many connections\n",
+        }
+    }
+
+    pub fn response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(ProxyBody::text(self.body()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(
+            X_SWITCHYARD_ERROR.clone(),
+            HeaderValue::from_static(self.code()),
+        );
+        response
+    }
+
+    /// The whole HTTP/1.1 response as bytes, for the accept loop, which answers before
+    /// any HTTP machinery runs.
+    pub fn raw_http1(self) -> Vec<u8> {
+        let body = self.body();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-switchyard-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            self.status().as_u16(),
+            self.status().canonical_reason().unwrap_or(""),
+            self.code(),
+            body.len(),
+            body
+        )
+        .into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_maps_to_its_status() {
+        assert_eq!(ProxyError::NoRoute.status(), 404);
+        assert_eq!(ProxyError::NoHealthyBackend.status(), 503);
+        assert_eq!(ProxyError::UpstreamConnect.status(), 502);
+        assert_eq!(ProxyError::UpstreamError.status(), 502);
+        assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
+        assert_eq!(ProxyError::BodyTooLarge.status(), 413);
+    }
+
+    #[test]
+    fn responses_carry_the_error_header() {
+        let r = ProxyError::UpstreamTimeout.response();
+        assert_eq!(r.headers()["x-switchyard-error"], "upstream-timeout");
+    }
+
+    #[test]
+    fn raw_response_is_well_formed() {
+        let raw = String::from_utf8(ProxyError::Overloaded.raw_http1()).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(raw.ends_with("\r\n\r\ntoo many connections\n"));
+    }
+}

@@ -1,0 +1,253 @@
+//! Header hygiene for both directions, as pure functions: hop-by-hop headers stay on
+//! their own hop, and the upstream learns who the client was.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1 plus the customary non-standard ones); `Connection`
+/// itself is handled first, together with the names it lists.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
+/// `Upgrade` is removed too unless `keep_upgrade`, in which case `Connection: upgrade`
+/// is put back so the next hop sees a valid upgrade request or 101 response.
+/// `TE: trailers` survives, since gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| list_contains(v, "trailers"));
+    if headers.contains_key(header::CONNECTION) {
+        // Copy the list out: the map cannot be read and changed at once. Only clients
+        // that send `Connection` pay for this.
+        let listed: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect();
+        headers.remove(header::CONNECTION);
+        for name in listed {
+            if keep_upgrade && name == "upgrade" {
+                continue;
+            }
+            headers.remove(name.as_str());
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Is this request asking to switch protocols (WebSocket and the like)?
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| list_contains(v, "upgrade"))
+}
+
+fn list_contains(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Sets what the upstream needs to know about the original request: the client address
+/// appended to `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` (the host the
+/// client asked for) and this proxy appended to `Via`.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    tls: bool,
+    host: Option<&HeaderValue>,
+    version: Version,
+) {
+    let mut ip_buf = [0u8; 48];
+    let ip_len = {
+        let mut cursor = std::io::Cursor::new(&mut ip_buf[..]);
+        // An IPv6 address is at most 45 characters, so this cannot overflow.
+        let _ = write!(cursor, "{client}");
+        cursor.position() as usize
+    };
+    let ip = &ip_buf[..ip_len];
+    let xff = append_to_list(headers, &X_FORWARDED_FOR, ip);
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+    let via: &[u8] = match version {
+        Version::HTTP_10 => b"1.0 switchyard",
+        Version::HTTP_2 => b"2 switchyard",
+        _ => b"1.1 switchyard",
+    };
+    let via = append_to_list(headers, &header::VIA, via);
+    headers.insert(header::VIA, via);
+}
+
+/// The existing values of a list header (all lines joined), with `item` appended.
+fn append_to_list(headers: &HeaderMap, name: &HeaderName, item: &[u8]) -> HeaderValue {
+    let mut existing = headers.get_all(name).iter().peekable();
+    if existing.peek().is_none() {
+        // Always valid: an IP address or a fixed token.
+        return HeaderValue::from_bytes(item).unwrap_or_else(|_| HeaderValue::from_static(""));
+    }
+    let mut joined = Vec::with_capacity(64);
+    for value in existing {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(item);
+    // Existing values were valid header bytes, and so are the separator and the item.
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn connection_and_the_headers_it_names_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("connection").is_none());
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "yes");
+    }
+
+    #[test]
+    fn fixed_hop_by_hop_headers_are_removed_even_when_not_listed() {
+        let mut h = map(&[
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "left: {h:?}");
+    }
+
+    #[test]
+    fn te_trailers_is_kept_for_grpc() {
+        let mut h = map(&[("te", "trailers, gzip")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_a_clean_connection_header() {
+        let mut h = map(&[
+            ("connection", "Upgrade, x-private"),
+            ("upgrade", "websocket"),
+            ("x-private", "1"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert!(h.get("x-private").is_none());
+    }
+
+    #[test]
+    fn x_forwarded_for_is_appended_to_an_existing_chain() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        add_forwarded(
+            &mut h,
+            "192.0.2.7".parse().unwrap(),
+            false,
+            None,
+            Version::HTTP_11,
+        );
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "10.0.0.1, 10.0.0.2, 192.0.2.7"
+        );
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn forwarded_headers_are_set_for_a_fresh_request() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("shop.example.com");
+        add_forwarded(
+            &mut h,
+            "::1".parse().unwrap(),
+            true,
+            Some(&host),
+            Version::HTTP_11,
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example.com");
+        assert_eq!(h.get("via").unwrap(), "1.1 switchyard");
+    }
+
+    #[test]
+    fn via_is_appended_after_earlier_proxies() {
+        let mut h = map(&[("via", "1.1 edge")]);
+        add_forwarded(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            false,
+            None,
+            Version::HTTP_10,
+        );
+        assert_eq!(h.get("via").unwrap(), "1.1 edge, 1.0 switchyard");
+    }
+}

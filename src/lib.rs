@@ -1,0 +1,17 @@
+//! switchyard: an L7 reverse-proxy load balancer for zero-downtime deployments.
+//!
+//! The per-request path starts in [`proxy`]; listeners and lifecycle live in [`server`].
+
+pub mod admin;
+pub mod backend;
+pub mod balancer;
+pub mod body;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+pub mod random;
+pub mod routing;
+pub mod server;

@@ -1,0 +1,341 @@
+//! The per-request path: route, pick a backend, forward, stream the answer back.
+//! Nothing here takes a lock or waits on the control plane: the routing table is one
+//! wait-free `ArcSwap` load, and backend state is atomics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::backend::{Backend, InFlight};
+use crate::balancer;
+use crate::body::{Finish, ProxyBody, RequestBody, RequestBodyError};
+use crate::client::{self, ConnectError, Sender};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::routing::{self, Pool, RoutingTable};
+
+/// Most backends one request may try; `connect_attempts` is capped to this.
+const MAX_ATTEMPTS: usize = balancer::MAX_EXCLUDED;
+
+/// Per-request settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    pub upstream_header_timeout: Duration,
+    pub connect_attempts: u32,
+    pub max_request_body: Option<u64>,
+}
+
+pub struct Proxy {
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub settings: ProxySettings,
+}
+
+/// How one attempt on one backend ended, when it did not produce a response.
+enum AttemptError {
+    /// Nothing reached the backend: the request comes back for another backend.
+    NotSent(Request<RequestBody>, ConnectError),
+    /// The request was (at least partly) written, then the exchange failed.
+    Failed(hyper::Error),
+    TimedOut,
+}
+
+/// What is kept of a bodiless idempotent request, so it can be sent again if a backend
+/// dies after it was written (nginx's `proxy_next_upstream error` for idempotent methods).
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::empty());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+impl Proxy {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        match self.forward(req, client, tls).await {
+            Ok(response) => response,
+            Err(error) => error.response(),
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::BadRequest);
+        }
+        if let (Some(limit), Some(length)) = (
+            self.settings.max_request_body,
+            content_length(req.headers()),
+        ) {
+            if length > limit {
+                return Err(ProxyError::BodyTooLarge);
+            }
+        }
+        let pool = {
+            let table = self.table.load();
+            let service = table
+                .route(routing::request_host(&req), req.uri().path())
+                .ok_or(ProxyError::NoRoute)?;
+            Arc::clone(&service.active)
+        };
+
+        let upgrade =
+            req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        prepare_upstream_request(&mut parts, client, tls, upgrade)?;
+        let body = RequestBody::new(body, self.settings.max_request_body);
+        let replay = (self.settings.connect_attempts > 1
+            && http_body::Body::is_end_stream(&body)
+            && is_idempotent(&parts.method))
+        .then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        let request = Request::from_parts(parts, body);
+
+        let (response, sender, in_flight) = self.send_with_retries(&pool, request, replay).await?;
+        Ok(self.respond(response, sender, in_flight, client_upgrade))
+    }
+
+    async fn send_with_retries(
+        &self,
+        pool: &Pool,
+        request: Request<RequestBody>,
+        replay: Option<Replay>,
+    ) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
+        let attempts = (self.settings.connect_attempts as usize).min(MAX_ATTEMPTS);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut request = Some(request);
+        let mut failure = ProxyError::NoHealthyBackend;
+        for attempt in 0..attempts {
+            let Some(index) = balancer::pick(pool, &tried[..attempt]) else {
+                break;
+            };
+            tried[attempt] = index;
+            let backend = &pool.backends[index];
+            let Some(req) = request
+                .take()
+                .or_else(|| replay.as_ref().map(Replay::request))
+            else {
+                break;
+            };
+            let in_flight = backend.track();
+            match self.send_to(backend, req).await {
+                Ok((response, sender)) => return Ok((response, sender, in_flight)),
+                Err(AttemptError::NotSent(req, error)) => {
+                    backend.warn_rate_limited("upstream connect failed", &error);
+                    request = Some(req);
+                    failure = ProxyError::UpstreamConnect;
+                }
+                Err(AttemptError::Failed(error)) => {
+                    if let Some(body_error) = request_body_error(&error) {
+                        return Err(match body_error {
+                            RequestBodyError::TooLarge(_) => ProxyError::BodyTooLarge,
+                            RequestBodyError::Client(_) => ProxyError::BadRequest,
+                        });
+                    }
+                    backend.warn_rate_limited("upstream request failed", &error);
+                    failure = ProxyError::UpstreamError;
+                    if replay.is_none() {
+                        break;
+                    }
+                }
+                Err(AttemptError::TimedOut) => {
+                    backend.warn_rate_limited(
+                        "upstream timed out",
+                        &format_args!(
+                            "no response headers within {:?}",
+                            self.settings.upstream_header_timeout
+                        ),
+                    );
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    /// One backend: a pooled connection if one is open, else a new one. A pooled
+    /// connection that turns out closed hands the request back and the next is tried.
+    async fn send_to(
+        &self,
+        backend: &Backend,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Sender), AttemptError> {
+        loop {
+            let (mut sender, pooled) = match backend.conns.checkout().await {
+                Some(sender) => (sender, true),
+                None => match client::connect(backend.addr, self.settings.connect_timeout).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(AttemptError::NotSent(req, error)),
+                },
+            };
+            let timeout = self.settings.upstream_header_timeout;
+            let body_sent = req.body_mut().notify_end();
+            let exchange = sender.try_send_request(req);
+            let deadline = async {
+                if let Some(body_sent) = body_sent {
+                    let _ = body_sent.await;
+                }
+                tokio::time::sleep(timeout).await;
+            };
+            let outcome = tokio::select! {
+                outcome = exchange => outcome,
+                () = deadline => return Err(AttemptError::TimedOut),
+            };
+            match outcome {
+                Ok(response) => return Ok((response, sender)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    Some(unsent) => {
+                        return Err(AttemptError::NotSent(
+                            unsent,
+                            ConnectError::Handshake(error.into_error()),
+                        ))
+                    }
+                    None => return Err(AttemptError::Failed(error.into_error())),
+                },
+            }
+        }
+    }
+
+    fn respond(
+        &self,
+        mut response: Response<Incoming>,
+        sender: Sender,
+        in_flight: InFlight,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                // A 101 nobody asked for cannot be passed on.
+                return ProxyError::UpstreamError.response();
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
+            drop(sender);
+            let (mut parts, _) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let finish = Finish {
+            sender: Some(sender),
+            in_flight,
+        };
+        Response::from_parts(parts, ProxyBody::upstream(body, finish))
+    }
+}
+
+/// Both sides of an upgraded connection, copied until either closes. The backend counts
+/// it as in flight for as long as it is open.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(backend = %in_flight.backend().name, "upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(backend = %in_flight.backend().name, "tunnel ended: {e}");
+    }
+    drop(in_flight);
+}
+
+fn prepare_upstream_request(
+    parts: &mut http::request::Parts,
+    client: SocketAddr,
+    tls: bool,
+    upgrade: bool,
+) -> Result<(), ProxyError> {
+    let original_host = match parts.headers.get(HOST) {
+        Some(host) => Some(host.clone()),
+        None => match parts.uri.authority() {
+            // HTTP/2 and absolute-form requests carry the host in the URI.
+            Some(authority) => {
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| ProxyError::BadRequest)?;
+                parts.headers.insert(HOST, host.clone());
+                Some(host)
+            }
+            None => None,
+        },
+    };
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The proxy answers `Expect: 100-continue` itself when it starts reading the body.
+    parts.headers.remove(EXPECT);
+    headers::add_forwarded(
+        &mut parts.headers,
+        client.ip(),
+        tls,
+        original_host.as_ref(),
+        parts.version,
+    );
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Upstreams get origin-form, byte for byte the path and query the client sent.
+        let origin = match parts.uri.path_and_query() {
+            Some(pq) => Uri::try_from(pq.as_str()).map_err(|_| ProxyError::BadRequest)?,
+            None => Uri::from_static("/"),
+        };
+        parts.uri = origin;
+    }
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Was this failure caused by the client's request body (too large, client gone)?
+fn request_body_error(error: &hyper::Error) -> Option<&RequestBodyError> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(body_error) = cause.downcast_ref::<RequestBodyError>() {
+            return Some(body_error);
+        }
+        source = cause.source();
+    }
+    None
+}

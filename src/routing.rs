@@ -1,0 +1,283 @@
+//! The routing table: one immutable snapshot of services and pools, swapped whole behind
+//! an `ArcSwap`. A request loads it once; a change builds a new table and stores it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::config::{Balance, Config, HostMatch};
+
+pub struct RoutingTable {
+    pub services: Vec<Service>,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+pub struct Service {
+    pub name: Arc<str>,
+    pub hosts: Vec<HostMatch>,
+    pub path_prefix: String,
+    pub active: Arc<Pool>,
+}
+
+pub struct Pool {
+    pub name: Arc<str>,
+    pub backends: Vec<Arc<Backend>>,
+    pub balance: Balance,
+    /// Running sum of weights, for weighted random draws.
+    pub(crate) cumulative_weight: Vec<u64>,
+    /// One weighted round-robin cycle of backend indices, interleaved smoothly.
+    pub(crate) rr_cycle: Vec<u32>,
+    pub(crate) rr_next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(name: &str, backends: Vec<Arc<Backend>>, balance: Balance) -> Pool {
+        let mut total = 0u64;
+        let cumulative_weight = backends
+            .iter()
+            .map(|b| {
+                total += u64::from(b.weight);
+                total
+            })
+            .collect();
+        let rr_cycle = if balance == Balance::RoundRobin {
+            smooth_weighted_cycle(&backends.iter().map(|b| b.weight).collect::<Vec<_>>())
+        } else {
+            Vec::new()
+        };
+        Pool {
+            name: name.into(),
+            backends,
+            balance,
+            cumulative_weight,
+            rr_cycle,
+            rr_next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.cumulative_weight.last().copied().unwrap_or(0)
+    }
+
+    pub fn has_available_backend(&self) -> bool {
+        self.backends.iter().any(|b| b.is_available())
+    }
+}
+
+/// nginx's smooth weighted round robin, run for one full cycle at table-build time, so
+/// the request path only needs an atomic counter. Weights are divided by their common
+/// divisor first to keep the cycle short.
+fn smooth_weighted_cycle(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|w| i64::from(w / divisor)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        let (best, _) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+            .unwrap_or((0, &0));
+        current[best] -= total;
+        cycle.push(best as u32);
+    }
+    cycle
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl RoutingTable {
+    /// Builds a table from `config`, reusing the backend objects of `previous` where the
+    /// pool and address match, so counters and idle connections survive the swap.
+    pub fn build(config: &Config, previous: Option<&RoutingTable>) -> RoutingTable {
+        let mut existing: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
+        if let Some(previous) = previous {
+            for pool in &previous.pools {
+                for backend in &pool.backends {
+                    existing.insert((&pool.name, backend.addr), backend);
+                }
+            }
+        }
+        let idle_timeout: Duration = config.proxy.upstream_idle_timeout;
+        let pools: Vec<Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|pool| {
+                let backends = pool
+                    .backends
+                    .iter()
+                    .map(|b| match existing.get(&(pool.name.as_str(), b.addr)) {
+                        Some(found) if found.weight == b.weight => Arc::clone(found),
+                        _ => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
+                    })
+                    .collect();
+                Arc::new(Pool::new(&pool.name, backends, pool.balance))
+            })
+            .collect();
+        let services = config
+            .services
+            .iter()
+            .filter_map(|s| {
+                let active = pools.iter().find(|p| *p.name == *s.active)?;
+                Some(Service {
+                    name: s.name.as_str().into(),
+                    hosts: s.hosts.clone(),
+                    path_prefix: s.path_prefix.clone(),
+                    active: Arc::clone(active),
+                })
+            })
+            .collect();
+        RoutingTable { services, pools }
+    }
+
+    /// The service for a request: the most specific host match first, then the longest
+    /// path prefix. `host` has no port and may be empty (no Host header).
+    pub fn route(&self, host: &str, path: &str) -> Option<&Service> {
+        let mut best: Option<(&Service, usize, usize)> = None;
+        for service in &self.services {
+            if !path.starts_with(service.path_prefix.as_str()) {
+                continue;
+            }
+            let Some(specificity) = service
+                .hosts
+                .iter()
+                .filter(|h| h.matches(host))
+                .map(HostMatch::specificity)
+                .max()
+            else {
+                continue;
+            };
+            let prefix = service.path_prefix.len();
+            let better = match best {
+                None => true,
+                Some((_, s, p)) => (specificity, prefix) > (s, p),
+            };
+            if better {
+                best = Some((service, specificity, prefix));
+            }
+        }
+        best.map(|(s, _, _)| s)
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| &*p.name == name)
+    }
+}
+
+/// The request's host without port, from the URI authority (HTTP/2, absolute-form) or
+/// the Host header.
+pub fn request_host<B>(req: &http::Request<B>) -> &str {
+    if let Some(host) = req.uri().host() {
+        return host;
+    }
+    let Some(value) = req.headers().get(http::header::HOST) else {
+        return "";
+    };
+    let Ok(text) = value.to_str() else {
+        return "";
+    };
+    strip_port(text)
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or("");
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(src: &str) -> RoutingTable {
+        let config = Config::parse(src, Path::new("t.toml")).unwrap();
+        RoutingTable::build(&config, None)
+    }
+
+    const TWO_SERVICES: &str = r#"
+[pools.web]
+backends = ["127.0.0.1:1"]
+[pools.api]
+backends = ["127.0.0.1:2"]
+[pools.shop]
+backends = ["127.0.0.1:3"]
+[services.web]
+active = "web"
+[services.api]
+path_prefix = "/api"
+active = "api"
+[services.shop]
+hosts = ["shop.example.com"]
+active = "shop"
+"#;
+
+    #[test]
+    fn longest_path_prefix_wins() {
+        let t = table(TWO_SERVICES);
+        assert_eq!(&*t.route("x", "/api/v1").unwrap().name, "api");
+        assert_eq!(&*t.route("x", "/").unwrap().name, "web");
+        assert_eq!(&*t.route("x", "/ap").unwrap().name, "web");
+    }
+
+    #[test]
+    fn an_exact_host_beats_any_host_even_with_a_shorter_prefix() {
+        let t = table(TWO_SERVICES);
+        assert_eq!(
+            &*t.route("shop.example.com", "/api/x").unwrap().name,
+            "shop"
+        );
+        assert_eq!(&*t.route("SHOP.example.com", "/").unwrap().name, "shop");
+    }
+
+    #[test]
+    fn no_matching_service_gives_none() {
+        let t = table(
+            "[pools.p]\nbackends=[\"127.0.0.1:1\"]\n[services.s]\nhosts=[\"a.com\"]\nactive=\"p\"\n",
+        );
+        assert!(t.route("b.com", "/").is_none());
+        assert!(t.route("a.com", "/").is_some());
+    }
+
+    #[test]
+    fn rebuilding_keeps_backend_objects() {
+        let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
+        let first = RoutingTable::build(&config, None);
+        let second = RoutingTable::build(&config, Some(&first));
+        assert!(Arc::ptr_eq(
+            &first.pools[0].backends[0],
+            &second.pools[0].backends[0]
+        ));
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+    }
+
+    #[test]
+    fn smooth_cycle_interleaves_by_weight() {
+        assert_eq!(smooth_weighted_cycle(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_weighted_cycle(&[2, 2]), vec![0, 1]);
+    }
+}
