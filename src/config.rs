@@ -407,17 +407,23 @@ fn parse_error(source: &str, path: &Path, error: &toml::de::Error) -> ConfigErro
     let (line, key) = match error.span() {
         Some(span) => {
             let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
-            let token = source
-                .get(span.clone())
-                .unwrap_or("")
-                .trim()
-                .trim_matches('"')
-                .to_string();
             let table = enclosing_table(source, line);
-            let key = match (table.is_empty(), token.contains(['\n', '=', '[', '{'])) {
+            // The span is the key (unknown field) or the value (wrong type); either way
+            // the key is what stands before `=` on that line.
+            let line_start = source[..span.start.min(source.len())]
+                .rfind('\n')
+                .map_or(0, |i| i + 1);
+            let line_text = source[line_start..].lines().next().unwrap_or("");
+            let name = match line_text.split_once('=') {
+                Some((name, _)) if !line_text.trim_start().starts_with('[') => {
+                    name.trim().trim_matches('"').to_string()
+                }
+                _ => String::new(),
+            };
+            let key = match (table.is_empty(), name.is_empty()) {
                 (_, true) => table,
-                (true, false) => token,
-                (false, false) => format!("{table}.{token}"),
+                (true, false) => name,
+                (false, false) => format!("{table}.{name}"),
             };
             (Some(line), key)
         }

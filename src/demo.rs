@@ -2,6 +2,7 @@
 //! new user sees the proxy move traffic without deploying anything.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -76,7 +77,9 @@ pub fn print_guide(config: &Config, proxy: SocketAddr, admin: SocketAddr) {
         .iter()
         .map(|s| format!("{} -> {}", s.name, s.active))
         .collect();
-    println!(
+    // A closed stdout must not stop the demo, so no println!.
+    let _ = writeln!(
+        std::io::stdout(),
         "\nswitchyard demo is running (Ctrl-C stops it).\n\
          stand-in app servers:\n{pools}\
          services: {}\n\n\

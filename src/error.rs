@@ -16,7 +16,7 @@ pub enum ProxyError {
     NoRoute,
     /// The pool has no backend that may take a request.
     NoHealthyBackend,
-    /// Every connect attempt failed.
+    /// Every connect attempt failed (refused, reset before the request was written, timed out).
     UpstreamConnect,
     /// The upstream broke the exchange (reset, bad response).
     UpstreamError,
@@ -34,10 +34,13 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoHealthyBackend | ProxyError::Overloaded => {
+            // A backend that cannot be reached is not available, as far as the client can
+            // tell: 503, as Envoy and HAProxy answer. 502 is kept for a backend that
+            // answered badly or broke the exchange.
+            ProxyError::NoHealthyBackend | ProxyError::UpstreamConnect | ProxyError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamConnect | ProxyError::UpstreamError => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamError => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
@@ -110,7 +113,7 @@ mod tests {
     fn each_failure_maps_to_its_status() {
         assert_eq!(ProxyError::NoRoute.status(), 404);
         assert_eq!(ProxyError::NoHealthyBackend.status(), 503);
-        assert_eq!(ProxyError::UpstreamConnect.status(), 502);
+        assert_eq!(ProxyError::UpstreamConnect.status(), 503);
         assert_eq!(ProxyError::UpstreamError.status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
         assert_eq!(ProxyError::BodyTooLarge.status(), 413);

@@ -56,9 +56,15 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr; stdout is left for what a user asked to see (check, demo).
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        // A closed log pipe must not take the proxy down: by default the subscriber
+        // reports a failed write with eprintln!, which panics on a closed stderr.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -84,6 +90,9 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
+        // Watch signals before anything listens, so an early SIGTERM still shuts down
+        // gracefully instead of killing the process.
+        let signals = Signals::new()?;
         let stand_ins = if demo {
             Some(switchyard::demo::start_app_servers(&config).await?)
         } else {
@@ -93,20 +102,31 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
         if stand_ins.is_some() {
             switchyard::demo::print_guide(&config, running.proxy_addr, running.admin_addr);
         }
-        wait_for_signal().await?;
+        signals.wait().await;
         running.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }

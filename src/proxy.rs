@@ -40,7 +40,7 @@ pub struct Proxy {
 /// How one attempt on one backend ended, when it did not produce a response.
 enum AttemptError {
     /// Nothing reached the backend: the request comes back for another backend.
-    NotSent(Request<RequestBody>, ConnectError),
+    NotSent(Box<Request<RequestBody>>, ConnectError),
     /// The request was (at least partly) written, then the exchange failed.
     Failed(hyper::Error),
     TimedOut,
@@ -150,7 +150,7 @@ impl Proxy {
                 Ok((response, sender)) => return Ok((response, sender, in_flight)),
                 Err(AttemptError::NotSent(req, error)) => {
                     backend.warn_rate_limited("upstream connect failed", &error);
-                    request = Some(req);
+                    request = Some(*req);
                     failure = ProxyError::UpstreamConnect;
                 }
                 Err(AttemptError::Failed(error)) => {
@@ -193,7 +193,7 @@ impl Proxy {
                 Some(sender) => (sender, true),
                 None => match client::connect(backend.addr, self.settings.connect_timeout).await {
                     Ok(sender) => (sender, false),
-                    Err(error) => return Err(AttemptError::NotSent(req, error)),
+                    Err(error) => return Err(AttemptError::NotSent(Box::new(req), error)),
                 },
             };
             let timeout = self.settings.upstream_header_timeout;
@@ -215,7 +215,7 @@ impl Proxy {
                     Some(unsent) if pooled => req = unsent,
                     Some(unsent) => {
                         return Err(AttemptError::NotSent(
-                            unsent,
+                            Box::new(unsent),
                             ConnectError::Handshake(error.into_error()),
                         ))
                     }

@@ -1,0 +1,391 @@
+//! Failure handling as a client sees it: dead, hanging and misbehaving backends, and the
+//! client-side limits.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A port that refuses connections: bound but not listening, and kept bound (by the
+/// returned socket) so no parallel test can take it.
+fn dead_addr() -> (std::net::SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
+}
+
+/// Runs `workers` keep-alive clients against `path` until `stop` is set; returns
+/// (successes, failures as descriptions).
+fn load(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let stop = stop.clone();
+            let sent = sent.clone();
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                let mut ok = 0u64;
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match client.request(get(addr, path)).await {
+                        Ok(response) => {
+                            let status = response.status();
+                            let body = response.into_body().collect().await;
+                            if status == StatusCode::OK && body.is_ok() {
+                                ok += 1;
+                            } else {
+                                failed.push(format!("status {status}"));
+                            }
+                        }
+                        Err(e) => failed.push(format!("client error: {e:?}")),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for task in tasks {
+            let (o, f) = task.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_under_sustained_load_costs_clients_nothing() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let proxy = start_proxy(&config_text("", &[("blue", &[a.addr, b.addr])], "")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let running = load(proxy.proxy_addr, "/", 16, stop.clone(), sent.clone());
+
+    eventually(Duration::from_secs(20), "traffic on both backends", || {
+        a.hits() > 200 && b.hits() > 200
+    })
+    .await;
+    a.kill();
+    let at_kill = sent.load(Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(30),
+        "2000 requests after the kill",
+        || sent.load(Ordering::SeqCst) > at_kill + 2000,
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = running.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 2000);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_backends_down_gives_503() {
+    let (dead1, _hold1) = dead_addr();
+    let (dead2, _hold2) = dead_addr();
+    let proxy = start_proxy(&config_text("", &[("blue", &[dead1, dead2])], "")).await;
+    let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer.header("x-switchyard-error"),
+        Some("upstream-connect-failed")
+    );
+    assert!(!answer.body.is_empty());
+    // The proxy keeps serving once a backend is back.
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_available_backend_gives_503_without_trying() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text("", &[("blue", &[a.addr])], "")).await;
+    let backend = proxy.shared.table.load().pools[0].backends[0].clone();
+    backend.set_admin_state(switchyard::backend::AdminState::Draining);
+    let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer.header("x-switchyard-error"),
+        Some("no-healthy-backend")
+    );
+    assert_eq!(a.hits(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_gives_504_after_the_configured_timeout() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "upstream_header_timeout = \"300ms\"",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let started = Instant::now();
+    let answer = send(&client(), get(proxy.proxy_addr, "/hang")).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        answer.header("x-switchyard-error"),
+        Some("upstream-timeout")
+    );
+    // Not a timing assertion on the machine's speed: it must not answer *before* the timeout.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // A slow upload is not a slow backend: the timer starts once the body is sent.
+    let slow_body = futures_util::stream::unfold(0, |i| async move {
+        if i == 4 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Some((
+            Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from_static(b"chunk"))),
+            i + 1,
+        ))
+    });
+    let request = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(slow_body)))
+        .unwrap();
+    assert_eq!(send(&client(), request).await.status, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_retried_on_another_backend() {
+    // A listener that never accepts, with its queue full: further connects hang.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let blackhole = socket.listen(1).unwrap();
+    let blackhole_addr = blackhole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(blackhole_addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let good = Upstream::start("good").await;
+    let proxy = start_proxy(&config_text(
+        "connect_timeout = \"200ms\"",
+        &[("blue", &[blackhole_addr, good.addr])],
+        "",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..10 {
+        let answer = send(&client, get(proxy.proxy_addr, "/")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), "good");
+    }
+    proxy.shutdown().await;
+    drop(blackhole);
+}
+
+/// An upstream that reads the request, then closes without answering.
+async fn dropping_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 65536];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_that_drops_a_get_is_retried_and_a_post_gets_502() {
+    let dropper = dropping_upstream().await;
+    let good = Upstream::start("good").await;
+    let proxy = start_proxy(&config_text(
+        "",
+        &[("blue", &[dropper, good.addr]), ("bad", &[dropper])],
+        "[services.post]\npath_prefix = \"/post\"\nactive = \"bad\"\n",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..20 {
+        assert_eq!(
+            send(&client, get(proxy.proxy_addr, "/")).await.status,
+            StatusCode::OK
+        );
+    }
+    let post = Request::post(format!("http://{}/post", proxy.proxy_addr))
+        .body(full("payload"))
+        .unwrap();
+    let answer = send(&client, post).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.header("x-switchyard-error"), Some("upstream-error"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_the_proxy_keeps_serving() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "max_header_size = \"16KiB\"",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let big = "x".repeat(20 * 1024);
+    let request = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    let raw = raw_exchange(
+        proxy.proxy_addr,
+        request.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 431"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    assert_eq!(a.hits(), 0);
+    assert_eq!(
+        send(&client(), get(proxy.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_over_max_request_body_gets_413_declared_or_streamed() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "max_request_body = 1000",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let client = client();
+    let declared = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(full(vec![b'x'; 5000]))
+        .unwrap();
+    let answer = send(&client, declared).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        answer.header("x-switchyard-error"),
+        Some("request-body-too-large")
+    );
+    assert_eq!(
+        a.hits(),
+        0,
+        "a declared oversize body never reaches the backend"
+    );
+
+    let chunks = futures_util::stream::iter((0..10).map(|_| {
+        Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from(vec![b'y'; 500])))
+    }));
+    let streamed = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+        .unwrap();
+    let response = client.request(streamed).await;
+    // Either the proxy's 413, or the connection closed while the client was still
+    // sending: never a 200 with a truncated body.
+    if let Ok(response) = response {
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let within = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(full(vec![b'x'; 1000]))
+        .unwrap();
+    assert_eq!(send(&client, within).await.status, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_get_503() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "max_connections = 2",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let raw = raw_exchange(
+        proxy.proxy_addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    assert!(raw.contains("x-switchyard-error: too-many-connections"));
+    drop(held);
+    // Permits come back when connections close.
+    let mut answered = false;
+    for _ in 0..200 {
+        let raw = raw_exchange(
+            proxy.proxy_addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        if raw.starts_with("HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(answered);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "client_header_timeout = \"300ms\"",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "connection still open after 10 s");
+    assert_eq!(a.hits(), 0);
+    proxy.shutdown().await;
+}

@@ -1,0 +1,299 @@
+//! The real binary: graceful shutdown on SIGTERM, bounded memory while streaming, the
+//! `check` command and the `demo` command of the README.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use http_body_util::BodyExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_completes_across_sigterm_and_the_process_exits_0() {
+    let upstream = Upstream::start("blue").await;
+    let config = config_text(
+        "shutdown_delay = \"1s\"\nshutdown_timeout = \"20s\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    );
+    let mut proxy = ProxyProcess::start(&config);
+    let client = client();
+    assert_eq!(
+        send(&client, get(proxy.admin_addr, "/readyz")).await.status,
+        StatusCode::OK
+    );
+
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let addr = proxy.proxy_addr;
+        async move { send(&client, get(addr, "/slow/2500")).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "slow request reached the upstream",
+        || upstream.hits() == 1,
+    )
+    .await;
+    proxy.signal("TERM");
+
+    // During shutdown_delay: not ready, but still serving new requests.
+    let admin = proxy.admin_addr;
+    let mut not_ready = false;
+    for _ in 0..100 {
+        if send(&client, get(admin, "/readyz")).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(not_ready, "/readyz never turned 503");
+    let fresh = common::client();
+    assert_eq!(
+        send(&fresh, get(proxy.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+
+    let answer = slow.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "blue");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mb_download_streams_through_without_growing_memory() {
+    let upstream = Upstream::start("blue").await;
+    let proxy = ProxyProcess::start(&config_text("", &[("blue", &[upstream.addr])], ""));
+    let total: u64 = 256 * 1024 * 1024;
+    let response = client()
+        .request(get(proxy.proxy_addr, &format!("/download/{total}")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.unwrap().data_ref() {
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, total);
+    let peak = proxy.peak_rss();
+    assert!(
+        peak < 64 * 1024 * 1024,
+        "proxy peak RSS {} MiB",
+        peak / (1024 * 1024)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mb_upload_streams_through_without_growing_memory() {
+    let upstream = Upstream::start("blue").await;
+    let proxy = ProxyProcess::start(&config_text("", &[("blue", &[upstream.addr])], ""));
+    let total: u64 = 256 * 1024 * 1024;
+    let request = http::Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(BodyExt::boxed(Repeat::new(total)))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        answer.text().ends_with(&format!(" {total}")),
+        "{}",
+        answer.text()
+    );
+    let peak = proxy.peak_rss();
+    assert!(
+        peak < 64 * 1024 * 1024,
+        "proxy peak RSS {} MiB",
+        peak / (1024 * 1024)
+    );
+}
+
+fn check(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("bad.toml"), "the file is named: {text}");
+    (out.status.success(), text)
+}
+
+const VALID: &str = r#"[proxy]
+listen = "127.0.0.1:8080"
+
+[pools.blue]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[pools.blue.health]
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+
+[services.app]
+hosts = ["*"]
+active = "blue"
+"#;
+
+#[test]
+fn check_accepts_a_valid_config_and_the_shipped_example() {
+    let (ok, text) = check(VALID);
+    assert!(ok, "{text}");
+    let out = Command::new(binary())
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_rejects_each_invalid_config_naming_the_key_and_line() {
+    let cases: &[(&str, String, &str, Option<&str>)] = &[
+        (
+            "unknown key",
+            VALID.replace("listen = \"127", "lissen = \"127"),
+            "proxy.lissen",
+            Some(":2:"),
+        ),
+        (
+            "unknown pool",
+            VALID.replace("active = \"blue\"", "active = \"green\""),
+            "services.app.active",
+            Some(":14:"),
+        ),
+        (
+            "empty pool",
+            VALID.replace("[\"127.0.0.1:9001\", \"127.0.0.1:9002\"]", "[]"),
+            "pools.blue.backends",
+            Some(":5:"),
+        ),
+        (
+            "bad address",
+            VALID.replace("127.0.0.1:9002", "127.0.0.1:99999"),
+            "pools.blue.backends",
+            Some(":5:"),
+        ),
+        (
+            "duplicate backend",
+            VALID.replace("127.0.0.1:9002", "127.0.0.1:9001"),
+            "pools.blue.backends",
+            Some(":5:"),
+        ),
+        (
+            "timeout >= interval",
+            VALID.replace("500ms", "2s"),
+            "pools.blue.health.timeout",
+            Some(":10:"),
+        ),
+        (
+            "threshold 0",
+            VALID.replace(
+                "timeout = \"500ms\"",
+                "timeout = \"500ms\"\nhealthy_threshold = 0",
+            ),
+            "pools.blue.health.healthy_threshold",
+            Some(":11:"),
+        ),
+        (
+            "identical services",
+            format!("{VALID}\n[services.other]\nactive = \"blue\"\n"),
+            "services.other.hosts",
+            None,
+        ),
+        (
+            "wrong type",
+            VALID.replace("listen = \"127.0.0.1:8080\"", "listen = 8080"),
+            "proxy.listen",
+            Some(":2:"),
+        ),
+    ];
+    for (what, config, key, line) in cases {
+        let (ok, text) = check(config);
+        assert!(!ok, "{what}: accepted");
+        assert!(
+            text.contains(key),
+            "{what}: key `{key}` not named in: {text}"
+        );
+        if let Some(line) = line {
+            assert!(
+                text.contains(line),
+                "{what}: line {line} not named in: {text}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_example_config_with_stand_in_app_servers() {
+    // Free ports for the stand-ins, found by binding and releasing.
+    let mut ports = Vec::new();
+    for _ in 0..4 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ports.push(l.local_addr().unwrap().port());
+    }
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.blue]\nbackends = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+         [pools.green]\nbackends = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+         [services.app]\nactive = \"blue\"\n",
+        ports[0], ports[1], ports[2], ports[3]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(binary())
+        .args(["demo", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("switchyard listening"))
+    })
+    .await
+    .unwrap()
+    .expect("demo did not start");
+    let start = line.find("proxy_addr=").unwrap() + "proxy_addr=".len();
+    let addr: std::net::SocketAddr = line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let answer = send(&client(), get(addr, "/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        answer.text().starts_with("hello from blue"),
+        "{}",
+        answer.text()
+    );
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit status {status:?}");
+}
