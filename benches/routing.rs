@@ -1,1 +1,69 @@
-fn main() {}
+//! The per-request routing decision: one `ArcSwap` load, the service match and the
+//! backend pick. `cargo bench --bench routing`.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, Criterion};
+use switchyard::balancer;
+use switchyard::config::Config;
+use switchyard::routing::RoutingTable;
+
+const CONFIG: &str = r#"
+[pools.blue]
+backends = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", { addr = "127.0.0.1:9004", weight = 3 }]
+[pools.green]
+balance = "round_robin"
+backends = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103", { addr = "127.0.0.1:9104", weight = 3 }]
+[pools.api]
+backends = ["127.0.0.1:9201", "127.0.0.1:9202"]
+
+[services.web]
+active = "blue"
+[services.shop]
+hosts = ["shop.example.com", "*.shop.example.com"]
+active = "green"
+[services.api]
+path_prefix = "/api/"
+active = "api"
+"#;
+
+fn routing(c: &mut Criterion) {
+    let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
+    let table = ArcSwap::from_pointee(RoutingTable::build(&config, None));
+
+    c.bench_function("arcswap_load", |b| {
+        b.iter(|| black_box(table.load().services.len()))
+    });
+    c.bench_function("route_and_pick_p2c", |b| {
+        b.iter(|| {
+            let t = table.load();
+            let service = t
+                .route(black_box("www.example.com"), black_box("/index.html"))
+                .unwrap();
+            black_box(balancer::pick(&service.active, &[]))
+        })
+    });
+    c.bench_function("route_and_pick_round_robin", |b| {
+        b.iter(|| {
+            let t = table.load();
+            let service = t
+                .route(black_box("eu.shop.example.com"), black_box("/cart"))
+                .unwrap();
+            black_box(balancer::pick(&service.active, &[]))
+        })
+    });
+    c.bench_function("route_prefix_and_pick_p2c", |b| {
+        b.iter(|| {
+            let t = table.load();
+            let service = t
+                .route(black_box("www.example.com"), black_box("/api/users/42"))
+                .unwrap();
+            black_box(balancer::pick(&service.active, &[]))
+        })
+    });
+}
+
+criterion_group!(benches, routing);
+criterion_main!(benches);

@@ -130,7 +130,10 @@ struct RawPool {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a backend: \"IP:port\" or { addr = \"IP:port\", weight = N } (keys: addr, weight)"
+)]
 enum RawBackend {
     Addr(String),
     Weighted(RawWeightedBackend),
@@ -197,7 +200,10 @@ pub struct ByteSize(pub u64);
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "a size: a whole number of bytes or a string such as \"64KiB\""
+        )]
         enum Either {
             Int(u64),
             Text(String),
@@ -832,6 +838,16 @@ active = "blue"
     fn different_prefixes_on_the_same_host_are_fine() {
         let src = format!("{MINIMAL}\n[services.api]\npath_prefix = \"/api\"\nactive = \"blue\"\n");
         assert_eq!(parse(&src).unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn a_misspelled_backend_key_gets_a_readable_error() {
+        let e = err(&MINIMAL.replace(
+            "[\"127.0.0.1:9001\"]",
+            "[{ addr = \"127.0.0.1:9001\", wieght = 2 }]",
+        ));
+        assert_eq!(e.key, "pools.blue.backends");
+        assert!(e.message.contains("keys: addr, weight"), "{e}");
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub async fn start_app_servers(config: &Config) -> Result<Vec<SocketAddr>, DemoE
     Ok(started)
 }
 
-async fn serve(listener: TcpListener, greeting: Bytes) {
+/// Serves the stand-in app on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, greeting: Bytes) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -244,7 +244,14 @@ async fn accept_loop(
         .header_read_timeout(settings.client_header_timeout)
         .max_buf_size(settings.max_header_size.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_size as u32)
+        // Idle HTTP/2 connections are pinged and closed when the peer is gone, the
+        // counterpart of the HTTP/1 header-read timer.
+        .keep_alive_interval(settings.client_header_timeout)
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
 

@@ -297,3 +297,52 @@ async fn demo_serves_the_example_config_with_stand_in_app_servers() {
     let status = child.wait().unwrap();
     assert!(status.success(), "demo exit status {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_stop_the_proxy_and_a_second_sigterm_exits_at_once() {
+    let upstream = Upstream::start("blue").await;
+    let config = config_text(
+        "shutdown_timeout = \"60s\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    );
+    let mut proxy = ProxyProcess::start(&config);
+    let client = client();
+    proxy.signal("HUP");
+    // Still serving after SIGHUP (its handler logs and ignores it).
+    for _ in 0..5 {
+        assert_eq!(
+            send(&client, get(proxy.proxy_addr, "/")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert!(proxy.child.try_wait().unwrap().is_none());
+
+    // A request that would hold the graceful shutdown for a minute...
+    let addr = proxy.proxy_addr;
+    let _slow = tokio::spawn(async move { client.request(get(addr, "/hang")).await });
+    eventually(
+        Duration::from_secs(10),
+        "hanging request reached the upstream",
+        || upstream.hits() == 6,
+    )
+    .await;
+    proxy.signal("TERM");
+    let admin = proxy.admin_addr;
+    let probe = common::client();
+    let mut draining = false;
+    for _ in 0..200 {
+        if send(&probe, get(admin, "/readyz")).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(draining);
+    // ...is cut short by a second SIGTERM.
+    proxy.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}

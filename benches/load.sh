@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Side-by-side HTTP/1.1 load test on 127.0.0.1: the same two upstream app servers,
+# reached directly, through switchyard and through nginx (when installed), one
+# worker each, wrk with fixed connections and duration, alternating rounds, medians.
+#
+#   benches/load.sh                      # 3 rounds of 10 s, 50 connections
+#   ROUNDS=5 DURATION=20s CONNECTIONS=100 benches/load.sh
+#   INSTALL=1 benches/load.sh            # apt-get install wrk and nginx first
+#
+# Prints requests/s, p50 and p99 per target and switchyard's ratio to nginx. Bounded:
+# every wrk run stops after DURATION; every server it starts is stopped on exit.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-50}
+BASE_PORT=${BASE_PORT:-18000}
+cd "$(dirname "$0")/.."
+
+if [[ "${INSTALL:-0}" == 1 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+fi
+command -v wrk >/dev/null || { echo "wrk is not installed (INSTALL=1 installs it)" >&2; exit 1; }
+
+cargo build --release --quiet
+BIN=target/release/switchyard
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
+SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20))
+
+wait_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2; exit 1
+}
+
+"$BIN" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)
+"$BIN" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
+wait_port "$UP1"; wait_port "$UP2"
+
+cat >"$WORK/switchyard.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$SY"
+workers = 1
+[admin]
+listen = "127.0.0.1:$SY_ADMIN"
+[state]
+path = "$WORK/switchyard.state.json"
+[pools.app]
+backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
+[services.app]
+active = "app"
+EOF
+RUST_LOG=warn "$BIN" run --config "$WORK/switchyard.toml" & PIDS+=($!)
+wait_port "$SY"
+
+TARGETS=(direct switchyard)
+declare -A URL=([direct]="http://127.0.0.1:$UP1/" [switchyard]="http://127.0.0.1:$SY/")
+
+if command -v nginx >/dev/null; then
+    mkdir -p "$WORK/nginx"
+    cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    upstream app {
+        server 127.0.0.1:$UP1;
+        server 127.0.0.1:$UP2;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$NGX;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+EOF
+    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" & PIDS+=($!)
+    wait_port "$NGX"
+    TARGETS+=(nginx)
+    URL[nginx]="http://127.0.0.1:$NGX/"
+else
+    echo "nginx not installed: comparing direct and switchyard only (INSTALL=1 installs it)" >&2
+fi
+
+# wrk latency figures come as 1.23us / 4.56ms / 1.2s; print them in ms.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000;
+        printf "%.3f", n }'
+}
+
+declare -A RPS P50 P99
+for round in $(seq 1 "$ROUNDS"); do
+    for target in "${TARGETS[@]}"; do
+        out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${URL[$target]}")
+        if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
+            echo "round $round $target: errors reported by wrk:" >&2
+            grep "Non-2xx\|Socket errors" <<<"$out" >&2
+        fi
+        rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+        p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+        p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+        RPS[$target]+="$rps "; P50[$target]+="$p50 "; P99[$target]+="$p99 "
+        printf 'round %d %-10s %10.0f req/s  p50 %7s ms  p99 %7s ms\n' "$round" "$target" "$rps" "$p50" "$p99"
+    done
+done
+
+median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo
+echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $(nproc) cores; $(uname -m)"
+printf '%-12s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
+declare -A MR MP99
+for target in "${TARGETS[@]}"; do
+    MR[$target]=$(median "${RPS[$target]}")
+    MP99[$target]=$(median "${P99[$target]}")
+    printf '%-12s %12.0f %10s %10s\n' "$target" "${MR[$target]}" "$(median "${P50[$target]}")" "${MP99[$target]}"
+done
+if [[ -n "${MR[nginx]:-}" ]]; then
+    awk -v s="${MR[switchyard]}" -v n="${MR[nginx]}" -v sp="${MP99[switchyard]}" -v np="${MP99[nginx]}" \
+        'BEGIN { printf "switchyard / nginx: req/s %.2fx, p99 %.2fx\n", s / n, sp / np }'
+fi
