@@ -9,6 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::balancer;
 use switchyard::config::Config;
 use switchyard::routing::RoutingTable;
+use switchyard::state::TrafficState;
 
 const CONFIG: &str = r#"
 [pools.blue]
@@ -31,7 +32,11 @@ active = "api"
 
 fn routing(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
-    let table = ArcSwap::from_pointee(RoutingTable::build(&config, None));
+    let table = ArcSwap::from_pointee(RoutingTable::build(
+        &config,
+        &TrafficState::from_config(&config),
+        None,
+    ));
 
     c.bench_function("arcswap_load", |b| {
         b.iter(|| black_box(table.load().services.len()))

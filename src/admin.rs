@@ -1,19 +1,57 @@
-//! The admin listener: liveness and readiness now; the traffic-control API joins here.
+//! The admin listener: liveness, readiness and the traffic-control API. Handlers only
+//! translate HTTP to `Control` calls; every change is made (and persisted) there.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
+use crate::control::{CanaryRequest, ControlError};
 use crate::server::Shared;
+use crate::state::BackendMode;
+
+/// Longest `wait-drained` long poll.
+const MAX_WAIT: Duration = Duration::from_secs(600);
 
 pub fn app(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/state", get(state))
+        .route("/api/v1/services/{service}/switch", post(switch))
+        .route(
+            "/api/v1/services/{service}/canary",
+            axum::routing::put(set_canary).delete(abort_canary),
+        )
+        .route("/api/v1/services/{service}/promote", post(promote))
+        .route("/api/v1/services/{service}/rollback", post(rollback))
+        .route("/api/v1/services/{service}/history", get(history))
+        .route("/api/v1/pools/{pool}/backends/{addr}/drain", post(drain))
+        .route(
+            "/api/v1/pools/{pool}/backends/{addr}/disable",
+            post(disable),
+        )
+        .route("/api/v1/pools/{pool}/backends/{addr}/enable", post(enable))
+        .route(
+            "/api/v1/pools/{pool}/backends/{addr}/wait-drained",
+            get(wait_drained),
+        )
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(api)
         .with_state(shared)
 }
 
@@ -29,55 +67,462 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
     }
 }
 
+/// `{"error", "code"}` with the status the contract gives each case.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<(&'static str, serde_json::Value)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!("admin change failed: {e}");
+        }
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.message, "code": self.code });
+        if let Some((key, value)) = self.extra {
+            body[key] = value;
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// A successful answer: the JSON view, with its generation also as `ETag`.
+fn answer<T: Serialize>(generation: u64, value: &T) -> Response {
+    let mut response = Json(value).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{generation}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &shared.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong bearer token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this admin API needs \"Authorization: Bearer <token>\"",
+        )
+        .into_response(),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of a
+/// guessed token was right. (The length is not secret.)
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+}
+
+/// `If-Match: 5` or `If-Match: "5"`; absent means unconditional.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse().map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "If-Match must be a generation number, got `{text}`"
+        ))
+    })
+}
+
+/// Parses a JSON body strictly (unknown fields and wrong types are errors); an empty
+/// body means the type's default when `optional`.
+fn parse_body<T: DeserializeOwned + Default>(body: &Bytes, optional: bool) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if optional {
+            Ok(T::default())
+        } else {
+            Err(ApiError::bad_request("a JSON body is required"))
+        };
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn state(State(shared): State<Arc<Shared>>) -> Response {
+    let view = shared.control.view().await;
+    answer(view.generation, &view)
+}
+
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = shared.control.history(&service).await?;
+    Ok(answer(view.generation, &view))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchBody {
+    to: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn switch(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let body: SwitchBody = parse_body(&body, false)?;
+    if body.to.is_empty() {
+        return Err(ApiError::bad_request("`to` must name a pool"));
+    }
+    let view = shared
+        .control
+        .switch(&service, &body.to, body.force, expected)
+        .await?;
+    Ok(answer(view.generation, &view))
+}
+
+impl Default for CanaryRequest {
+    fn default() -> Self {
+        CanaryRequest {
+            pool: String::new(),
+            weight: f64::NAN,
+            header: None,
+            cookie: None,
+            sticky: None,
+            force: false,
+        }
+    }
+}
+
+async fn set_canary(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let body: CanaryRequest = parse_body(&body, false)?;
+    let view = shared.control.set_canary(&service, body, expected).await?;
+    Ok(answer(view.generation, &view))
+}
+
+async fn abort_canary(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let view = shared.control.abort_canary(&service, expected).await?;
+    Ok(answer(view.generation, &view))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceBody {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn promote(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let body: ForceBody = parse_body(&body, true)?;
+    let view = shared
+        .control
+        .promote(&service, body.force, expected)
+        .await?;
+    Ok(answer(view.generation, &view))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+async fn rollback(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let _: EmptyBody = parse_body(&body, true)?;
+    let view = shared.control.rollback(&service, expected).await?;
+    Ok(answer(view.generation, &view))
+}
+
+async fn backend_mode(
+    shared: &Shared,
+    pool: &str,
+    addr: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    mode: Option<BackendMode>,
+) -> Result<Response, ApiError> {
+    let expected = if_match(headers)?;
+    let _: EmptyBody = parse_body(body, true)?;
+    let view = shared
+        .control
+        .set_backend_mode(pool, addr, mode, expected)
+        .await?;
+    Ok(answer(view.generation, &view))
+}
+
+async fn drain(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, addr)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    backend_mode(
+        &shared,
+        &pool,
+        &addr,
+        &headers,
+        &body,
+        Some(BackendMode::Draining),
+    )
+    .await
+}
+
+async fn disable(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, addr)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    backend_mode(
+        &shared,
+        &pool,
+        &addr,
+        &headers,
+        &body,
+        Some(BackendMode::Disabled),
+    )
+    .await
+}
+
+async fn enable(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, addr)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    backend_mode(&shared, &pool, &addr, &headers, &body, None).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout: Option<String>,
+}
+
+/// Long poll until the backend has nothing in flight (200), or `timeout` (default 30s)
+/// passes (408 with the count still in flight).
+async fn wait_drained(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, addr)): Path<(String, String)>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let timeout = match query.timeout.as_deref() {
+        None => Duration::from_secs(30),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request(format!("timeout `{text}`: {e} (use e.g. \"30s\")"))
+        })?,
+    };
+    if timeout > MAX_WAIT {
+        return Err(ApiError::bad_request("timeout must be at most 10m"));
+    }
+    let backend = shared.control.find_backend(&pool, &addr)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let in_flight = backend.in_flight();
+        if in_flight == 0 {
+            let generation = shared.control.generation().await;
+            return Ok(answer(
+                generation,
+                &serde_json::json!({
+                    "pool": pool, "addr": backend.name.as_ref(), "in_flight": 0,
+                    "state": backend.admin_state().as_str(),
+                }),
+            ));
+        }
+        if Instant::now() >= deadline {
+            let mut error = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "{in_flight} requests still in flight on {} after {timeout:?}",
+                    backend.name
+                ),
+            );
+            error.extra = Some(("in_flight", serde_json::json!(in_flight)));
+            return Err(error);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::routing::RoutingTable;
-    use arc_swap::ArcSwap;
+    use crate::control::Control;
+    use axum::body::Body;
     use std::sync::atomic::AtomicBool;
+    use tower::ServiceExt;
 
-    async fn status_of(app: Router, path: &str) -> StatusCode {
-        use tower_service_oneshot::oneshot;
-        oneshot(app, path).await
-    }
-
-    mod tower_service_oneshot {
-        use axum::body::Body;
-        use axum::http::{Request, StatusCode};
-        use axum::Router;
-        use tower::ServiceExt;
-
-        pub async fn oneshot(app: Router, path: &str) -> StatusCode {
-            let request = Request::get(path).body(Body::empty()).unwrap();
-            app.oneshot(request).await.unwrap().status()
-        }
-    }
-
-    fn shared() -> Arc<Shared> {
-        let config = Config::parse(
-            "[pools.p]\nbackends=[\"127.0.0.1:1\"]\n[services.s]\nactive=\"p\"\n",
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
+    fn shared(dir: &std::path::Path, token: Option<&str>) -> Arc<Shared> {
+        let src = format!(
+            "[state]\npath = \"{}/state.json\"\n[pools.p]\nbackends=[\"127.0.0.1:1\"]\n[pools.q]\nbackends=[\"127.0.0.1:2\"]\n[services.s]\nactive=\"p\"\n",
+            dir.display()
+        );
+        let config = Config::parse(&src, std::path::Path::new("t.toml")).unwrap();
         Arc::new(Shared {
-            table: Arc::new(ArcSwap::from_pointee(RoutingTable::build(&config, None))),
+            control: Arc::new(Control::start(config)),
             ready: AtomicBool::new(true),
+            token: token.map(String::from),
         })
+    }
+
+    async fn call(
+        app: Router,
+        request: axum::http::Request<Body>,
+    ) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn get(path: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(path).body(Body::empty()).unwrap()
     }
 
     #[tokio::test]
     async fn readyz_turns_503_when_shutdown_begins() {
-        let shared = shared();
-        assert_eq!(
-            status_of(app(Arc::clone(&shared)), "/readyz").await,
-            StatusCode::OK
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path(), None);
+        let status = |s| async move { app(s).oneshot(get("/readyz")).await.unwrap().status() };
+        assert_eq!(status(Arc::clone(&shared)).await, StatusCode::OK);
         shared.ready.store(false, Ordering::SeqCst);
         assert_eq!(
-            status_of(app(Arc::clone(&shared)), "/readyz").await,
+            status(Arc::clone(&shared)).await,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        assert_eq!(status_of(app(shared), "/healthz").await, StatusCode::OK);
+        assert_eq!(
+            app(shared).oneshot(get("/healthz")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn api_calls_need_the_token_but_probes_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path(), Some("t0ken"));
+        let (status, body) = call(app(Arc::clone(&shared)), get("/api/v1/state")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["code"], "unauthorized");
+        let wrong = axum::http::Request::get("/api/v1/state")
+            .header("authorization", "Bearer t0kex")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            call(app(Arc::clone(&shared)), wrong).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let right = axum::http::Request::get("/api/v1/state")
+            .header("authorization", "Bearer t0ken")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            call(app(Arc::clone(&shared)), right).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            app(shared).oneshot(get("/healthz")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_endpoints_answer_json_404() {
+        let dir = tempfile::tempdir().unwrap();
+        let (status, body) = call(app(shared(dir.path(), None)), get("/api/v1/nope")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["code"], "not_found");
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

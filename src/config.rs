@@ -96,12 +96,14 @@ impl Default for RawProxy {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     listen: String,
+    token_file: Option<PathBuf>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: "127.0.0.1:9901".into(),
+            token_file: None,
         }
     }
 }
@@ -281,9 +283,20 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The bearer token every `/api/` call must carry, read from `token_file`.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -558,8 +571,40 @@ impl Validator<'_> {
             shutdown_delay: p.shutdown_delay,
             shutdown_timeout: p.shutdown_timeout,
         };
+        let admin_listen = self.addr("admin", "listen", &raw.admin.listen)?;
+        let token = match &raw.admin.token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    self.error(
+                        "admin",
+                        "token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let token = text.trim().to_string();
+                if token.is_empty() || token.contains(char::is_whitespace) {
+                    return Err(self.error(
+                        "admin",
+                        "token_file",
+                        format!("{} must hold one token without spaces", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+        };
+        if token.is_none() && !admin_listen.ip().is_loopback() {
+            return Err(self.error(
+                "admin",
+                "listen",
+                format!(
+                    "{admin_listen} is not a loopback address: set admin.token_file so the admin API needs a token, or bind it to 127.0.0.1"
+                ),
+            ));
+        }
         let admin = AdminConfig {
-            listen: self.addr("admin", "listen", &raw.admin.listen)?,
+            listen: admin_listen,
+            token,
         };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
             return Err(self.error("admin", "listen", "must differ from proxy.listen"));
@@ -848,6 +893,29 @@ active = "blue"
         ));
         assert_eq!(e.key, "pools.blue.backends");
         assert!(e.message.contains("keys: addr, weight"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_token() {
+        let src = format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{MINIMAL}");
+        let e = err(&src);
+        assert_eq!(e.key, "admin.listen");
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-token\n").unwrap();
+        let src = format!(
+            "[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"{}\"\n{MINIMAL}",
+            token.display()
+        );
+        assert_eq!(
+            parse(&src).unwrap().admin.token.as_deref(),
+            Some("s3cret-token")
+        );
+        let missing = format!(
+            "[admin]\ntoken_file = \"{}/nope\"\n{MINIMAL}",
+            dir.path().display()
+        );
+        assert_eq!(err(&missing).key, "admin.token_file");
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl Proxy {
             let service = table
                 .route(routing::request_host(&req), req.uri().path())
                 .ok_or(ProxyError::NoRoute)?;
-            Arc::clone(&service.active)
+            Arc::clone(service.choose(req.headers()).0)
         };
 
         let upgrade =

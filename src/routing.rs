@@ -7,8 +7,12 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::Backend;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::backend::{AdminState, Backend};
 use crate::config::{Balance, Config, HostMatch};
+use crate::split::{self, Reason, Split, StickyKey};
+use crate::state::{CanarySpec, TrafficState};
 
 pub struct RoutingTable {
     pub services: Vec<Service>,
@@ -20,6 +24,71 @@ pub struct Service {
     pub hosts: Vec<HostMatch>,
     pub path_prefix: String,
     pub active: Arc<Pool>,
+    pub canary: Option<Canary>,
+}
+
+pub struct Canary {
+    pub pool: Arc<Pool>,
+    pub split: Split,
+}
+
+impl Service {
+    /// The pool for this request: the canary's when its split says so, else the active.
+    pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Pool>, Reason) {
+        match &self.canary {
+            None => (&self.active, Reason::Active),
+            Some(canary) => match canary.split.to_canary(headers) {
+                (true, reason) => (&canary.pool, reason),
+                (false, reason) => (&self.active, reason),
+            },
+        }
+    }
+}
+
+/// Turns a saved or requested canary into the request path's form, checking every part.
+pub fn canary_split(spec: &CanarySpec) -> Result<Split, String> {
+    if spec.weight_bp > split::FULL_WEIGHT {
+        return Err(format!(
+            "weight must be between 0 and 100, got {}",
+            f64::from(spec.weight_bp) / 100.0
+        ));
+    }
+    let header = match &spec.header {
+        None => None,
+        Some(m) => Some((
+            HeaderName::from_bytes(m.name.as_bytes())
+                .map_err(|_| format!("header name `{}` is not a valid HTTP header name", m.name))?,
+            HeaderValue::from_str(&m.value).map_err(|_| {
+                format!(
+                    "header value `{}` is not a valid HTTP header value",
+                    m.value
+                )
+            })?,
+        )),
+    };
+    let cookie = match &spec.cookie {
+        None => None,
+        Some(m)
+            if split::is_cookie_token(&m.name)
+                && !m.value.is_empty()
+                && split::is_cookie_value(&m.value) =>
+        {
+            Some((m.name.as_str().into(), m.value.as_str().into()))
+        }
+        Some(m) => {
+            return Err(format!(
+                "cookie `{}={}` is not a valid cookie name and value",
+                m.name, m.value
+            ))
+        }
+    };
+    let sticky = spec.sticky.as_deref().map(StickyKey::parse).transpose()?;
+    Ok(Split {
+        weight: spec.weight_bp,
+        header,
+        cookie,
+        sticky,
+    })
 }
 
 pub struct Pool {
@@ -100,9 +169,15 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 impl RoutingTable {
-    /// Builds a table from `config`, reusing the backend objects of `previous` where the
-    /// pool and address match, so counters and idle connections survive the swap.
-    pub fn build(config: &Config, previous: Option<&RoutingTable>) -> RoutingTable {
+    /// Builds a table from `config` and the traffic `state` (active pools, canaries,
+    /// backend modes), reusing the backend objects of `previous` where the pool and
+    /// address match, so counters and idle connections survive the swap. Backends' admin
+    /// states are set from `state`. A saved canary that does not validate is left out.
+    pub fn build(
+        config: &Config,
+        state: &TrafficState,
+        previous: Option<&RoutingTable>,
+    ) -> RoutingTable {
         let mut existing: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
         if let Some(previous) = previous {
             for pool in &previous.pools {
@@ -119,9 +194,15 @@ impl RoutingTable {
                 let backends = pool
                     .backends
                     .iter()
-                    .map(|b| match existing.get(&(pool.name.as_str(), b.addr)) {
-                        Some(found) if found.weight == b.weight => Arc::clone(found),
-                        _ => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
+                    .map(|b| {
+                        let backend = match existing.get(&(pool.name.as_str(), b.addr)) {
+                            Some(found) if found.weight == b.weight => Arc::clone(found),
+                            _ => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
+                        };
+                        let mode = state.backend_mode(&pool.name, &backend.name);
+                        backend
+                            .set_admin_state(mode.map_or(AdminState::Active, |m| m.admin_state()));
+                        backend
                     })
                     .collect();
                 Arc::new(Pool::new(&pool.name, backends, pool.balance))
@@ -131,12 +212,23 @@ impl RoutingTable {
             .services
             .iter()
             .filter_map(|s| {
-                let active = pools.iter().find(|p| *p.name == *s.active)?;
+                let traffic = state.services.get(&s.name);
+                let active_name = traffic.map_or(s.active.as_str(), |t| t.active.as_str());
+                let active = pools.iter().find(|p| *p.name == *active_name)?;
+                let canary = traffic.and_then(|t| t.canary.as_ref()).and_then(|spec| {
+                    let pool = pools.iter().find(|p| *p.name == *spec.pool)?;
+                    let split = canary_split(spec).ok()?;
+                    Some(Canary {
+                        pool: Arc::clone(pool),
+                        split,
+                    })
+                });
                 Some(Service {
                     name: s.name.as_str().into(),
                     hosts: s.hosts.clone(),
                     path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
+                    canary,
                 })
             })
             .collect();
@@ -175,6 +267,10 @@ impl RoutingTable {
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.iter().find(|p| &*p.name == name)
     }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| &*s.name == name)
+    }
 }
 
 /// The request's host without port, from the URI authority (HTTP/2, absolute-form) or
@@ -210,7 +306,7 @@ mod tests {
 
     fn table(src: &str) -> RoutingTable {
         let config = Config::parse(src, Path::new("t.toml")).unwrap();
-        RoutingTable::build(&config, None)
+        RoutingTable::build(&config, &TrafficState::from_config(&config), None)
     }
 
     const TWO_SERVICES: &str = r#"
@@ -260,8 +356,9 @@ active = "shop"
     #[test]
     fn rebuilding_keeps_backend_objects() {
         let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
-        let first = RoutingTable::build(&config, None);
-        let second = RoutingTable::build(&config, Some(&first));
+        let state = TrafficState::from_config(&config);
+        let first = RoutingTable::build(&config, &state, None);
+        let second = RoutingTable::build(&config, &state, Some(&first));
         assert!(Arc::ptr_eq(
             &first.pools[0].backends[0],
             &second.pools[0].backends[0]

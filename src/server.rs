@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::Config;
+use crate::control::Control;
 use crate::error::ProxyError;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::routing::RoutingTable;
@@ -36,9 +37,16 @@ pub enum ServerError {
 
 /// What the admin API and the lifecycle share with the data plane.
 pub struct Shared {
-    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub control: Arc<Control>,
     /// False once shutdown has begun: `/readyz` answers 503.
     pub ready: AtomicBool,
+    pub token: Option<String>,
+}
+
+impl Shared {
+    pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
+        self.control.table()
+    }
 }
 
 /// A started server. Dropping it does not stop it; call `shutdown`.
@@ -87,13 +95,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
 
-    let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(&config, None)));
+    let control = Arc::new(Control::start(config.clone()));
     let shared = Arc::new(Shared {
-        table: Arc::clone(&table),
+        control: Arc::clone(&control),
         ready: AtomicBool::new(true),
+        token: config.admin.token.clone(),
     });
     let proxy = Arc::new(Proxy {
-        table,
+        table: Arc::clone(control.table()),
         settings: ProxySettings {
             connect_timeout: config.proxy.connect_timeout,
             upstream_header_timeout: config.proxy.upstream_header_timeout,

@@ -121,7 +121,7 @@ async fn all_backends_down_gives_503() {
 async fn no_available_backend_gives_503_without_trying() {
     let a = Upstream::start("a").await;
     let proxy = start_proxy(&config_text("", &[("blue", &[a.addr])], "")).await;
-    let backend = proxy.shared.table.load().pools[0].backends[0].clone();
+    let backend = proxy.shared.table().load().pools[0].backends[0].clone();
     backend.set_admin_state(switchyard::backend::AdminState::Draining);
     let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);

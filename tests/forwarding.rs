@@ -256,7 +256,7 @@ async fn a_websocket_echoes_through_the_proxy_and_counts_as_in_flight() {
     let url = format!("ws://{}/ws", proxy.proxy_addr);
     let (mut ws, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let backend = proxy.shared.table.load().pools[0].backends[0].clone();
+    let backend = proxy.shared.table().load().pools[0].backends[0].clone();
     assert_eq!(backend.in_flight(), 1, "an open tunnel counts as in flight");
     for i in 0..20 {
         let text = format!("message {i}");

@@ -305,8 +305,31 @@ impl Body for Repeat {
 /// A config with both listeners on port 0, one service `app` on pool `blue`, and
 /// `extra` appended (more pools, services or `[proxy]` keys via `proxy_keys`).
 pub fn config_text(proxy_keys: &str, pools: &[(&str, &[SocketAddr])], extra: &str) -> String {
+    config_with_admin(proxy_keys, "", pools, extra)
+}
+
+/// A fresh directory for one test's state file, never shared with another test.
+pub fn state_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// As `config_text`, with extra `[admin]` keys; the state file goes to a fresh directory.
+pub fn config_with_admin(
+    proxy_keys: &str,
+    admin_keys: &str,
+    pools: &[(&str, &[SocketAddr])],
+    extra: &str,
+) -> String {
     let mut text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n"
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n{admin_keys}\n[state]\npath = \"{}\"\n\n",
+        state_dir().join("state.json").display()
     );
     for (name, addrs) in pools {
         let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();

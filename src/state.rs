@@ -1,0 +1,412 @@
+//! The traffic state that survives restarts: each service's active pool, canary and
+//! history, the backends taken out of rotation, and the generation counter. The config
+//! gives the topology; this file gives what the admin API changed since.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory) before any
+//! change is acknowledged. Read at start and reconciled with the config: entries that
+//! no longer fit are dropped with a warning; an unreadable file is moved aside.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::AdminState;
+use crate::config::Config;
+
+/// History entries kept per service.
+pub const HISTORY_LIMIT: usize = 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficState {
+    pub generation: u64,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceTraffic>,
+    /// pool -> backend address -> state, for backends that are not `active`.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BTreeMap<String, BackendMode>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTraffic {
+    pub active: String,
+    #[serde(default)]
+    pub previous_active: Option<String>,
+    #[serde(default)]
+    pub canary: Option<CanarySpec>,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySpec {
+    pub pool: String,
+    /// Basis points: 10% = 1000.
+    pub weight_bp: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<MatchSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<MatchSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryEntry {
+    pub generation: u64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub kind: String,
+    pub active: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_pool: Option<String>,
+    /// Percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_weight: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    Draining,
+    Disabled,
+}
+
+impl BackendMode {
+    pub fn admin_state(self) -> AdminState {
+        match self {
+            BackendMode::Draining => AdminState::Draining,
+            BackendMode::Disabled => AdminState::Disabled,
+        }
+    }
+}
+
+impl TrafficState {
+    /// The state a config alone implies: every service on its configured pool.
+    pub fn from_config(config: &Config) -> TrafficState {
+        TrafficState {
+            generation: 0,
+            services: config
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        ServiceTraffic {
+                            active: s.active.clone(),
+                            previous_active: None,
+                            canary: None,
+                            history: Vec::new(),
+                        },
+                    )
+                })
+                .collect(),
+            backends: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps what still fits `config`; returns a warning for everything dropped. Every
+    /// configured service ends up with an entry.
+    pub fn reconcile(mut self, config: &Config) -> (TrafficState, Vec<String>) {
+        let mut warnings = Vec::new();
+        let pool_exists = |name: &str| config.pools.iter().any(|p| p.name == name);
+        let mut services = BTreeMap::new();
+        for service in &config.services {
+            let Some(mut saved) = self.services.remove(&service.name) else {
+                services.insert(
+                    service.name.clone(),
+                    TrafficState::from_config_service(&service.active),
+                );
+                continue;
+            };
+            if !pool_exists(&saved.active) {
+                warnings.push(format!(
+                    "service `{}`: saved active pool `{}` is not in the config; using `{}`",
+                    service.name, saved.active, service.active
+                ));
+                saved.active = service.active.clone();
+                saved.canary = None;
+            }
+            if let Some(canary) = &saved.canary {
+                if !pool_exists(&canary.pool) || canary.pool == saved.active {
+                    warnings.push(format!(
+                        "service `{}`: saved canary pool `{}` no longer fits the config; canary dropped",
+                        service.name, canary.pool
+                    ));
+                    saved.canary = None;
+                }
+            }
+            if saved
+                .previous_active
+                .as_deref()
+                .is_some_and(|p| !pool_exists(p))
+            {
+                saved.previous_active = None;
+            }
+            services.insert(service.name.clone(), saved);
+        }
+        for name in self.services.keys() {
+            warnings.push(format!(
+                "service `{name}` is not in the config; its saved state is dropped"
+            ));
+        }
+        self.services = services;
+
+        let mut backends = BTreeMap::new();
+        for (pool, entries) in std::mem::take(&mut self.backends) {
+            let Some(configured) = config.pools.iter().find(|p| p.name == pool) else {
+                warnings.push(format!(
+                    "pool `{pool}` is not in the config; its saved backend states are dropped"
+                ));
+                continue;
+            };
+            let mut kept = BTreeMap::new();
+            for (addr, mode) in entries {
+                if configured
+                    .backends
+                    .iter()
+                    .any(|b| b.addr.to_string() == addr)
+                {
+                    kept.insert(addr, mode);
+                } else {
+                    warnings.push(format!(
+                        "backend `{addr}` is not in pool `{pool}` any more; its saved state ({mode:?}) is dropped"
+                    ));
+                }
+            }
+            if !kept.is_empty() {
+                backends.insert(pool, kept);
+            }
+        }
+        self.backends = backends;
+        (self, warnings)
+    }
+
+    fn from_config_service(active: &str) -> ServiceTraffic {
+        ServiceTraffic {
+            active: active.to_string(),
+            previous_active: None,
+            canary: None,
+            history: Vec::new(),
+        }
+    }
+
+    pub fn backend_mode(&self, pool: &str, addr: &str) -> Option<BackendMode> {
+        self.backends.get(pool)?.get(addr).copied()
+    }
+}
+
+impl ServiceTraffic {
+    pub fn record(&mut self, generation: u64, kind: &str) {
+        self.history.push(HistoryEntry {
+            generation,
+            at: now_rfc3339(),
+            kind: kind.to_string(),
+            active: self.active.clone(),
+            canary_pool: self.canary.as_ref().map(|c| c.pool.clone()),
+            canary_weight: self.canary.as_ref().map(|c| f64::from(c.weight_bp) / 100.0),
+        });
+        if self.history.len() > HISTORY_LIMIT {
+            let excess = self.history.len() - HISTORY_LIMIT;
+            self.history.drain(..excess);
+        }
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot write the state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Loads the state file for `config`. A missing file gives the config's state; an
+/// unreadable or corrupt one is moved aside to `<path>.corrupt-<unix time>` and the
+/// config's state is used. Returns the state and the warnings to log.
+pub fn load(path: &Path, config: &Config) -> (TrafficState, Vec<String>) {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return (TrafficState::from_config(config), vec![])
+        }
+        Err(e) => {
+            return (
+                TrafficState::from_config(config),
+                vec![format!(
+                    "cannot read state file {}: {e}; starting from the config",
+                    path.display()
+                )],
+            )
+        }
+    };
+    match serde_json::from_slice::<TrafficState>(&text) {
+        Ok(saved) => saved.reconcile(config),
+        Err(e) => {
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+            let moved = match std::fs::rename(path, &aside) {
+                Ok(()) => format!("moved to {}", aside.display()),
+                Err(re) => format!("could not be moved aside ({re})"),
+            };
+            (
+                TrafficState::from_config(config),
+                vec![format!(
+                    "state file {} is corrupt ({e}); it was {moved}; starting from the config",
+                    path.display()
+                )],
+            )
+        }
+    }
+}
+
+/// Writes `state` durably: a temporary file beside the target, fsync, rename over the
+/// target, fsync of the directory. Blocking: call it off the async workers.
+pub fn save(path: &Path, state: &TrafficState) -> Result<(), StateError> {
+    let wrap = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut json = serde_json::to_vec_pretty(state).map_err(|e| wrap(std::io::Error::other(e)))?;
+    json.push(b'\n');
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(wrap)?;
+        file.write_all(&json).map_err(wrap)?;
+        file.sync_all().map_err(wrap)?;
+    }
+    std::fs::rename(&tmp, path).map_err(wrap)?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(wrap)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            "[pools.blue]\nbackends=[\"127.0.0.1:1\"]\n[pools.green]\nbackends=[\"127.0.0.1:2\"]\n[services.app]\nactive=\"blue\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_missing_file_gives_the_configs_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, warnings) = load(&dir.path().join("none.json"), &config());
+        assert!(warnings.is_empty());
+        assert_eq!(state.services["app"].active, "blue");
+        assert_eq!(state.generation, 0);
+    }
+
+    #[test]
+    fn saved_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut state = TrafficState::from_config(&config());
+        state.generation = 7;
+        let app = state.services.get_mut("app").unwrap();
+        app.active = "green".into();
+        app.previous_active = Some("blue".into());
+        app.record(7, "switch");
+        state
+            .backends
+            .entry("blue".into())
+            .or_default()
+            .insert("127.0.0.1:1".into(), BackendMode::Draining);
+        save(&path, &state).unwrap();
+        let (loaded, warnings) = load(&path, &config());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(loaded, state);
+        assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn entries_that_no_longer_fit_the_config_are_dropped_with_warnings() {
+        let mut state = TrafficState::from_config(&config());
+        state.services.get_mut("app").unwrap().active = "purple".into();
+        state.services.insert(
+            "gone".into(),
+            ServiceTraffic {
+                active: "blue".into(),
+                previous_active: None,
+                canary: None,
+                history: vec![],
+            },
+        );
+        state
+            .backends
+            .entry("blue".into())
+            .or_default()
+            .insert("127.0.0.1:99".into(), BackendMode::Disabled);
+        let (state, warnings) = state.reconcile(&config());
+        assert_eq!(state.services["app"].active, "blue");
+        assert!(!state.services.contains_key("gone"));
+        assert!(state.backends.is_empty());
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("purple")));
+        assert!(warnings.iter().any(|w| w.contains("gone")));
+        assert!(warnings.iter().any(|w| w.contains("127.0.0.1:99")));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{ not json").unwrap();
+        let (state, warnings) = load(&path, &config());
+        assert_eq!(state.services["app"].active, "blue");
+        assert_eq!(warnings.len(), 1);
+        assert!(!path.exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            aside.iter().any(|n| n.starts_with("state.json.corrupt-")),
+            "{aside:?}"
+        );
+    }
+
+    #[test]
+    fn history_is_capped() {
+        let mut s = TrafficState::from_config(&config())
+            .services
+            .remove("app")
+            .unwrap();
+        for g in 0..50 {
+            s.record(g, "switch");
+        }
+        assert_eq!(s.history.len(), HISTORY_LIMIT);
+        assert_eq!(s.history.last().unwrap().generation, 49);
+    }
+}
