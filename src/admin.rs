@@ -195,7 +195,13 @@ fn parse_body<T: DeserializeOwned + Default>(body: &Bytes, optional: bool) -> Re
             Err(ApiError::bad_request("a JSON body is required"))
         };
     }
-    serde_json::from_slice(body)
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    // serde would also take a struct from an array of its fields; the API takes objects.
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the JSON body must be an object"));
+    }
+    serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 

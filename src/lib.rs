@@ -9,6 +9,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod error;
 pub mod headers;

@@ -34,6 +34,8 @@ enum Command {
         #[arg(long, short, default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
+    /// The admin API from a shell: status, switch, canary, promote, rollback, drain...
+    Ctl(switchyard::ctl::CtlArgs),
     /// One stand-in app server (for benchmarks and example scripts): answers
     /// "hello from NAME (ADDR)", and 200 on /health. Single-threaded.
     #[command(hide = true)]
@@ -47,12 +49,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Ctl(args) => return ctl(&args),
+        other => other,
+    };
     init_logging();
-    let result = match cli.command {
+    let result = match command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config, false),
         Command::Demo { config } => run(&config, true),
         Command::StandIn { listen, name } => stand_in(listen, &name),
+        Command::Ctl(args) => return ctl(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,6 +83,30 @@ fn init_logging() {
         // reports a failed write with eprintln!, which panics on a closed stderr.
         .log_internal_errors(false)
         .init();
+}
+
+/// ctl prints only its answer: no log lines, so scripts can parse stdout.
+fn ctl(args: &switchyard::ctl::CtlArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(switchyard::ctl::run(args)) {
+        Ok(text) => {
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn stand_in(listen: std::net::SocketAddr, name: &str) -> anyhow::Result<()> {

@@ -517,3 +517,212 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+// ------------------------------------------------------------------------------------
+// Sustained load and the admin API.
+
+/// What one request of a load run saw.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub started: Instant,
+    pub status: u16,
+    /// `x-upstream` of the answer: which app server served it.
+    pub upstream: String,
+    pub error: Option<String>,
+}
+
+impl Record {
+    pub fn failed(&self) -> bool {
+        self.error.is_some() || self.status != 200
+    }
+}
+
+/// `workers` keep-alive clients sending GET `path` back to back until `finish`.
+pub struct LoadRun {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Record>>>,
+}
+
+impl LoadRun {
+    pub fn start(addr: SocketAddr, path: &str, workers: usize) -> LoadRun {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = (0..workers)
+            .map(|_| {
+                let stop = stop.clone();
+                let sent = sent.clone();
+                let path = path.to_string();
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut records = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        let record = match client.request(get(addr, &path)).await {
+                            Ok(response) => {
+                                let status = response.status().as_u16();
+                                let upstream = response
+                                    .headers()
+                                    .get("x-upstream")
+                                    .map(|v| v.to_str().unwrap_or("").to_string())
+                                    .unwrap_or_default();
+                                let error = response
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .err()
+                                    .map(|e| e.to_string());
+                                Record {
+                                    started,
+                                    status,
+                                    upstream,
+                                    error,
+                                }
+                            }
+                            Err(e) => Record {
+                                started,
+                                status: 0,
+                                upstream: String::new(),
+                                error: Some(format!("{e:?}")),
+                            },
+                        };
+                        records.push(record);
+                    }
+                    records
+                })
+            })
+            .collect();
+        LoadRun { stop, sent, tasks }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `more` further requests have been sent.
+    pub async fn wait_for(&self, more: u64) {
+        let target = self.sent() + more;
+        eventually(
+            Duration::from_secs(60),
+            &format!("{more} more requests"),
+            || self.sent() >= target,
+        )
+        .await;
+    }
+
+    pub async fn finish(self) -> Vec<Record> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort_by_key(|r| r.started);
+        all
+    }
+}
+
+/// Fails the test listing the first failures, if any request failed.
+pub fn assert_no_failures(records: &[Record]) {
+    let failed: Vec<&Record> = records.iter().filter(|r| r.failed()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        failed.len(),
+        records.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+/// Share of `records` served by upstreams whose name starts with `prefix`.
+pub fn share(records: &[Record], prefix: &str) -> f64 {
+    if records.is_empty() {
+        return 0.0;
+    }
+    records
+        .iter()
+        .filter(|r| r.upstream.starts_with(prefix))
+        .count() as f64
+        / records.len() as f64
+}
+
+/// One admin API call: (status, JSON body).
+pub async fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let body = match body {
+        Some(value) => full(value.to_string()),
+        None => empty(),
+    };
+    let answer = send(&client(), request.body(body).unwrap()).await;
+    let json = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
+    (answer.status, json)
+}
+
+/// As `admin`, with a raw body (for malformed input).
+pub async fn admin_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(full(body.to_string()))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    (
+        answer.status,
+        serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Blue and green pools of `per_pool` named app servers each, and a proxy with service
+/// `app` on blue.
+pub struct BlueGreen {
+    pub blue: Vec<Upstream>,
+    pub green: Vec<Upstream>,
+    pub proxy: switchyard::server::Running,
+}
+
+impl BlueGreen {
+    pub async fn start(per_pool: usize, proxy_keys: &str, admin_keys: &str) -> BlueGreen {
+        let mut blue = Vec::new();
+        let mut green = Vec::new();
+        for i in 1..=per_pool {
+            blue.push(Upstream::start(&format!("blue-{i}")).await);
+            green.push(Upstream::start(&format!("green-{i}")).await);
+        }
+        let blue_addrs: Vec<SocketAddr> = blue.iter().map(|u| u.addr).collect();
+        let green_addrs: Vec<SocketAddr> = green.iter().map(|u| u.addr).collect();
+        let config = config_with_admin(
+            proxy_keys,
+            admin_keys,
+            &[("blue", &blue_addrs), ("green", &green_addrs)],
+            "",
+        );
+        let config = switchyard::config::Config::parse(&config, Path::new("test.toml")).unwrap();
+        let proxy = switchyard::server::start(config).await.unwrap();
+        BlueGreen { blue, green, proxy }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.proxy_addr
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.proxy.admin_addr
+    }
+}

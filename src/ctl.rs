@@ -1,0 +1,503 @@
+//! `switchyard ctl`: the admin API from a shell, for deploy scripts. Human-readable by
+//! default, `--json` for scripts; the exit status is non-zero on any non-2xx answer.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN",
+        default_value = "http://127.0.0.1:9901"
+    )]
+    pub admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON answer instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Services (active pool, canary) and backends (health, state, in flight).
+    Status,
+    /// Blue-green cutover: all of SERVICE's traffic to POOL.
+    Switch {
+        service: String,
+        pool: String,
+        /// Switch even if POOL has no healthy backend.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send PERCENT of SERVICE's traffic (0-100, decimals allowed) to the canary POOL.
+    Canary {
+        service: String,
+        pool: String,
+        percent: f64,
+        /// Requests with this header go to the canary: NAME=VALUE.
+        #[arg(long, value_parser = name_value)]
+        header: Option<(String, String)>,
+        /// Requests with this cookie go to the canary: NAME=VALUE.
+        #[arg(long, value_parser = name_value)]
+        cookie: Option<(String, String)>,
+        /// Keep each user on one pool: header:NAME or cookie:NAME.
+        #[arg(long)]
+        sticky: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Abort SERVICE's canary: all traffic back to the active pool.
+    Abort { service: String },
+    /// Make SERVICE's canary pool the active pool.
+    Promote {
+        service: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Return SERVICE to its previous active pool.
+    Rollback { service: String },
+    /// Recent traffic changes of SERVICE.
+    History { service: String },
+    /// Take BACKEND out of rotation; in-flight requests finish.
+    Drain {
+        pool: String,
+        backend: String,
+        /// Wait until nothing is in flight on BACKEND (exit 1 on timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Return BACKEND to rotation.
+    Enable { pool: String, backend: String },
+}
+
+fn name_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got `{text}`"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the admin API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{status}: {message}")]
+    Api { status: StatusCode, message: String },
+}
+
+/// Runs one ctl command and returns what to print on stdout.
+pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
+    let api = Api::new(args)?;
+    let (answer, summary): (Value, fn(&Value) -> String) = match &args.action {
+        Action::Status => (
+            api.call(Method::GET, "/api/v1/state", None).await?,
+            status_table,
+        ),
+        Action::Switch {
+            service,
+            pool,
+            force,
+        } => (
+            api.call(
+                Method::POST,
+                &format!("/api/v1/services/{}/switch", segment(service)),
+                Some(json!({ "to": pool, "force": force })),
+            )
+            .await?,
+            service_line,
+        ),
+        Action::Canary {
+            service,
+            pool,
+            percent,
+            header,
+            cookie,
+            sticky,
+            force,
+        } => {
+            let mut body = json!({ "pool": pool, "weight": percent, "force": force });
+            if let Some((name, value)) = header {
+                body["header"] = json!({ "name": name, "value": value });
+            }
+            if let Some((name, value)) = cookie {
+                body["cookie"] = json!({ "name": name, "value": value });
+            }
+            if let Some(sticky) = sticky {
+                body["sticky"] = json!(sticky);
+            }
+            let path = format!("/api/v1/services/{}/canary", segment(service));
+            (
+                api.call(Method::PUT, &path, Some(body)).await?,
+                service_line,
+            )
+        }
+        Action::Abort { service } => (
+            api.call(
+                Method::DELETE,
+                &format!("/api/v1/services/{}/canary", segment(service)),
+                None,
+            )
+            .await?,
+            service_line,
+        ),
+        Action::Promote { service, force } => (
+            api.call(
+                Method::POST,
+                &format!("/api/v1/services/{}/promote", segment(service)),
+                Some(json!({ "force": force })),
+            )
+            .await?,
+            service_line,
+        ),
+        Action::Rollback { service } => (
+            api.call(
+                Method::POST,
+                &format!("/api/v1/services/{}/rollback", segment(service)),
+                None,
+            )
+            .await?,
+            service_line,
+        ),
+        Action::History { service } => (
+            api.call(
+                Method::GET,
+                &format!("/api/v1/services/{}/history", segment(service)),
+                None,
+            )
+            .await?,
+            history_lines,
+        ),
+        Action::Drain {
+            pool,
+            backend,
+            wait,
+            timeout,
+        } => {
+            let base = format!(
+                "/api/v1/pools/{}/backends/{}",
+                segment(pool),
+                segment(backend)
+            );
+            let drained = api
+                .call(Method::POST, &format!("{base}/drain"), None)
+                .await?;
+            if !*wait {
+                (drained, backend_line)
+            } else {
+                let timeout = humantime::format_duration(*timeout);
+                let path = format!(
+                    "{base}/wait-drained?timeout={}",
+                    timeout.to_string().replace(' ', "")
+                );
+                let waited = api.call(Method::GET, &path, None).await?;
+                (waited, |v: &Value| {
+                    format!(
+                        "{} {}: drained, nothing in flight\n",
+                        s(&v["pool"]),
+                        s(&v["addr"])
+                    )
+                })
+            }
+        }
+        Action::Enable { pool, backend } => (
+            api.call(
+                Method::POST,
+                &format!(
+                    "/api/v1/pools/{}/backends/{}/enable",
+                    segment(pool),
+                    segment(backend)
+                ),
+                None,
+            )
+            .await?,
+            backend_line,
+        ),
+    };
+    Ok(if args.json {
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        )
+    } else {
+        summary(&answer)
+    })
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    fn new(args: &CtlArgs) -> Result<Api, CtlError> {
+        let base = args.admin.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(CtlError::Usage(format!(
+                "--admin must be an http:// URL such as http://127.0.0.1:9901, got `{base}`"
+            )));
+        }
+        Ok(Api {
+            base,
+            token: args.token.clone(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(value) => {
+                request = request.header("content-type", "application/json");
+                Full::new(Bytes::from(value.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = request
+            .body(body)
+            .map_err(|e| CtlError::Usage(format!("bad URL `{url}`: {e}")))?;
+        let unreachable = |reason: String| CtlError::Unreachable {
+            url: self.base.clone(),
+            reason,
+        };
+        // The long poll may take up to ten minutes; anything else answers at once.
+        let response = tokio::time::timeout(Duration::from_secs(660), self.client.request(request))
+            .await
+            .map_err(|_| unreachable("no answer".into()))?
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        if !status.is_success() {
+            let message = match (value["code"].as_str(), value["error"].as_str()) {
+                (Some(code), Some(error)) => format!("{code}: {error}"),
+                (_, Some(error)) => error.to_string(),
+                _ => value.to_string(),
+            };
+            return Err(CtlError::Api { status, message });
+        }
+        Ok(value)
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// Percent-encodes what cannot stand in a path segment (IPv6 brackets stay readable).
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~:[]".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+fn s(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn canary_text(canary: &Value) -> String {
+    if canary.is_null() {
+        return "-".into();
+    }
+    let mut text = format!("{} {}%", s(&canary["pool"]), s(&canary["weight"]));
+    if !canary["header"].is_null() {
+        let _ = write!(
+            text,
+            " header {}={}",
+            s(&canary["header"]["name"]),
+            s(&canary["header"]["value"])
+        );
+    }
+    if !canary["cookie"].is_null() {
+        let _ = write!(
+            text,
+            " cookie {}={}",
+            s(&canary["cookie"]["name"]),
+            s(&canary["cookie"]["value"])
+        );
+    }
+    if !canary["sticky"].is_null() {
+        let _ = write!(text, " sticky {}", s(&canary["sticky"]));
+    }
+    text
+}
+
+fn service_line(v: &Value) -> String {
+    format!(
+        "{}: active {}, canary {} (generation {})\n",
+        s(&v["name"]),
+        s(&v["active"]),
+        canary_text(&v["canary"]),
+        s(&v["generation"])
+    )
+}
+
+fn backend_line(v: &Value) -> String {
+    format!(
+        "{} {}: {}, health {}, {} in flight (generation {})\n",
+        s(&v["pool"]),
+        s(&v["addr"]),
+        s(&v["state"]),
+        s(&v["health"]),
+        s(&v["in_flight"]),
+        s(&v["generation"])
+    )
+}
+
+fn history_lines(v: &Value) -> String {
+    let mut out = format!(
+        "{} (generation {})\n",
+        s(&v["service"]),
+        s(&v["generation"])
+    );
+    for entry in v["history"].as_array().into_iter().flatten() {
+        let canary = match entry["canary_pool"].as_str() {
+            Some(pool) => format!(", canary {pool} {}%", s(&entry["canary_weight"])),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  #{:<4} {:<13} active {}{canary}",
+            s(&entry["at"]),
+            s(&entry["generation"]),
+            s(&entry["kind"]),
+            s(&entry["active"])
+        );
+    }
+    out
+}
+
+fn status_table(v: &Value) -> String {
+    let mut rows = vec![["SERVICE", "ACTIVE", "CANARY", "PREVIOUS"]
+        .map(String::from)
+        .to_vec()];
+    for service in v["services"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            s(&service["name"]),
+            s(&service["active"]),
+            canary_text(&service["canary"]),
+            s(&service["previous_active"]),
+        ]);
+    }
+    let mut out = format!("generation {}\n\n", s(&v["generation"]));
+    out.push_str(&table(&rows));
+    let mut rows = vec![
+        ["POOL", "BACKEND", "WEIGHT", "HEALTH", "STATE", "IN-FLIGHT"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for pool in v["pools"].as_array().into_iter().flatten() {
+        for b in pool["backends"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                s(&pool["name"]),
+                s(&b["addr"]),
+                s(&b["weight"]),
+                s(&b["health"]),
+                s(&b["state"]),
+                s(&b["in_flight"]),
+            ]);
+        }
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|t| t.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<width$}", width = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_keep_addresses_readable_and_escape_the_rest() {
+        assert_eq!(segment("127.0.0.1:9001"), "127.0.0.1:9001");
+        assert_eq!(segment("[::1]:80"), "[::1]:80");
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn the_status_table_lines_up() {
+        let v = json!({
+            "generation": 3,
+            "services": [{"name": "app", "active": "blue", "canary": {"pool": "green", "weight": 12.5}, "previous_active": null}],
+            "pools": [{"name": "blue", "backends": [{"addr": "127.0.0.1:9001", "weight": 1, "health": "healthy", "state": "draining", "in_flight": 2}]}]
+        });
+        let text = status_table(&v);
+        assert!(text.contains("app      blue    green 12.5%  -"), "{text}");
+        assert!(
+            text.contains("blue  127.0.0.1:9001  1       healthy  draining  2"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! `switchyard ctl` against a running proxy: what a deploy script sees on stdout,
+//! stderr and in the exit status.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn ctl(admin: std::net::SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary())
+        .arg("ctl")
+        .arg("--admin")
+        .arg(format!("http://{admin}"))
+        .args(args)
+        .env_remove("SWITCHYARD_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_drives_a_deploy_and_fails_loudly() {
+    let bg = BlueGreen::start(2, "", "").await;
+    let admin = bg.admin();
+    let blocking = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ctl(admin, &args)
+        })
+    };
+    let run = |args: &[&str]| blocking(args.iter().map(|s| s.to_string()).collect());
+
+    let (ok, out, err) = run(&["status"]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("SERVICE") && out.contains("app      blue"),
+        "{out}"
+    );
+    assert!(out.contains(&bg.blue[0].addr.to_string()), "{out}");
+
+    let (ok, out, err) = run(&[
+        "canary",
+        "app",
+        "green",
+        "12.5",
+        "--sticky",
+        "header:x-user",
+        "--header",
+        "x-canary=1",
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("canary green 12.5% header x-canary=1 sticky header:x-user"),
+        "{out}"
+    );
+
+    let (ok, out, _) = run(&["promote", "app"]).await.unwrap();
+    assert!(ok);
+    assert!(out.starts_with("app: active green, canary -"), "{out}");
+
+    let (ok, out, _) = run(&["--json", "status"]).await.unwrap();
+    assert!(ok);
+    let state: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(state["services"][0]["active"], "green");
+
+    let (ok, out, _) = run(&["history", "app"]).await.unwrap();
+    assert!(ok);
+    assert!(out.contains("canary") && out.contains("promote"), "{out}");
+
+    let (ok, out, _) = run(&["rollback", "app"]).await.unwrap();
+    assert!(ok);
+    assert!(out.starts_with("app: active blue"), "{out}");
+
+    let backend = bg.blue[0].addr.to_string();
+    let (ok, out, err) = run(&["drain", "blue", &backend, "--wait", "--timeout", "5s"])
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("drained, nothing in flight"), "{out}");
+    let (ok, out, _) = run(&["enable", "blue", &backend]).await.unwrap();
+    assert!(ok);
+    assert!(out.contains(": active,"), "{out}");
+
+    let (ok, _, err) = run(&["switch", "app", "purple"]).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("404") && err.contains("unknown_pool"), "{err}");
+    let (ok, _, err) = run(&["canary", "app", "green", "150"]).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("400"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_uses_the_token_and_reports_an_unreachable_api() {
+    let dir = state_dir();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "tok-123").unwrap();
+    let bg = BlueGreen::start(1, "", &format!("token_file = \"{}\"", token_file.display())).await;
+    let admin = bg.admin();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl(admin, &["status"]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        ctl(admin, &["--token", "tok-123", "switch", "app", "green"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("active green"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args(["ctl", "--admin", &format!("http://{admin}"), "status"])
+            .env("SWITCHYARD_TOKEN", "tok-123")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "token from SWITCHYARD_TOKEN");
+
+    // Nothing listens on a bound-but-not-listening port.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = socket.local_addr().unwrap();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl(dead, &["status"]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("cannot reach the admin API"), "{err}");
+}
