@@ -70,5 +70,41 @@ fn routing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing);
+fn split(c: &mut Criterion) {
+    use http::{HeaderMap, HeaderName, HeaderValue};
+    use switchyard::split::{Split, StickyKey};
+    let random = Split {
+        weight: 1000,
+        header: Some((
+            HeaderName::from_static("x-canary"),
+            HeaderValue::from_static("1"),
+        )),
+        cookie: None,
+        sticky: None,
+    };
+    let sticky = Split {
+        weight: 1000,
+        header: None,
+        cookie: None,
+        sticky: Some(StickyKey::parse("cookie:session").unwrap()),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("www.example.com"));
+    headers.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    headers.insert("accept", HeaderValue::from_static("*/*"));
+    headers.insert(
+        "cookie",
+        HeaderValue::from_static(
+            "theme=dark; session=3f2a9c1e-77b4-4c0e-9a51-0d5e2b8c4f10; lang=en",
+        ),
+    );
+    c.bench_function("split_random_with_header_rule", |b| {
+        b.iter(|| black_box(random.to_canary(black_box(&headers))))
+    });
+    c.bench_function("split_sticky_cookie", |b| {
+        b.iter(|| black_box(sticky.to_canary(black_box(&headers))))
+    });
+}
+
+criterion_group!(benches, routing, split);
 criterion_main!(benches);

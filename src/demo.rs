@@ -78,16 +78,43 @@ pub fn print_guide(config: &Config, proxy: SocketAddr, admin: SocketAddr) {
         .iter()
         .map(|s| format!("{} -> {}", s.name, s.active))
         .collect();
+    let service = config.services.first().map_or("app", |s| s.name.as_str());
+    let active = config
+        .services
+        .first()
+        .map_or("blue", |s| s.active.as_str());
+    let other = config
+        .pools
+        .iter()
+        .map(|p| p.name.as_str())
+        .find(|p| *p != active)
+        .unwrap_or("green");
+    let backend = config
+        .pools
+        .iter()
+        .find(|p| p.name == active)
+        .and_then(|p| p.backends.first())
+        .map_or_else(|| "127.0.0.1:9001".to_string(), |b| b.addr.to_string());
+    let ctl = if admin.to_string() == "127.0.0.1:9901" {
+        "switchyard ctl".to_string()
+    } else {
+        format!("switchyard ctl --admin http://{admin}")
+    };
     // A closed stdout must not stop the demo, so no println!.
     let _ = writeln!(
         std::io::stdout(),
         "\nswitchyard demo is running (Ctrl-C stops it).\n\
          stand-in app servers:\n{pools}\
          services: {}\n\n\
-         try:\n  \
-         curl -i http://{proxy}/          # answered by the active pool\n  \
-         curl -i http://{admin}/healthz\n  \
-         curl -i http://{admin}/readyz\n",
+         try (in another terminal; `switchyard` is target/release/switchyard):\n  \
+         curl -s http://{proxy}/                 (answered by the active pool)\n  \
+         {ctl} status\n  \
+         {ctl} canary {service} {other} 10       (10% of requests to {other})\n  \
+         {ctl} promote {service}                 ({other} takes all traffic)\n  \
+         {ctl} rollback {service}                (back to {active})\n  \
+         {ctl} switch {service} {other}          (blue-green cutover)\n  \
+         {ctl} drain {active} {backend} --wait\n  \
+         curl -s http://{admin}/api/v1/state\n",
         services.join(", ")
     );
 }
