@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{CanaryRequest, ControlError};
 use crate::server::Shared;
-use crate::state::BackendMode;
+use crate::state::{BackendMode, MemberSpec};
 
 /// Longest `wait-drained` long poll.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -43,8 +43,20 @@ pub fn app(shared: Arc<Shared>) -> Router {
             "/api/v1/pools/{pool}/backends/{addr}/wait-drained",
             get(wait_drained),
         )
+        .route("/api/v1/pools/{pool}", get(pool_view))
+        .route(
+            "/api/v1/pools/{pool}/backends",
+            axum::routing::put(set_members).post(add_member),
+        )
+        .route(
+            "/api/v1/pools/{pool}/backends/{addr}",
+            axum::routing::delete(remove_member),
+        )
         .fallback(not_found)
-        .route_layer(middleware::from_fn_with_state(
+        .method_not_allowed_fallback(method_not_allowed)
+        // `layer`, not `route_layer`: unknown paths need the token too, so the API's
+        // shape is not revealed to callers without it.
+        .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             require_token,
         ));
@@ -60,10 +72,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !shared.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !shared.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "first health-check round not finished\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 
@@ -137,8 +154,9 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
             next.run(request).await
@@ -169,6 +187,121 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method (see docs/admin-api.md)",
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersBody {
+    backends: Vec<MemberEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a backend: \"IP:port\" or {\"addr\": \"IP:port\", \"weight\": N}"
+)]
+enum MemberEntry {
+    Addr(String),
+    Weighted(MemberSpec),
+}
+
+impl From<MemberEntry> for MemberSpec {
+    fn from(entry: MemberEntry) -> MemberSpec {
+        match entry {
+            MemberEntry::Addr(addr) => MemberSpec { addr, weight: 1 },
+            MemberEntry::Weighted(spec) => spec,
+        }
+    }
+}
+
+impl Default for MemberSpec {
+    fn default() -> Self {
+        MemberSpec {
+            addr: String::new(),
+            weight: 1,
+        }
+    }
+}
+
+fn drain_timeout(
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Duration, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let timeout = match query.timeout.as_deref() {
+        None => Duration::from_secs(30),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request(format!("timeout `{text}`: {e} (use e.g. \"30s\")"))
+        })?,
+    };
+    if timeout > MAX_WAIT {
+        return Err(ApiError::bad_request("timeout must be at most 10m"));
+    }
+    Ok(timeout)
+}
+
+async fn pool_view(
+    State(shared): State<Arc<Shared>>,
+    Path(pool): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = shared.control.pool_view(&pool).await?;
+    let generation = view.backends.first().map_or(0, |b| b.generation);
+    Ok(answer(generation, &view))
+}
+
+async fn set_members(
+    State(shared): State<Arc<Shared>>,
+    Path(pool): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let timeout = drain_timeout(query)?;
+    let body: MembersBody = parse_body(&body, false)?;
+    let members = body.backends.into_iter().map(MemberSpec::from).collect();
+    let view = shared
+        .control
+        .set_members(&pool, members, timeout, expected)
+        .await?;
+    let generation = view.backends.first().map_or(0, |b| b.generation);
+    Ok(answer(generation, &view))
+}
+
+async fn add_member(
+    State(shared): State<Arc<Shared>>,
+    Path(pool): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let member: MemberSpec = parse_body(&body, false)?;
+    let view = shared.control.add_member(&pool, member, expected).await?;
+    let generation = view.backends.first().map_or(0, |b| b.generation);
+    Ok(answer(generation, &view))
+}
+
+async fn remove_member(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, addr)): Path<(String, String)>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let timeout = drain_timeout(query)?;
+    let view = shared
+        .control
+        .remove_member(&pool, &addr, timeout, expected)
+        .await?;
+    let generation = view.backends.first().map_or(0, |b| b.generation);
+    Ok(answer(generation, &view))
 }
 
 /// `If-Match: 5` or `If-Match: "5"`; absent means unconditional.
@@ -390,16 +523,7 @@ async fn wait_drained(
     Path((pool, addr)): Path<(String, String)>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let timeout = match query.timeout.as_deref() {
-        None => Duration::from_secs(30),
-        Some(text) => humantime::parse_duration(text).map_err(|e| {
-            ApiError::bad_request(format!("timeout `{text}`: {e} (use e.g. \"30s\")"))
-        })?,
-    };
-    if timeout > MAX_WAIT {
-        return Err(ApiError::bad_request("timeout must be at most 10m"));
-    }
+    let timeout = drain_timeout(query)?;
     let backend = shared.control.find_backend(&pool, &addr)?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -476,6 +600,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = shared(dir.path(), None);
         let status = |s| async move { app(s).oneshot(get("/readyz")).await.unwrap().status() };
+        assert_eq!(
+            status(Arc::clone(&shared)).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready before the first health-check round"
+        );
+        for pool in &shared.table().load().pools {
+            for backend in &pool.backends {
+                backend.set_health(crate::backend::Health::Unhealthy);
+            }
+        }
         assert_eq!(status(Arc::clone(&shared)).await, StatusCode::OK);
         shared.ready.store(false, Ordering::SeqCst);
         assert_eq!(

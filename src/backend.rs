@@ -3,7 +3,7 @@
 //! touches atomics here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,12 @@ pub struct Backend {
     /// Milliseconds since `epoch` of the last upstream-failure warning, for rate limiting.
     last_warning_ms: AtomicU64,
     suppressed_warnings: AtomicU64,
+    /// Failures of real traffic in a row (connect failures, 5xx), for passive ejection.
+    consecutive_failures: AtomicU32,
+    /// Until when (ms since `epoch`) a passive ejection holds; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    /// When (ms since `epoch`) the backend last became healthy, for slow start.
+    healthy_since_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -72,6 +78,9 @@ impl Backend {
             conns: ConnPool::new(idle_timeout),
             last_warning_ms: AtomicU64::new(0),
             suppressed_warnings: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            healthy_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -88,8 +97,66 @@ impl Backend {
         }
     }
 
-    pub fn set_health(&self, health: Health) {
-        self.health.store(health as u8, Ordering::Relaxed);
+    /// Sets the health; returns the previous value.
+    pub fn set_health(&self, health: Health) -> Health {
+        if health == Health::Healthy {
+            self.healthy_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+        match self.health.swap(health as u8, Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Milliseconds since this backend object was made; never 0.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A request on this backend succeeded: the failure streak ends. Reads before it
+    /// writes, so the common case does not dirty a shared cache line.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request on this backend failed; returns the length of the failure streak.
+    pub fn record_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Marks the backend unhealthy until at least `duration` from now (passive ejection).
+    pub fn eject_for(&self, duration: Duration) {
+        let until = self.now_ms() + duration.as_millis() as u64;
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.health
+            .store(Health::Unhealthy as u8, Ordering::Relaxed);
+    }
+
+    /// Is a passive ejection still holding the backend out?
+    pub fn is_ejected(&self) -> bool {
+        self.now_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Weight scaled by slow start: from a tenth of `weight` right after the backend
+    /// became healthy up to `weight` once `ramp` has passed (linear, as AWS target groups
+    /// ramp). Never below 1, so the backend is always reachable.
+    pub fn effective_weight(&self, ramp: Option<Duration>) -> u32 {
+        let Some(ramp) = ramp else {
+            return self.weight;
+        };
+        let since = self.healthy_since_ms.load(Ordering::Relaxed);
+        let ramp_ms = ramp.as_millis().max(1) as u64;
+        let elapsed = self.now_ms().saturating_sub(since);
+        if since == 0 || elapsed >= ramp_ms {
+            return self.weight;
+        }
+        let fraction = 0.1 + 0.9 * (elapsed as f64 / ramp_ms as f64);
+        ((f64::from(self.weight) * fraction).round() as u32).max(1)
     }
 
     pub fn admin_state(&self) -> AdminState {
@@ -176,6 +243,33 @@ mod tests {
         assert_eq!(b.in_flight(), 1);
         drop(g2);
         assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn slow_start_ramps_from_a_tenth_to_the_full_weight() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 100, Duration::from_secs(1));
+        assert_eq!(
+            b.effective_weight(Some(Duration::from_secs(30))),
+            100,
+            "never became healthy: full"
+        );
+        b.set_health(Health::Healthy);
+        let w = b.effective_weight(Some(Duration::from_secs(30)));
+        assert!((10..15).contains(&w), "{w}");
+        assert_eq!(b.effective_weight(None), 100);
+    }
+
+    #[test]
+    fn a_failure_streak_counts_and_success_resets_it() {
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Duration::from_secs(1));
+        assert_eq!(b.record_failure(), 1);
+        assert_eq!(b.record_failure(), 2);
+        b.record_success();
+        assert_eq!(b.record_failure(), 1);
+        b.eject_for(Duration::from_secs(60));
+        assert!(b.is_ejected());
+        assert_eq!(b.health(), Health::Unhealthy);
+        assert!(!b.is_available());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::config::Balance;
+use crate::backend::AdminState;
+use crate::config::{Balance, PanicMode};
 use crate::random;
 use crate::routing::Pool;
 
@@ -16,21 +17,49 @@ pub const MAX_EXCLUDED: usize = 16;
 /// Index of the backend for the next request, skipping unavailable backends and those in
 /// `exclude` (already tried for this request). `None` when no backend can take it.
 pub fn pick(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+    let picked = pick_among(pool, exclude, Eligible::Available);
+    if picked.is_some() || pool.settings.panic_mode == PanicMode::FailClosed {
+        return picked;
+    }
+    // Panic mode, fail open: every in-rotation backend failed its checks. Maybe the
+    // checks are wrong; try them all rather than refuse every request.
+    let picked = pick_among(pool, exclude, Eligible::InRotation)?;
+    pool.backends[picked].warn_rate_limited(
+        "panic mode",
+        &format_args!("no healthy backend in pool `{}`: sending to unhealthy backends (panic_mode = fail_open)", pool.name),
+    );
+    Some(picked)
+}
+
+#[derive(Clone, Copy)]
+enum Eligible {
+    /// In rotation and not known unhealthy.
+    Available,
+    /// In rotation, whatever the health.
+    InRotation,
+}
+
+fn pick_among(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize> {
     match pool.balance {
-        Balance::P2c => pick_p2c(pool, exclude),
-        Balance::RoundRobin => pick_round_robin(pool, exclude),
+        Balance::P2c => pick_p2c(pool, exclude, eligible),
+        Balance::RoundRobin => pick_round_robin(pool, exclude, eligible),
     }
 }
 
-fn usable(pool: &Pool, index: usize, exclude: &[usize]) -> bool {
-    pool.backends[index].is_available() && !exclude.contains(&index)
+fn usable(pool: &Pool, index: usize, exclude: &[usize], eligible: Eligible) -> bool {
+    let backend = &pool.backends[index];
+    let ok = match eligible {
+        Eligible::Available => backend.is_available(),
+        Eligible::InRotation => backend.admin_state() == AdminState::Active,
+    };
+    ok && !exclude.contains(&index)
 }
 
 /// Weighted power of two choices: two backends drawn in proportion to their weight, the
 /// one with fewer in-flight requests per unit of weight wins. When both are idle the
 /// first draw wins, so light traffic still follows the weights.
-fn pick_p2c(pool: &Pool, exclude: &[usize]) -> Option<usize> {
-    let first = weighted_draw(pool, exclude)?;
+fn pick_p2c(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize> {
+    let first = weighted_draw(pool, exclude, eligible)?;
     if pool.backends.len() == 1 {
         return Some(first);
     }
@@ -39,42 +68,52 @@ fn pick_p2c(pool: &Pool, exclude: &[usize]) -> Option<usize> {
     let excluded = exclude.len().min(MAX_EXCLUDED);
     without_first[..excluded].copy_from_slice(&exclude[..excluded]);
     without_first[excluded] = first;
-    let Some(second) = weighted_draw(pool, &without_first[..=excluded]) else {
+    let Some(second) = weighted_draw(pool, &without_first[..=excluded], eligible) else {
         return Some(first);
     };
     let (a, b) = (&pool.backends[first], &pool.backends[second]);
+    let ramp = pool.settings.slow_start;
     // Compare in_flight/weight without division.
-    let load_a = u128::from(a.in_flight()) * u128::from(b.weight);
-    let load_b = u128::from(b.in_flight()) * u128::from(a.weight);
+    let load_a = u128::from(a.in_flight()) * u128::from(b.effective_weight(ramp));
+    let load_b = u128::from(b.in_flight()) * u128::from(a.effective_weight(ramp));
     Some(if load_b < load_a { second } else { first })
 }
 
-fn weighted_draw(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+fn weighted_draw(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize> {
     let total = pool.total_weight();
     if total == 0 {
         return None;
     }
+    let ramp = pool.settings.slow_start;
     for _ in 0..QUICK_DRAWS {
         let point = random::below(total);
         let index = pool.cumulative_weight.partition_point(|&c| c <= point);
-        if usable(pool, index, exclude) {
-            return Some(index);
+        if !usable(pool, index, exclude, eligible) {
+            continue;
         }
+        // Slow start: keep a ramping backend with probability effective/configured.
+        let backend = &pool.backends[index];
+        if ramp.is_some()
+            && random::below(u64::from(backend.weight)) >= u64::from(backend.effective_weight(ramp))
+        {
+            continue;
+        }
+        return Some(index);
     }
     // Many backends are out: draw among the usable ones only.
     let usable_total: u64 = (0..pool.backends.len())
-        .filter(|&i| usable(pool, i, exclude))
-        .map(|i| u64::from(pool.backends[i].weight))
+        .filter(|&i| usable(pool, i, exclude, eligible))
+        .map(|i| u64::from(pool.backends[i].effective_weight(ramp)))
         .sum();
     if usable_total == 0 {
         return None;
     }
     let mut point = random::below(usable_total);
     for index in 0..pool.backends.len() {
-        if !usable(pool, index, exclude) {
+        if !usable(pool, index, exclude, eligible) {
             continue;
         }
-        let weight = u64::from(pool.backends[index].weight);
+        let weight = u64::from(pool.backends[index].effective_weight(ramp));
         if point < weight {
             return Some(index);
         }
@@ -83,7 +122,7 @@ fn weighted_draw(pool: &Pool, exclude: &[usize]) -> Option<usize> {
     None
 }
 
-fn pick_round_robin(pool: &Pool, exclude: &[usize]) -> Option<usize> {
+fn pick_round_robin(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize> {
     let cycle = &pool.rr_cycle;
     if cycle.is_empty() {
         return None;
@@ -91,7 +130,7 @@ fn pick_round_robin(pool: &Pool, exclude: &[usize]) -> Option<usize> {
     let start = pool.rr_next.fetch_add(1, Ordering::Relaxed);
     (0..cycle.len())
         .map(|step| cycle[(start + step) % cycle.len()] as usize)
-        .find(|&i| usable(pool, i, exclude))
+        .find(|&i| usable(pool, i, exclude, eligible))
 }
 
 #[cfg(test)]
@@ -110,7 +149,12 @@ mod tests {
                 Arc::new(Backend::new(addr, w, Duration::from_secs(1)))
             })
             .collect();
-        Pool::new("p", backends, balance)
+        let settings = crate::routing::PoolSettings {
+            balance,
+            panic_mode: PanicMode::FailClosed,
+            ..Default::default()
+        };
+        Pool::new("p", backends, Arc::new(settings))
     }
 
     fn shares(pool: &Pool, picks: usize) -> Vec<f64> {
@@ -169,6 +213,57 @@ mod tests {
             }
             assert_eq!(pick(&p, &[0, 1]), None);
         }
+    }
+
+    #[test]
+    fn fail_open_spreads_over_unhealthy_backends_but_not_drained_ones() {
+        let backends: Vec<_> = (0..3)
+            .map(|i| {
+                Arc::new(Backend::new(
+                    format!("127.0.0.1:{}", 2000 + i).parse().unwrap(),
+                    1,
+                    Duration::from_secs(1),
+                ))
+            })
+            .collect();
+        let open = Pool::new(
+            "p",
+            backends.clone(),
+            Arc::new(crate::routing::PoolSettings::default()),
+        );
+        for b in &backends {
+            b.set_health(Health::Unhealthy);
+        }
+        backends[2].set_admin_state(AdminState::Draining);
+        let picks: Vec<_> = (0..1000).map(|_| pick(&open, &[]).unwrap()).collect();
+        assert!(picks.contains(&0) && picks.contains(&1) && !picks.contains(&2));
+        let closed = pool(&[1, 1], Balance::P2c);
+        for b in &closed.backends {
+            b.set_health(Health::Unhealthy);
+        }
+        assert_eq!(pick(&closed, &[]), None);
+    }
+
+    #[test]
+    fn slow_start_holds_back_a_backend_that_just_became_healthy() {
+        let backends: Vec<_> = (0..2)
+            .map(|i| {
+                Arc::new(Backend::new(
+                    format!("127.0.0.1:{}", 3000 + i).parse().unwrap(),
+                    10,
+                    Duration::from_secs(1),
+                ))
+            })
+            .collect();
+        let settings = crate::routing::PoolSettings {
+            slow_start: Some(Duration::from_secs(600)),
+            ..Default::default()
+        };
+        let p = Pool::new("p", backends.clone(), Arc::new(settings));
+        backends[1].set_health(Health::Healthy);
+        let s = shares(&p, 20_000);
+        // Backend 1 ramps from a tenth of its weight: about 1/11 of the traffic.
+        assert!(s[1] < 0.15, "{s:?}");
     }
 
     #[test]

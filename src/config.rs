@@ -129,6 +129,31 @@ struct RawPool {
     #[serde(default)]
     balance: Balance,
     health: Option<RawHealth>,
+    #[serde(default)]
+    passive: RawPassive,
+    #[serde(default)]
+    panic_mode: PanicMode,
+    #[serde(default, with = "humantime_serde")]
+    slow_start: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPassive {
+    consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    ejection_time: Duration,
+    max_ejection_percent: u32,
+}
+
+impl Default for RawPassive {
+    fn default() -> Self {
+        RawPassive {
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +188,10 @@ struct RawHealth {
     timeout: Duration,
     healthy_threshold: u32,
     unhealthy_threshold: u32,
+    expected_status: Vec<u16>,
+    host: Option<String>,
+    #[serde(with = "humantime_serde")]
+    jitter: Option<Duration>,
 }
 
 impl Default for RawHealth {
@@ -173,6 +202,9 @@ impl Default for RawHealth {
             timeout: Duration::from_millis(500),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
+            expected_status: Vec::new(),
+            host: None,
+            jitter: None,
         }
     }
 }
@@ -309,7 +341,32 @@ pub struct PoolConfig {
     pub name: String,
     pub backends: Vec<BackendConfig>,
     pub balance: Balance,
-    pub health: Option<HealthConfig>,
+    pub health: HealthConfig,
+    pub passive: PassiveConfig,
+    pub panic_mode: PanicMode,
+    pub slow_start: Option<Duration>,
+}
+
+/// What a pool does when none of its active backends is healthy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PanicMode {
+    /// Spread requests over every active backend regardless of health (with a warning):
+    /// if the checks are wrong the app keeps serving, and if the backends are really
+    /// down the client gets the same 503 it would have had.
+    #[default]
+    FailOpen,
+    /// Answer 503 at once.
+    FailClosed,
+}
+
+/// Outlier detection on real traffic.
+#[derive(Debug, Clone)]
+pub struct PassiveConfig {
+    /// Consecutive connect failures or 5xx answers that eject a backend; 0 turns it off.
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,11 +377,36 @@ pub struct BackendConfig {
 
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
-    pub path: String,
+    /// `None`: a TCP connect check (a pool without a `[health]` table).
+    pub http: Option<HttpCheck>,
     pub interval: Duration,
     pub timeout: Duration,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
+    /// Each wait between checks varies by up to this much either way.
+    pub jitter: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpCheck {
+    pub path: String,
+    pub host: Option<String>,
+    /// Empty: any 2xx.
+    pub expected_status: Vec<u16>,
+}
+
+impl HealthConfig {
+    /// The check a pool without a `[health]` table gets: a TCP connect every 2 s.
+    pub fn tcp_default() -> HealthConfig {
+        HealthConfig {
+            http: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            jitter: Duration::from_millis(200),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -727,7 +809,7 @@ impl Validator<'_> {
             backends.push(BackendConfig { addr, weight });
         }
         let health = match pool.health {
-            None => None,
+            None => HealthConfig::tcp_default(),
             Some(h) => {
                 let table = format!("{table}.health");
                 if !h.path.starts_with('/') {
@@ -754,20 +836,66 @@ impl Validator<'_> {
                         return Err(self.error(&table, key, "must be at least 1"));
                     }
                 }
-                Some(HealthConfig {
-                    path: h.path,
+                if let Some(bad) = h.expected_status.iter().find(|c| !(100..=599).contains(*c)) {
+                    return Err(self.error(
+                        &table,
+                        "expected_status",
+                        format!("{bad} is not an HTTP status"),
+                    ));
+                }
+                let jitter = h.jitter.unwrap_or(h.interval / 10);
+                if jitter >= h.interval {
+                    return Err(self.error(&table, "jitter", "must be shorter than interval"));
+                }
+                if let Some(host) = &h.host {
+                    if http::HeaderValue::from_str(host).is_err() || host.is_empty() {
+                        return Err(self.error(
+                            &table,
+                            "host",
+                            format!("`{host}` is not a valid Host header"),
+                        ));
+                    }
+                }
+                HealthConfig {
+                    http: Some(HttpCheck {
+                        path: h.path,
+                        host: h.host,
+                        expected_status: h.expected_status,
+                    }),
                     interval: h.interval,
                     timeout: h.timeout,
                     healthy_threshold: h.healthy_threshold,
                     unhealthy_threshold: h.unhealthy_threshold,
-                })
+                    jitter,
+                }
             }
         };
+        if pool.passive.max_ejection_percent > 100 {
+            return Err(self.error(
+                &format!("{table}.passive"),
+                "max_ejection_percent",
+                "must be between 0 and 100",
+            ));
+        }
+        if pool.slow_start.is_some_and(|d| d.is_zero()) {
+            return Err(self.error(
+                &table,
+                "slow_start",
+                "must be greater than zero (or left out)",
+            ));
+        }
         Ok(PoolConfig {
             name,
             backends,
             balance: pool.balance,
             health,
+            passive: PassiveConfig {
+                consecutive_failures: pool.passive.consecutive_failures,
+                ejection_time: pool.passive.ejection_time,
+                max_ejection_percent: pool.passive.max_ejection_percent,
+            },
+            panic_mode: pool.panic_mode,
+            slow_start: pool.slow_start,
         })
     }
 }

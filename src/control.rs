@@ -2,6 +2,7 @@
 //! persist, swap, record. One writer at a time (an async mutex held across the whole
 //! change); the data plane never waits on it, it only sees the table swap.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,10 +12,13 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::backend::{Backend, Health};
+use crate::backend::{AdminState, Backend, Health};
 use crate::config::Config;
+use crate::health;
 use crate::routing::{self, Pool, RoutingTable};
-use crate::state::{self, BackendMode, CanarySpec, MatchSpec, ServiceTraffic, TrafficState};
+use crate::state::{
+    self, BackendMode, CanarySpec, MatchSpec, MemberSpec, ServiceTraffic, TrafficState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -28,10 +32,14 @@ pub enum ControlError {
     UnknownBackend { pool: String, addr: String },
     #[error("generation {given} is stale: the current generation is {current}")]
     StaleGeneration { given: u64, current: u64 },
-    #[error("pool `{0}` has no healthy backend (pass \"force\": true to switch anyway)")]
+    #[error("pool `{0}` has no healthy backend (pass \"force\": true to override)")]
     NoHealthyBackend(String),
     #[error("{0}")]
     Conflict(String),
+    #[error(
+        "{in_flight} requests still in flight on {backends}; they stay draining and in the pool"
+    )]
+    DrainTimeout { in_flight: u64, backends: String },
     #[error("{0}")]
     Persist(#[from] state::StateError),
 }
@@ -46,6 +54,7 @@ impl ControlError {
             ControlError::StaleGeneration { .. }
             | ControlError::NoHealthyBackend(_)
             | ControlError::Conflict(_) => 409,
+            ControlError::DrainTimeout { .. } => 408,
             ControlError::Persist(_) => 500,
         }
     }
@@ -59,6 +68,7 @@ impl ControlError {
             ControlError::StaleGeneration { .. } => "stale_generation",
             ControlError::NoHealthyBackend(_) => "no_healthy_backend",
             ControlError::Conflict(_) => "conflict",
+            ControlError::DrainTimeout { .. } => "timeout",
             ControlError::Persist(_) => "persist_failed",
         }
     }
@@ -141,6 +151,8 @@ pub struct Control {
     state: Mutex<TrafficState>,
     state_path: PathBuf,
     probe_timeout: Duration,
+    /// One health-check task per backend object, keyed by the object's address.
+    health_tasks: std::sync::Mutex<HashMap<usize, tokio::task::AbortHandle>>,
 }
 
 impl Control {
@@ -158,7 +170,73 @@ impl Control {
             table: Arc::new(ArcSwap::from_pointee(table)),
             state: Mutex::new(state),
             config,
+            health_tasks: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Writes the current state once, so a state path that cannot be written is found
+    /// at start rather than at the first deploy.
+    pub async fn persist_now(&self) -> Result<(), ControlError> {
+        let state = self.state.lock().await;
+        let path = self.state_path.clone();
+        let to_save = state.clone();
+        tokio::task::spawn_blocking(move || state::save(&path, &to_save))
+            .await
+            .map_err(|e| {
+                ControlError::Persist(state::StateError::Write {
+                    path: self.state_path.clone(),
+                    source: std::io::Error::other(e),
+                })
+            })??;
+        Ok(())
+    }
+
+    /// Starts a health-check task for every backend in the table that has none, and
+    /// stops those of backends no longer in it. Needs a tokio runtime.
+    pub fn sync_health_checks(&self) {
+        let table = self.table.load();
+        let Ok(mut tasks) = self.health_tasks.lock() else {
+            return;
+        };
+        let mut live = std::collections::HashSet::new();
+        for pool in &table.pools {
+            for backend in &pool.backends {
+                let key = Arc::as_ptr(backend) as usize;
+                live.insert(key);
+                tasks.entry(key).or_insert_with(|| {
+                    tokio::spawn(health::check_loop(
+                        Arc::clone(&pool.name),
+                        Arc::clone(backend),
+                        pool.settings.health.clone(),
+                    ))
+                    .abort_handle()
+                });
+            }
+        }
+        tasks.retain(|key, task| {
+            let keep = live.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+    }
+
+    pub fn stop_health_checks(&self) {
+        if let Ok(mut tasks) = self.health_tasks.lock() {
+            for (_, task) in tasks.drain() {
+                task.abort();
+            }
+        }
+    }
+
+    /// Has every backend been checked at least once?
+    pub fn first_round_done(&self) -> bool {
+        self.table
+            .load()
+            .pools
+            .iter()
+            .all(|p| p.backends.iter().all(|b| b.health() != Health::Unknown))
     }
 
     pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
@@ -399,6 +477,214 @@ impl Control {
         self.backend(pool, addr).map(|(_, b)| b)
     }
 
+    /// Replaces the backends of `pool`. New backends join at once (their health is
+    /// checked like any other); backends that leave are drained first: they take no new
+    /// requests, and are removed once nothing is in flight on them, or left draining
+    /// (408) if that takes longer than `drain_timeout`.
+    pub async fn set_members(
+        &self,
+        pool: &str,
+        members: Vec<MemberSpec>,
+        drain_timeout: Duration,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let configured = self
+            .config
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        if members.is_empty() {
+            return Err(ControlError::BadRequest(
+                "a pool needs at least one backend".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut normalized = Vec::with_capacity(members.len());
+        for member in members {
+            let addr: SocketAddr = member.addr.parse().map_err(|_| {
+                ControlError::BadRequest(format!(
+                    "`{}` is not an IP address with a port, such as \"127.0.0.1:8080\"",
+                    member.addr
+                ))
+            })?;
+            if !(1..=1000).contains(&member.weight) {
+                return Err(ControlError::BadRequest(format!(
+                    "weight of `{}` must be between 1 and 1000",
+                    member.addr
+                )));
+            }
+            if !seen.insert(addr) {
+                return Err(ControlError::BadRequest(format!(
+                    "`{}` is listed twice",
+                    member.addr
+                )));
+            }
+            normalized.push(MemberSpec {
+                addr: addr.to_string(),
+                weight: member.weight,
+            });
+        }
+
+        // Phase 1: the new list joins; leavers stay, draining.
+        let leaving: Vec<String> = {
+            let mut state = self.lock_current(if_match).await?;
+            let current = state.members_of(configured);
+            let leaving: Vec<String> = current
+                .iter()
+                .map(|b| b.addr.to_string())
+                .filter(|addr| !normalized.iter().any(|m| &m.addr == addr))
+                .collect();
+            let mut next = state.clone();
+            let mut list = normalized.clone();
+            for backend in &current {
+                let addr = backend.addr.to_string();
+                if leaving.contains(&addr) {
+                    list.push(MemberSpec {
+                        addr: addr.clone(),
+                        weight: backend.weight,
+                    });
+                    next.backends
+                        .entry(pool.to_string())
+                        .or_default()
+                        .insert(addr, BackendMode::Draining);
+                }
+            }
+            next.members.insert(pool.to_string(), list);
+            self.commit(&mut state, next, None).await?;
+            leaving
+        };
+        if leaving.is_empty() {
+            return self.pool_view(pool).await;
+        }
+
+        // Wait, without holding the writer lock, for the leavers to finish.
+        let leavers: Vec<Arc<Backend>> = leaving
+            .iter()
+            .filter_map(|addr| self.find_backend(pool, addr).ok())
+            .collect();
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        loop {
+            let busy: u64 = leavers.iter().map(|b| b.in_flight()).sum();
+            if busy == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ControlError::DrainTimeout {
+                    in_flight: busy,
+                    backends: leaving.join(", "),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Phase 2: remove them (unless someone re-enabled one meanwhile).
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        let current = next.members_of(configured);
+        let keep: Vec<MemberSpec> = current
+            .iter()
+            .filter(|b| {
+                let addr = b.addr.to_string();
+                !(leaving.contains(&addr)
+                    && next.backend_mode(pool, &addr) == Some(BackendMode::Draining))
+            })
+            .map(|b| MemberSpec {
+                addr: b.addr.to_string(),
+                weight: b.weight,
+            })
+            .collect();
+        if let Some(modes) = next.backends.get_mut(pool) {
+            modes.retain(|addr, _| keep.iter().any(|m| &m.addr == addr));
+            if modes.is_empty() {
+                next.backends.remove(pool);
+            }
+        }
+        next.members.insert(pool.to_string(), keep);
+        self.commit(&mut state, next, None).await?;
+        drop(state);
+        self.pool_view(pool).await
+    }
+
+    /// Adds one backend to `pool`.
+    pub async fn add_member(
+        &self,
+        pool: &str,
+        member: MemberSpec,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let mut list = self.members(pool).await?;
+        let addr: Option<SocketAddr> = member.addr.parse().ok();
+        if list
+            .iter()
+            .any(|m| m.addr.parse::<SocketAddr>().ok() == addr && addr.is_some())
+        {
+            return Err(ControlError::Conflict(format!(
+                "pool `{pool}` already has backend `{}`",
+                member.addr
+            )));
+        }
+        list.push(member);
+        self.set_members(pool, list, Duration::ZERO, if_match).await
+    }
+
+    /// Drains and removes one backend of `pool`.
+    pub async fn remove_member(
+        &self,
+        pool: &str,
+        addr: &str,
+        drain_timeout: Duration,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let backend = self.find_backend(pool, addr)?;
+        let list: Vec<MemberSpec> = self
+            .members(pool)
+            .await?
+            .into_iter()
+            .filter(|m| m.addr.parse::<SocketAddr>().ok() != Some(backend.addr))
+            .collect();
+        if list.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "`{addr}` is the last backend of pool `{pool}`; a pool needs at least one"
+            )));
+        }
+        self.set_members(pool, list, drain_timeout, if_match).await
+    }
+
+    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
+        let configured = self
+            .config
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        let state = self.state.lock().await;
+        Ok(state
+            .members_of(configured)
+            .into_iter()
+            .map(|b| MemberSpec {
+                addr: b.addr.to_string(),
+                weight: b.weight,
+            })
+            .collect())
+    }
+
+    pub async fn pool_view(&self, pool: &str) -> Result<PoolView, ControlError> {
+        let generation = self.state.lock().await.generation;
+        let table = self.table.load();
+        let pool_ref = table
+            .pool(pool)
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        Ok(PoolView {
+            name: pool_ref.name.to_string(),
+            backends: pool_ref
+                .backends
+                .iter()
+                .map(|b| backend_view(pool_ref, b, generation))
+                .collect(),
+        })
+    }
+
     /// Takes the writer lock and checks `If-Match`.
     async fn lock_current(
         &self,
@@ -424,6 +710,10 @@ impl Control {
         mut next: TrafficState,
         record: Option<(&str, &str)>,
     ) -> Result<(), ControlError> {
+        if next == *current {
+            // Nothing changes: no new generation, so a script's If-Match stays valid.
+            return Ok(());
+        }
         next.generation = current.generation + 1;
         if let Some((service, kind)) = record {
             if let Some(traffic) = next.services.get_mut(service) {
@@ -434,9 +724,15 @@ impl Control {
         let to_save = next.clone();
         tokio::task::spawn_blocking(move || state::save(&path, &to_save))
             .await
-            .map_err(|e| ControlError::Conflict(format!("state writer failed: {e}")))??;
+            .map_err(|e| {
+                ControlError::Persist(state::StateError::Write {
+                    path: self.state_path.clone(),
+                    source: std::io::Error::other(e),
+                })
+            })??;
         let table = RoutingTable::build(&self.config, &next, Some(&self.table.load()));
         self.table.store(Arc::new(table));
+        self.sync_health_checks();
         if let Some((service, kind)) = record {
             if let Some(traffic) = next.services.get(service) {
                 tracing::info!(
@@ -449,7 +745,12 @@ impl Control {
                 );
             }
         } else {
-            tracing::info!(generation = next.generation, backends = ?next.backends, "backend state change");
+            tracing::info!(
+                generation = next.generation,
+                modes = ?next.backends,
+                members = ?next.members,
+                "backend change"
+            );
         }
         *current = next;
         Ok(())
@@ -481,22 +782,24 @@ impl Control {
     /// Refuses a pool that cannot take traffic: every backend out of rotation, known
     /// unhealthy, or (health not yet known) refusing a TCP connect right now.
     async fn require_live(&self, pool: &Pool) -> Result<(), ControlError> {
-        if pool
+        // Health state can be up to an interval old, and a deploy may have just
+        // stopped these servers: run the pool's own check once, now, on every backend
+        // in rotation, and accept the pool if any passes.
+        let mut set = tokio::task::JoinSet::new();
+        for backend in pool
             .backends
             .iter()
-            .any(|b| b.is_available() && b.health() == Health::Healthy)
+            .filter(|b| b.admin_state() == AdminState::Active)
         {
-            return Ok(());
-        }
-        let probes = pool.backends.iter().filter(|b| b.is_available()).map(|b| {
-            tokio::time::timeout(self.probe_timeout, tokio::net::TcpStream::connect(b.addr))
-        });
-        let mut set = tokio::task::JoinSet::new();
-        for probe in probes {
-            set.spawn(probe);
+            let backend = Arc::clone(backend);
+            let mut check = pool.settings.health.clone();
+            check.timeout = check
+                .timeout
+                .min(self.probe_timeout.max(Duration::from_millis(100)));
+            set.spawn(async move { health::check_once(&backend, &check).await });
         }
         while let Some(result) = set.join_next().await {
-            if matches!(result, Ok(Ok(Ok(_)))) {
+            if matches!(result, Ok(Ok(()))) {
                 return Ok(());
             }
         }

@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod proxy;
 pub mod random;
 pub mod routing;

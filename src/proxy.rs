@@ -18,6 +18,7 @@ use crate::body::{Finish, ProxyBody, RequestBody, RequestBodyError};
 use crate::client::{self, ConnectError, Sender};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::health;
 use crate::routing::{self, Pool, RoutingTable};
 
 /// Most backends one request may try; `connect_attempts` is capped to this.
@@ -147,8 +148,12 @@ impl Proxy {
             };
             let in_flight = backend.track();
             match self.send_to(backend, req).await {
-                Ok((response, sender)) => return Ok((response, sender, in_flight)),
+                Ok((response, sender)) => {
+                    health::report(pool, backend, !response.status().is_server_error());
+                    return Ok((response, sender, in_flight));
+                }
                 Err(AttemptError::NotSent(req, error)) => {
+                    health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream connect failed", &error);
                     request = Some(*req);
                     failure = ProxyError::UpstreamConnect;
@@ -160,6 +165,7 @@ impl Proxy {
                             RequestBodyError::Client(_) => ProxyError::BadRequest,
                         });
                     }
+                    health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream request failed", &error);
                     failure = ProxyError::UpstreamError;
                     if replay.is_none() {
@@ -167,6 +173,7 @@ impl Proxy {
                     }
                 }
                 Err(AttemptError::TimedOut) => {
+                    health::report(pool, backend, false);
                     backend.warn_rate_limited(
                         "upstream timed out",
                         &format_args!(

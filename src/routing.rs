@@ -10,7 +10,9 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::backend::{AdminState, Backend};
-use crate::config::{Balance, Config, HostMatch};
+use crate::config::{
+    Balance, Config, HealthConfig, HostMatch, PanicMode, PassiveConfig, PoolConfig,
+};
 use crate::split::{self, Reason, Split, StickyKey};
 use crate::state::{CanarySpec, TrafficState};
 
@@ -95,6 +97,7 @@ pub struct Pool {
     pub name: Arc<str>,
     pub backends: Vec<Arc<Backend>>,
     pub balance: Balance,
+    pub settings: Arc<PoolSettings>,
     /// Running sum of weights, for weighted random draws.
     pub(crate) cumulative_weight: Vec<u64>,
     /// One weighted round-robin cycle of backend indices, interleaved smoothly.
@@ -102,8 +105,47 @@ pub struct Pool {
     pub(crate) rr_next: AtomicUsize,
 }
 
+/// A pool's behaviour from its config, shared by every table built from it.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub balance: Balance,
+    pub health: HealthConfig,
+    pub passive: PassiveConfig,
+    pub panic_mode: PanicMode,
+    pub slow_start: Option<Duration>,
+}
+
+impl PoolSettings {
+    pub fn from_config(pool: &PoolConfig) -> PoolSettings {
+        PoolSettings {
+            balance: pool.balance,
+            health: pool.health.clone(),
+            passive: pool.passive.clone(),
+            panic_mode: pool.panic_mode,
+            slow_start: pool.slow_start,
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            balance: Balance::P2c,
+            health: HealthConfig::tcp_default(),
+            passive: PassiveConfig {
+                consecutive_failures: 5,
+                ejection_time: Duration::from_secs(30),
+                max_ejection_percent: 50,
+            },
+            panic_mode: PanicMode::FailOpen,
+            slow_start: None,
+        }
+    }
+}
+
 impl Pool {
-    pub fn new(name: &str, backends: Vec<Arc<Backend>>, balance: Balance) -> Pool {
+    pub fn new(name: &str, backends: Vec<Arc<Backend>>, settings: Arc<PoolSettings>) -> Pool {
+        let balance = settings.balance;
         let mut total = 0u64;
         let cumulative_weight = backends
             .iter()
@@ -124,6 +166,7 @@ impl Pool {
             cumulative_weight,
             rr_cycle,
             rr_next: AtomicUsize::new(0),
+            settings,
         }
     }
 
@@ -179,8 +222,10 @@ impl RoutingTable {
         previous: Option<&RoutingTable>,
     ) -> RoutingTable {
         let mut existing: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
+        let mut previous_settings: HashMap<&str, Arc<PoolSettings>> = HashMap::new();
         if let Some(previous) = previous {
             for pool in &previous.pools {
+                previous_settings.insert(&pool.name, Arc::clone(&pool.settings));
                 for backend in &pool.backends {
                     existing.insert((&pool.name, backend.addr), backend);
                 }
@@ -191,8 +236,8 @@ impl RoutingTable {
             .pools
             .iter()
             .map(|pool| {
-                let backends = pool
-                    .backends
+                let members = state.members_of(pool);
+                let backends = members
                     .iter()
                     .map(|b| {
                         let backend = match existing.get(&(pool.name.as_str(), b.addr)) {
@@ -205,7 +250,11 @@ impl RoutingTable {
                         backend
                     })
                     .collect();
-                Arc::new(Pool::new(&pool.name, backends, pool.balance))
+                let settings = previous_settings
+                    .get(pool.name.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(PoolSettings::from_config(pool)));
+                Arc::new(Pool::new(&pool.name, backends, settings))
             })
             .collect();
         let services = config

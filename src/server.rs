@@ -33,6 +33,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("state.path: {0}")]
+    State(#[from] crate::control::ControlError),
 }
 
 /// What the admin API and the lifecycle share with the data plane.
@@ -46,6 +48,11 @@ pub struct Shared {
 impl Shared {
     pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
         self.control.table()
+    }
+
+    /// Ready to take traffic: not shutting down, and every backend checked once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.control.first_round_done()
     }
 }
 
@@ -96,6 +103,8 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
 
     let control = Arc::new(Control::start(config.clone()));
+    control.persist_now().await?;
+    control.sync_health_checks();
     let shared = Arc::new(Shared {
         control: Arc::clone(&control),
         ready: AtomicBool::new(true),
@@ -233,6 +242,7 @@ async fn lifecycle(
             config.proxy.shutdown_timeout
         ),
     }
+    shared.control.stop_health_checks();
     let _ = stop_admin_tx.send(true);
     let _ = admin_task.await;
 }

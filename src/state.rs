@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::AdminState;
-use crate::config::Config;
+use crate::config::{BackendConfig, Config, PoolConfig};
 
 /// History entries kept per service.
 pub const HISTORY_LIMIT: usize = 20;
@@ -28,6 +28,22 @@ pub struct TrafficState {
     /// pool -> backend address -> state, for backends that are not `active`.
     #[serde(default)]
     pub backends: BTreeMap<String, BTreeMap<String, BackendMode>>,
+    /// pool -> its backends, for pools whose membership was changed at runtime; the
+    /// config's list otherwise.
+    #[serde(default)]
+    pub members: BTreeMap<String, Vec<MemberSpec>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    pub addr: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +131,24 @@ impl TrafficState {
                 })
                 .collect(),
             backends: BTreeMap::new(),
+            members: BTreeMap::new(),
+        }
+    }
+
+    /// The backends of `pool`: the runtime membership if it was changed, else the
+    /// config's.
+    pub fn members_of(&self, pool: &PoolConfig) -> Vec<BackendConfig> {
+        match self.members.get(&pool.name) {
+            Some(members) => members
+                .iter()
+                .filter_map(|m| {
+                    Some(BackendConfig {
+                        addr: m.addr.parse().ok()?,
+                        weight: m.weight,
+                    })
+                })
+                .collect(),
+            None => pool.backends.clone(),
         }
     }
 
@@ -164,6 +198,28 @@ impl TrafficState {
             ));
         }
         self.services = services;
+
+        let mut members = BTreeMap::new();
+        for (pool, list) in std::mem::take(&mut self.members) {
+            if !pool_exists(&pool) {
+                warnings.push(format!(
+                    "pool `{pool}` is not in the config; its saved backend list is dropped"
+                ));
+                continue;
+            }
+            let valid = !list.is_empty()
+                && list.iter().all(|m| {
+                    m.addr.parse::<std::net::SocketAddr>().is_ok() && (1..=1000).contains(&m.weight)
+                });
+            if valid {
+                members.insert(pool, list);
+            } else {
+                warnings.push(format!(
+                    "pool `{pool}`: saved backend list is invalid; using the config's"
+                ));
+            }
+        }
+        self.members = members;
 
         let mut backends = BTreeMap::new();
         for (pool, entries) in std::mem::take(&mut self.backends) {

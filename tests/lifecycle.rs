@@ -20,10 +20,7 @@ async fn a_slow_request_completes_across_sigterm_and_the_process_exits_0() {
     );
     let mut proxy = ProxyProcess::start(&config);
     let client = client();
-    assert_eq!(
-        send(&client, get(proxy.admin_addr, "/readyz")).await.status,
-        StatusCode::OK
-    );
+    wait_ready(proxy.admin_addr).await;
 
     let slow = tokio::spawn({
         let client = client.clone();

@@ -114,13 +114,21 @@ async fn accept(
                 Err(_) => continue,
             },
         };
-        connections.fetch_add(1, Ordering::SeqCst);
         let name = name.clone();
         let hits = hits.clone();
+        let connections = connections.clone();
         let mut killed = killed.clone();
+        // Health checks (GET /health, bare TCP connects) are not counted: tests count
+        // the traffic the proxy forwarded.
+        let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                hits.fetch_add(1, Ordering::SeqCst);
+            let service = service_fn(move |req: Request<Incoming>| {
+                if req.uri().path() != "/health" {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    if !counted.swap(true, Ordering::SeqCst) {
+                        connections.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
                 let name = name.clone();
                 async move { Ok::<_, Infallible>(app(req, name).await) }
             });
@@ -525,6 +533,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
 #[derive(Debug, Clone)]
 pub struct Record {
     pub started: Instant,
+    pub finished: Instant,
     pub status: u16,
     /// `x-upstream` of the answer: which app server served it.
     pub upstream: String,
@@ -575,6 +584,7 @@ impl LoadRun {
                                     .map(|e| e.to_string());
                                 Record {
                                     started,
+                                    finished: Instant::now(),
                                     status,
                                     upstream,
                                     error,
@@ -582,6 +592,7 @@ impl LoadRun {
                             }
                             Err(e) => Record {
                                 started,
+                                finished: Instant::now(),
                                 status: 0,
                                 upstream: String::new(),
                                 error: Some(format!("{e:?}")),
@@ -715,6 +726,11 @@ impl BlueGreen {
         );
         let config = switchyard::config::Config::parse(&config, Path::new("test.toml")).unwrap();
         let proxy = switchyard::server::start(config).await.unwrap();
+        let control = std::sync::Arc::clone(&proxy.shared.control);
+        eventually(Duration::from_secs(20), "first health-check round", || {
+            control.first_round_done()
+        })
+        .await;
         BlueGreen { blue, green, proxy }
     }
 
@@ -724,5 +740,23 @@ impl BlueGreen {
 
     pub fn admin(&self) -> SocketAddr {
         self.proxy.admin_addr
+    }
+}
+
+/// Polls `/readyz` until it answers 200 (the first health-check round is done).
+pub async fn wait_ready(admin: SocketAddr) {
+    let client = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(response) = client.request(get(admin, "/readyz")).await {
+            if response.status() == StatusCode::OK {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz did not turn 200 within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
