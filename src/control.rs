@@ -243,6 +243,10 @@ impl Control {
         &self.table
     }
 
+    pub fn state_path(&self) -> &std::path::Path {
+        &self.state_path
+    }
+
     pub async fn generation(&self) -> u64 {
         self.state.lock().await.generation
     }

@@ -50,7 +50,25 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
     pub connections: Arc<AtomicU64>,
+    pub health: Arc<HealthEndpoint>,
     kill: watch::Sender<bool>,
+}
+
+/// The upstream's `GET /health`: the status it answers (0 = never answers) and how
+/// many checks it has served.
+pub struct HealthEndpoint {
+    pub status: std::sync::atomic::AtomicU16,
+    pub checks: AtomicU64,
+}
+
+impl HealthEndpoint {
+    pub fn set(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::SeqCst)
+    }
 }
 
 impl Upstream {
@@ -64,6 +82,10 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
+        let health = Arc::new(HealthEndpoint {
+            status: std::sync::atomic::AtomicU16::new(200),
+            checks: AtomicU64::new(0),
+        });
         let (kill, killed) = watch::channel(false);
         let name_bytes = Bytes::from(name.to_string());
         tokio::spawn(accept(
@@ -71,6 +93,7 @@ impl Upstream {
             name_bytes,
             hits.clone(),
             connections.clone(),
+            health.clone(),
             killed,
         ));
         Upstream {
@@ -78,6 +101,7 @@ impl Upstream {
             addr,
             hits,
             connections,
+            health,
             kill,
         }
     }
@@ -104,6 +128,7 @@ async fn accept(
     name: Bytes,
     hits: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
+    health: Arc<HealthEndpoint>,
     mut killed: watch::Receiver<bool>,
 ) {
     loop {
@@ -117,6 +142,7 @@ async fn accept(
         let name = name.clone();
         let hits = hits.clone();
         let connections = connections.clone();
+        let health = health.clone();
         let mut killed = killed.clone();
         // Health checks (GET /health, bare TCP connects) are not counted: tests count
         // the traffic the proxy forwarded.
@@ -130,7 +156,20 @@ async fn accept(
                     }
                 }
                 let name = name.clone();
-                async move { Ok::<_, Infallible>(app(req, name).await) }
+                let health = health.clone();
+                async move {
+                    if req.uri().path() == "/health" {
+                        health.checks.fetch_add(1, Ordering::SeqCst);
+                        let status = health.status.load(Ordering::SeqCst);
+                        if status == 0 {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        let mut response = Response::new(empty());
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        return Ok::<_, Infallible>(response);
+                    }
+                    Ok::<_, Infallible>(app(req, name).await)
+                }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
