@@ -358,7 +358,7 @@ async fn a_websocket_opened_before_a_drain_keeps_working_until_it_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_deploy_of_every_backend_under_load_fails_nothing() {
-    let mut upstreams = vec![
+    let mut upstreams = [
         Upstream::start("v1-a").await,
         Upstream::start("v1-b").await,
         Upstream::start("v1-c").await,
