@@ -44,6 +44,9 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "app")]
         name: String,
+        /// Serve on this many consecutive ports, starting at --listen's.
+        #[arg(long, default_value_t = 1)]
+        count: u16,
     },
 }
 
@@ -58,7 +61,11 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config, false),
         Command::Demo { config } => run(&config, true),
-        Command::StandIn { listen, name } => stand_in(listen, &name),
+        Command::StandIn {
+            listen,
+            name,
+            count,
+        } => stand_in(listen, &name, count),
         Command::Ctl(args) => return ctl(&args),
     };
     match result {
@@ -109,20 +116,27 @@ fn ctl(args: &switchyard::ctl::CtlArgs) -> ExitCode {
     }
 }
 
-fn stand_in(listen: std::net::SocketAddr, name: &str) -> anyhow::Result<()> {
+fn stand_in(listen: std::net::SocketAddr, name: &str, count: u16) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let greeting = bytes::Bytes::from(format!("hello from {name} ({listen})\n"));
-        tokio::select! {
-            () = switchyard::demo::serve(listener, greeting) => {}
-            _ = tokio::signal::ctrl_c() => {}
+        for offset in 0..count.max(1) {
+            let mut addr = listen;
+            addr.set_port(
+                listen
+                    .port()
+                    .checked_add(offset)
+                    .context("port out of range")?,
+            );
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let greeting = bytes::Bytes::from(format!("hello from {name} ({addr})\n"));
+            tokio::spawn(switchyard::demo::serve(listener, greeting));
         }
+        let _ = tokio::signal::ctrl_c().await;
         anyhow::Ok(())
     })
 }
