@@ -36,6 +36,7 @@ fn routing(c: &mut Criterion) {
         &config,
         &TrafficState::from_config(&config),
         None,
+        None,
     ));
 
     c.bench_function("arcswap_load", |b| {

@@ -60,15 +60,35 @@ pub fn app(shared: Arc<Shared>) -> Router {
             Arc::clone(&shared),
             require_token,
         ));
+    let mut metrics = Router::new().route("/metrics", get(metrics));
+    if shared.metrics_require_token {
+        metrics = metrics.route_layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            require_token,
+        ));
+    }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(metrics)
         .merge(api)
         .with_state(shared)
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let body = shared.control.metrics().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
@@ -573,6 +593,7 @@ mod tests {
             control: Arc::new(Control::start(config)),
             ready: AtomicBool::new(true),
             token: token.map(String::from),
+            metrics_require_token: false,
         })
     }
 

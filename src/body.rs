@@ -10,6 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::InFlight;
 use crate::client::Sender;
 
@@ -124,36 +128,93 @@ pub enum ProxyBody {
     Upstream {
         inner: Incoming,
         done: Option<Finish>,
+        /// A bodiless answer's finish, kept only to hold the in-flight count and the
+        /// access log until hyper is done with the response.
+        ended: Option<Finish>,
     },
     Full(Option<Bytes>),
 }
 
 /// What happens when an upstream response body has been passed on whole: the connection
 /// goes back to the backend's pool and the request stops counting as in flight. Dropped
-/// early (client gone, upstream error), the connection closes instead.
+/// early (client gone, upstream error), the connection closes instead. Either way the
+/// access log line, if any, is sent then, with the bytes passed on.
 pub struct Finish {
-    pub sender: Option<Sender>,
-    pub in_flight: InFlight,
+    sender: Option<Sender>,
+    in_flight: InFlight,
+    log: Option<PendingLog>,
+    bytes: u64,
+}
+
+/// An access log record waiting for its response body to end.
+pub struct PendingLog {
+    pub record: AccessRecord,
+    pub sink: Arc<AccessLog>,
+    pub started: Instant,
+}
+
+impl PendingLog {
+    pub fn send(mut self, bytes: u64) {
+        self.record.bytes = bytes;
+        self.record.duration = self.started.elapsed();
+        self.sink.log(self.record);
+    }
 }
 
 impl Finish {
-    fn complete(self) {
-        if let Some(sender) = self.sender {
+    pub fn new(sender: Sender, in_flight: InFlight) -> Finish {
+        Finish {
+            sender: Some(sender),
+            in_flight,
+            log: None,
+            bytes: 0,
+        }
+    }
+
+    fn complete(&mut self) {
+        if let Some(sender) = self.sender.take() {
             self.in_flight.backend().conns.checkin(sender);
         }
     }
 }
 
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.send(self.bytes);
+        }
+    }
+}
+
 impl ProxyBody {
-    pub fn upstream(inner: Incoming, finish: Finish) -> ProxyBody {
+    pub fn upstream(inner: Incoming, mut finish: Finish) -> ProxyBody {
         if inner.is_end_stream() {
             // HEAD, 204, 304: hyper may never poll an empty body, so finish now.
             finish.complete();
-            return ProxyBody::Upstream { inner, done: None };
+            return ProxyBody::Upstream {
+                inner,
+                done: None,
+                ended: Some(finish),
+            };
         }
         ProxyBody::Upstream {
             inner,
             done: Some(finish),
+            ended: None,
+        }
+    }
+
+    /// Hands the access log record to the upstream body, to be sent when it ends; gives
+    /// it back when this body is the proxy's own (log it now).
+    pub fn log_on_finish(&mut self, log: PendingLog) -> Result<(), PendingLog> {
+        match self {
+            ProxyBody::Upstream {
+                done: Some(finish), ..
+            } => {
+                finish.log = Some(log);
+                Ok(())
+            }
+            _ => Err(log),
         }
     }
 
@@ -176,17 +237,22 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream { inner, done } => {
+            ProxyBody::Upstream { inner, done, .. } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {
-                        if let Some(finish) = done.take() {
+                        if let Some(mut finish) = done.take() {
                             finish.complete();
                         }
                     }
-                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => {
-                        if let Some(finish) = done.take() {
-                            finish.complete();
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(finish), Some(data)) = (done.as_mut(), frame.data_ref()) {
+                            finish.bytes += data.len() as u64;
+                        }
+                        if inner.is_end_stream() {
+                            if let Some(mut finish) = done.take() {
+                                finish.complete();
+                            }
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {

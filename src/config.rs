@@ -48,6 +48,58 @@ struct RawConfig {
     pools: BTreeMap<String, RawPool>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    metrics: MetricsConfig,
+}
+
+/// `[log]`: the access log, opt-in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub access: AccessLogSink,
+    pub format: AccessLogFormat,
+    /// Lines held while the sink is slow; beyond this they are dropped and counted.
+    pub buffer: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessLogSink::Off,
+            format: AccessLogFormat::Json,
+            buffer: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogSink {
+    Off,
+    Stdout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per-request counters and histograms; off only to measure what they cost.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +149,7 @@ impl Default for RawProxy {
 struct RawAdmin {
     listen: String,
     token_file: Option<PathBuf>,
+    metrics_require_token: bool,
 }
 
 impl Default for RawAdmin {
@@ -104,6 +157,7 @@ impl Default for RawAdmin {
         RawAdmin {
             listen: "127.0.0.1:9901".into(),
             token_file: None,
+            metrics_require_token: false,
         }
     }
 }
@@ -297,6 +351,8 @@ pub struct Config {
     pub state: StateConfig,
     pub pools: Vec<PoolConfig>,
     pub services: Vec<ServiceConfig>,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +376,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The bearer token every `/api/` call must carry, read from `token_file`.
     pub token: Option<String>,
+    /// `/metrics` needs the token too.
+    pub metrics_require_token: bool,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -684,9 +742,13 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if raw.admin.metrics_require_token && token.is_none() {
+            return Err(self.error("admin", "metrics_require_token", "needs admin.token_file"));
+        }
         let admin = AdminConfig {
             listen: admin_listen,
             token,
+            metrics_require_token: raw.admin.metrics_require_token,
         };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
             return Err(self.error("admin", "listen", "must differ from proxy.listen"));
@@ -771,6 +833,8 @@ impl Validator<'_> {
             },
             pools,
             services,
+            log: raw.log,
+            metrics: raw.metrics,
         })
     }
 

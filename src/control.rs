@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio::sync::Mutex;
 use crate::backend::{AdminState, Backend, Health};
 use crate::config::Config;
 use crate::health;
+use crate::metrics::{LiveState, Metrics};
 use crate::routing::{self, Pool, RoutingTable};
 use crate::state::{
     self, BackendMode, CanarySpec, MatchSpec, MemberSpec, ServiceTraffic, TrafficState,
@@ -153,6 +155,11 @@ pub struct Control {
     probe_timeout: Duration,
     /// One health-check task per backend object, keyed by the object's address.
     health_tasks: std::sync::Mutex<HashMap<usize, tokio::task::AbortHandle>>,
+    metrics: Arc<Metrics>,
+    /// Attach per-request metric children to routing tables (`[metrics] enabled`).
+    request_metrics: bool,
+    /// The committed generation, readable without the writer lock (for scrapes).
+    generation: Arc<AtomicU64>,
 }
 
 impl Control {
@@ -163,15 +170,39 @@ impl Control {
         for warning in warnings {
             tracing::warn!("{warning}");
         }
-        let table = RoutingTable::build(&config, &state, None);
+        let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
+            &config, &state, None, None,
+        )));
+        let generation = Arc::new(AtomicU64::new(state.generation));
+        let metrics = {
+            let table = Arc::clone(&table);
+            let generation = Arc::clone(&generation);
+            Metrics::new(Arc::new(move || LiveState {
+                table: table.load_full(),
+                generation: generation.load(Ordering::Relaxed),
+            }))
+        };
+        let request_metrics = config.metrics.enabled;
+        if request_metrics {
+            let with_metrics =
+                RoutingTable::build(&config, &state, Some(&table.load()), Some(&metrics));
+            table.store(Arc::new(with_metrics));
+        }
         Control {
             state_path: config.state.path.clone(),
             probe_timeout: config.proxy.connect_timeout.min(Duration::from_secs(1)),
-            table: Arc::new(ArcSwap::from_pointee(table)),
+            table,
             state: Mutex::new(state),
             config,
             health_tasks: std::sync::Mutex::new(HashMap::new()),
+            metrics,
+            request_metrics,
+            generation,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Writes the current state once, so a state path that cannot be written is found
@@ -204,10 +235,14 @@ impl Control {
                 let key = Arc::as_ptr(backend) as usize;
                 live.insert(key);
                 tasks.entry(key).or_insert_with(|| {
+                    let counters = self
+                        .metrics
+                        .health_check_counters(&pool.name, &backend.name);
                     tokio::spawn(health::check_loop(
                         Arc::clone(&pool.name),
                         Arc::clone(backend),
                         pool.settings.health.clone(),
+                        counters,
                     ))
                     .abort_handle()
                 });
@@ -734,7 +769,8 @@ impl Control {
                     source: std::io::Error::other(e),
                 })
             })??;
-        let table = RoutingTable::build(&self.config, &next, Some(&self.table.load()));
+        let metrics = self.request_metrics.then_some(&*self.metrics);
+        let table = RoutingTable::build(&self.config, &next, Some(&self.table.load()), metrics);
         self.table.store(Arc::new(table));
         self.sync_health_checks();
         if let Some((service, kind)) = record {
@@ -756,6 +792,10 @@ impl Control {
                 "backend change"
             );
         }
+        if let Some((service, kind)) = record {
+            self.metrics.traffic_change(service, kind);
+        }
+        self.generation.store(next.generation, Ordering::Relaxed);
         *current = next;
         Ok(())
     }

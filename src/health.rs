@@ -10,6 +10,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use prometheus::IntCounter;
+
 use crate::backend::{Backend, Health};
 use crate::config::HealthConfig;
 use crate::random;
@@ -80,11 +82,21 @@ impl HealthCounter {
 /// Checks `backend` until the task is aborted: one check right away (after a random
 /// part of the jitter, so many backends do not fire at once), then every `interval`
 /// give or take `jitter`.
-pub async fn check_loop(pool: Arc<str>, backend: Arc<Backend>, config: HealthConfig) {
+pub async fn check_loop(
+    pool: Arc<str>,
+    backend: Arc<Backend>,
+    config: HealthConfig,
+    (successes, failures): (IntCounter, IntCounter),
+) {
     let mut counter = HealthCounter::new(config.healthy_threshold, config.unhealthy_threshold);
     tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
     loop {
         let outcome = check_once(&backend, &config).await;
+        if outcome.is_ok() {
+            successes.inc()
+        } else {
+            failures.inc()
+        }
         if backend.health() == Health::Unhealthy && counter.state() == Health::Healthy {
             counter.force_unhealthy();
         }

@@ -2,6 +2,7 @@
 //!
 //! The per-request path starts in [`proxy`]; listeners and lifecycle live in [`server`].
 
+pub mod accesslog;
 pub mod admin;
 pub mod backend;
 pub mod balancer;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod random;
 pub mod routing;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST};
@@ -12,14 +12,19 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use prometheus::Histogram;
+
+use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::{Backend, InFlight};
 use crate::balancer;
-use crate::body::{Finish, ProxyBody, RequestBody, RequestBodyError};
+use crate::body::{Finish, PendingLog, ProxyBody, RequestBody, RequestBodyError};
 use crate::client::{self, ConnectError, Sender};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{self, Pool, RoutingTable};
+use crate::split::Reason;
 
 /// Most backends one request may try; `connect_attempts` is capped to this.
 const MAX_ATTEMPTS: usize = balancer::MAX_EXCLUDED;
@@ -36,6 +41,10 @@ pub struct ProxySettings {
 pub struct Proxy {
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub settings: ProxySettings,
+    /// `None` when `[metrics] enabled = false`.
+    pub metrics: Option<Arc<Metrics>>,
+    /// `None` when the access log is off.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// How one attempt on one backend ended, when it did not produce a response.
@@ -65,6 +74,16 @@ impl Replay {
     }
 }
 
+/// What the request path learned about one request, for metrics and the access log.
+struct Trace {
+    service: Option<Arc<str>>,
+    pool: Option<Arc<Pool>>,
+    route: Option<Arc<RouteMetrics>>,
+    backend: Option<usize>,
+    retries: u32,
+    reason: Reason,
+}
+
 impl Proxy {
     pub async fn handle(
         &self,
@@ -72,10 +91,71 @@ impl Proxy {
         client: SocketAddr,
         tls: bool,
     ) -> Response<ProxyBody> {
-        match self.forward(req, client, tls).await {
-            Ok(response) => response,
-            Err(error) => error.response(),
+        let started = Instant::now();
+        let head = self
+            .access_log
+            .as_ref()
+            .map(|_| (req.method().clone(), req.uri().path().to_string()));
+        let mut trace = Trace {
+            service: None,
+            pool: None,
+            route: None,
+            backend: None,
+            retries: 0,
+            reason: Reason::Active,
+        };
+        let (mut response, error) = match self.forward(req, client, tls, &mut trace).await {
+            Ok(response) => (response, None),
+            Err(error) => (error.response(), Some(error.code())),
+        };
+        let status = response.status().as_u16();
+        match (&trace.route, &self.metrics) {
+            (Some(route), _) => {
+                route.duration.observe(started.elapsed().as_secs_f64());
+                route.codes(trace.backend).inc(status);
+                if trace.retries > 0 {
+                    route.retries.inc_by(u64::from(trace.retries));
+                }
+            }
+            (None, Some(metrics)) if trace.service.is_none() => metrics.unrouted().inc(status),
+            _ => {}
         }
+        if let (Some(sink), Some((method, path))) = (&self.access_log, head) {
+            let record = AccessRecord {
+                time: std::time::SystemTime::now() - started.elapsed(),
+                client,
+                method,
+                path,
+                status,
+                bytes: 0,
+                duration: started.elapsed(),
+                service: trace.service.clone(),
+                pool: trace.pool.as_ref().map(|p| Arc::clone(&p.name)),
+                backend: trace
+                    .pool
+                    .as_ref()
+                    .zip(trace.backend)
+                    .and_then(|(p, i)| p.backends.get(i))
+                    .map(|b| Arc::clone(&b.name)),
+                retries: trace.retries,
+                decision: trace.reason.as_str(),
+                error,
+            };
+            let pending = PendingLog {
+                record,
+                sink: Arc::clone(sink),
+                started,
+            };
+            // Upstream bodies log when they end (with their size); the rest now.
+            if let Err(pending) = response.body_mut().log_on_finish(pending) {
+                pending.send(
+                    http_body::Body::size_hint(response.body())
+                        .exact()
+                        .unwrap_or(0),
+                );
+            }
+        }
+        response
     }
 
     async fn forward(
@@ -83,6 +163,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         client: SocketAddr,
         tls: bool,
+        trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest);
@@ -100,8 +181,13 @@ impl Proxy {
             let service = table
                 .route(routing::request_host(&req), req.uri().path())
                 .ok_or(ProxyError::NoRoute)?;
-            Arc::clone(service.choose(req.headers()).0)
+            let choice = service.choose(req.headers());
+            trace.service = Some(Arc::clone(&service.name));
+            trace.route = choice.metrics.cloned();
+            trace.reason = choice.reason;
+            Arc::clone(choice.pool)
         };
+        trace.pool = Some(Arc::clone(&pool));
 
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
@@ -120,7 +206,9 @@ impl Proxy {
         });
         let request = Request::from_parts(parts, body);
 
-        let (response, sender, in_flight) = self.send_with_retries(&pool, request, replay).await?;
+        let (response, sender, in_flight) = self
+            .send_with_retries(&pool, request, replay, trace)
+            .await?;
         Ok(self.respond(response, sender, in_flight, client_upgrade))
     }
 
@@ -129,16 +217,19 @@ impl Proxy {
         pool: &Pool,
         request: Request<RequestBody>,
         replay: Option<Replay>,
+        trace: &mut Trace,
     ) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
         let attempts = (self.settings.connect_attempts as usize).min(MAX_ATTEMPTS);
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut request = Some(request);
         let mut failure = ProxyError::NoHealthyBackend;
+        let connect_metric = trace.route.as_ref().map(|r| r.connect.clone());
         for attempt in 0..attempts {
             let Some(index) = balancer::pick(pool, &tried[..attempt]) else {
                 break;
             };
             tried[attempt] = index;
+            trace.retries = attempt as u32;
             let backend = &pool.backends[index];
             let Some(req) = request
                 .take()
@@ -147,9 +238,10 @@ impl Proxy {
                 break;
             };
             let in_flight = backend.track();
-            match self.send_to(backend, req).await {
+            match self.send_to(backend, req, connect_metric.as_ref()).await {
                 Ok((response, sender)) => {
                     health::report(pool, backend, !response.status().is_server_error());
+                    trace.backend = Some(index);
                     return Ok((response, sender, in_flight));
                 }
                 Err(AttemptError::NotSent(req, error)) => {
@@ -194,14 +286,23 @@ impl Proxy {
         &self,
         backend: &Backend,
         mut req: Request<RequestBody>,
+        connect_metric: Option<&Histogram>,
     ) -> Result<(Response<Incoming>, Sender), AttemptError> {
         loop {
             let (mut sender, pooled) = match backend.conns.checkout().await {
                 Some(sender) => (sender, true),
-                None => match client::connect(backend.addr, self.settings.connect_timeout).await {
-                    Ok(sender) => (sender, false),
-                    Err(error) => return Err(AttemptError::NotSent(Box::new(req), error)),
-                },
+                None => {
+                    let started = Instant::now();
+                    match client::connect(backend.addr, self.settings.connect_timeout).await {
+                        Ok(sender) => {
+                            if let Some(metric) = connect_metric {
+                                metric.observe(started.elapsed().as_secs_f64());
+                            }
+                            (sender, false)
+                        }
+                        Err(error) => return Err(AttemptError::NotSent(Box::new(req), error)),
+                    }
+                }
             };
             let timeout = self.settings.upstream_header_timeout;
             let body_sent = req.body_mut().notify_end();
@@ -253,10 +354,7 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        let finish = Finish {
-            sender: Some(sender),
-            in_flight,
-        };
+        let finish = Finish::new(sender, in_flight);
         Response::from_parts(parts, ProxyBody::upstream(body, finish))
     }
 }

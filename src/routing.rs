@@ -13,6 +13,7 @@ use crate::backend::{AdminState, Backend};
 use crate::config::{
     Balance, Config, HealthConfig, HostMatch, PanicMode, PassiveConfig, PoolConfig,
 };
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::split::{self, Reason, Split, StickyKey};
 use crate::state::{CanarySpec, TrafficState};
 
@@ -27,21 +28,40 @@ pub struct Service {
     pub path_prefix: String,
     pub active: Arc<Pool>,
     pub canary: Option<Canary>,
+    /// Metric children for (service, active pool); `None` with metrics off.
+    pub metrics: Option<Arc<RouteMetrics>>,
 }
 
 pub struct Canary {
     pub pool: Arc<Pool>,
     pub split: Split,
+    pub metrics: Option<Arc<RouteMetrics>>,
+}
+
+/// Where one request goes: the pool, why, and the metric children to record on.
+pub struct Choice<'a> {
+    pub pool: &'a Arc<Pool>,
+    pub reason: Reason,
+    pub metrics: Option<&'a Arc<RouteMetrics>>,
 }
 
 impl Service {
     /// The pool for this request: the canary's when its split says so, else the active.
-    pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Pool>, Reason) {
+    pub fn choose(&self, headers: &HeaderMap) -> Choice<'_> {
+        let active = |reason| Choice {
+            pool: &self.active,
+            reason,
+            metrics: self.metrics.as_ref(),
+        };
         match &self.canary {
-            None => (&self.active, Reason::Active),
+            None => active(Reason::Active),
             Some(canary) => match canary.split.to_canary(headers) {
-                (true, reason) => (&canary.pool, reason),
-                (false, reason) => (&self.active, reason),
+                (true, reason) => Choice {
+                    pool: &canary.pool,
+                    reason,
+                    metrics: canary.metrics.as_ref(),
+                },
+                (false, reason) => active(reason),
             },
         }
     }
@@ -220,6 +240,7 @@ impl RoutingTable {
         config: &Config,
         state: &TrafficState,
         previous: Option<&RoutingTable>,
+        metrics: Option<&Metrics>,
     ) -> RoutingTable {
         let mut existing: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
         let mut previous_settings: HashMap<&str, Arc<PoolSettings>> = HashMap::new();
@@ -270,6 +291,7 @@ impl RoutingTable {
                     Some(Canary {
                         pool: Arc::clone(pool),
                         split,
+                        metrics: metrics.map(|m| m.route(&s.name, pool)),
                     })
                 });
                 Some(Service {
@@ -278,6 +300,7 @@ impl RoutingTable {
                     path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
                     canary,
+                    metrics: metrics.map(|m| m.route(&s.name, active)),
                 })
             })
             .collect();
@@ -355,7 +378,7 @@ mod tests {
 
     fn table(src: &str) -> RoutingTable {
         let config = Config::parse(src, Path::new("t.toml")).unwrap();
-        RoutingTable::build(&config, &TrafficState::from_config(&config), None)
+        RoutingTable::build(&config, &TrafficState::from_config(&config), None, None)
     }
 
     const TWO_SERVICES: &str = r#"
@@ -406,8 +429,8 @@ active = "shop"
     fn rebuilding_keeps_backend_objects() {
         let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
         let state = TrafficState::from_config(&config);
-        let first = RoutingTable::build(&config, &state, None);
-        let second = RoutingTable::build(&config, &state, Some(&first));
+        let first = RoutingTable::build(&config, &state, None, None);
+        let second = RoutingTable::build(&config, &state, Some(&first), None);
         assert!(Arc::ptr_eq(
             &first.pools[0].backends[0],
             &second.pools[0].backends[0]

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::accesslog::AccessLog;
 use crate::admin;
 use crate::config::Config;
 use crate::control::Control;
@@ -43,6 +44,7 @@ pub struct Shared {
     /// False once shutdown has begun: `/readyz` answers 503.
     pub ready: AtomicBool,
     pub token: Option<String>,
+    pub metrics_require_token: bool,
 }
 
 impl Shared {
@@ -109,6 +111,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         control: Arc::clone(&control),
         ready: AtomicBool::new(true),
         token: config.admin.token.clone(),
+        metrics_require_token: config.admin.metrics_require_token,
     });
     let proxy = Arc::new(Proxy {
         table: Arc::clone(control.table()),
@@ -118,6 +121,11 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             connect_attempts: config.proxy.connect_attempts,
             max_request_body: config.proxy.max_request_body,
         },
+        metrics: config
+            .metrics
+            .enabled
+            .then(|| Arc::clone(control.metrics())),
+        access_log: AccessLog::start(&config.log, control.metrics().access_log_dropped.clone()),
     });
 
     tracing::info!(
@@ -206,12 +214,14 @@ async fn lifecycle(
     let graceful = GracefulShutdown::new();
     let accept_task = {
         let settings = config.proxy.clone();
+        let open = shared.control.metrics().connections("http");
         tokio::spawn(accept_loop(
             proxy_listener,
             proxy,
             settings,
             graceful,
             stop_accepting,
+            open,
         ))
     };
 
@@ -255,6 +265,7 @@ async fn accept_loop(
     settings: crate::config::ProxyConfig,
     graceful: GracefulShutdown,
     mut stop: watch::Receiver<bool>,
+    connections_open: prometheus::IntGauge,
 ) -> GracefulShutdown {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -273,6 +284,7 @@ async fn accept_loop(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let open = connections_open;
 
     loop {
         let accepted = tokio::select! {
@@ -294,6 +306,8 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        open.inc();
+        let open = open.clone();
         let proxy = Arc::clone(&proxy);
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
@@ -307,6 +321,7 @@ async fn accept_loop(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, "client connection ended: {e}");
             }
+            open.dec();
             drop(permit);
         });
     }

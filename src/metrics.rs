@@ -1,0 +1,365 @@
+//! Prometheus metrics in a registry the server owns (not the global one, so tests stay
+//! apart). The request path only touches pre-resolved children: label lookups happen
+//! when a routing table is built, or once per status code per backend.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::backend::{AdminState, Health};
+use crate::routing::{Pool, RoutingTable};
+
+/// Request durations from 0.5 ms to 10 s.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0,
+];
+
+const CONNECT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    connect: HistogramVec,
+    retries: IntCounterVec,
+    health_checks: IntCounterVec,
+    traffic_changes: IntCounterVec,
+    connections_open: IntGaugeVec,
+    pub access_log_dropped: IntCounter,
+    /// Requests that matched no service.
+    unrouted: Arc<CodeCounters>,
+}
+
+fn must<T>(result: prometheus::Result<T>) -> T {
+    // Names, labels and buckets are constants of this file: an error is a bug here,
+    // found by the tests, never something a client or the config can cause.
+    result.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new(state: Arc<dyn Fn() -> LiveState + Send + Sync>) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let requests = must(IntCounterVec::new(
+            Opts::new("switchyard_requests_total", "Requests answered, by service, pool, backend and status code; backend is empty when no backend was reached."),
+            &["service", "pool", "backend", "code"],
+        ));
+        let duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from the request's arrival to its response headers, by service and pool.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service", "pool"],
+        ));
+        let connect = must(HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_upstream_connect_duration_seconds",
+                "Time to open a new upstream connection (TCP and HTTP handshake), by pool.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
+            &["pool"],
+        ));
+        let retries = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_retries_total",
+                "Requests sent again to another backend after a failure.",
+            ),
+            &["service", "pool"],
+        ));
+        let health_checks = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_health_checks_total",
+                "Active health checks, by result (success or failure).",
+            ),
+            &["pool", "backend", "result"],
+        ));
+        let traffic_changes = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_traffic_changes_total",
+                "Traffic changes made through the admin API, by service and kind (switch, canary, canary_abort, promote, rollback).",
+            ),
+            &["service", "kind"],
+        ));
+        let connections_open = must(IntGaugeVec::new(
+            Opts::new(
+                "switchyard_connections_open",
+                "Client connections open, by listener.",
+            ),
+            &["listener"],
+        ));
+        let access_log_dropped = must(IntCounter::new(
+            "switchyard_access_log_dropped_total",
+            "Access log lines dropped because the log sink could not keep up.",
+        ));
+        let build_info = must(IntGaugeVec::new(
+            Opts::new(
+                "switchyard_build_info",
+                "Always 1; the version is in the label.",
+            ),
+            &["version"],
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn Collector>,
+            Box::new(duration.clone()),
+            Box::new(connect.clone()),
+            Box::new(retries.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(traffic_changes.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(access_log_dropped.clone()),
+            Box::new(build_info),
+            Box::new(LiveCollector::new(state)),
+        ] {
+            must(registry.register(collector));
+        }
+        let unrouted = Arc::new(CodeCounters::new(requests.clone(), ["", "", ""]));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            duration,
+            connect,
+            retries,
+            health_checks,
+            traffic_changes,
+            connections_open,
+            access_log_dropped,
+            unrouted,
+        })
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The children one (service, pool) pair uses on the request path.
+    pub fn route(&self, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
+        Arc::new(RouteMetrics {
+            duration: self.duration.with_label_values(&[service, &pool.name]),
+            retries: self.retries.with_label_values(&[service, &pool.name]),
+            connect: self.connect.with_label_values(&[&pool.name]),
+            backends: pool
+                .backends
+                .iter()
+                .map(|b| CodeCounters::new(self.requests.clone(), [service, &pool.name, &b.name]))
+                .collect(),
+            no_backend: CodeCounters::new(self.requests.clone(), [service, &pool.name, ""]),
+        })
+    }
+
+    pub fn unrouted(&self) -> &CodeCounters {
+        &self.unrouted
+    }
+
+    pub fn health_check_counters(&self, pool: &str, backend: &str) -> (IntCounter, IntCounter) {
+        (
+            self.health_checks
+                .with_label_values(&[pool, backend, "success"]),
+            self.health_checks
+                .with_label_values(&[pool, backend, "failure"]),
+        )
+    }
+
+    pub fn traffic_change(&self, service: &str, kind: &str) {
+        self.traffic_changes
+            .with_label_values(&[service, kind])
+            .inc();
+    }
+
+    pub fn connections(&self, listener: &str) -> IntGauge {
+        self.connections_open.with_label_values(&[listener])
+    }
+}
+
+/// Per (service, pool): what a request records once its backend is known.
+pub struct RouteMetrics {
+    pub duration: Histogram,
+    pub retries: IntCounter,
+    pub connect: Histogram,
+    /// Aligned with the pool's backends.
+    pub backends: Vec<CodeCounters>,
+    /// Answers that never reached a backend (503, 502, 504).
+    pub no_backend: CodeCounters,
+}
+
+impl RouteMetrics {
+    pub fn codes(&self, backend: Option<usize>) -> &CodeCounters {
+        backend
+            .and_then(|i| self.backends.get(i))
+            .unwrap_or(&self.no_backend)
+    }
+}
+
+/// `switchyard_requests_total` children for one label set, one slot per status code,
+/// each resolved the first time that code is seen; afterwards an increment is one
+/// atomic load and one atomic add.
+pub struct CodeCounters {
+    family: IntCounterVec,
+    labels: [String; 3],
+    slots: Box<[OnceLock<IntCounter>]>,
+}
+
+impl CodeCounters {
+    fn new(family: IntCounterVec, labels: [&str; 3]) -> CodeCounters {
+        CodeCounters {
+            family,
+            labels: labels.map(String::from),
+            slots: (0..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn inc(&self, code: u16) {
+        let index = usize::from(code).min(self.slots.len() - 1);
+        self.slots[index]
+            .get_or_init(|| {
+                let code = index.to_string();
+                self.family.with_label_values(&[
+                    &self.labels[0],
+                    &self.labels[1],
+                    &self.labels[2],
+                    &code,
+                ])
+            })
+            .inc();
+    }
+}
+
+/// What the scrape reads from the live routing state.
+pub struct LiveState {
+    pub table: Arc<RoutingTable>,
+    pub generation: u64,
+}
+
+/// Gauges computed at scrape time from the routing table and backend atomics, so the
+/// request path never updates them.
+struct LiveCollector {
+    state: Arc<dyn Fn() -> LiveState + Send + Sync>,
+    in_flight: IntGaugeVec,
+    healthy: IntGaugeVec,
+    backend_state: IntGaugeVec,
+    canary_weight: GaugeVec,
+    active_pool: IntGaugeVec,
+    generation: IntGauge,
+    /// Scrapes reset and refill the gauges: one at a time.
+    scrape: Mutex<()>,
+}
+
+impl LiveCollector {
+    fn new(state: Arc<dyn Fn() -> LiveState + Send + Sync>) -> LiveCollector {
+        LiveCollector {
+            state,
+            in_flight: must(IntGaugeVec::new(
+                Opts::new("switchyard_backend_in_flight", "Requests (and open upgraded connections) in flight on a backend."),
+                &["pool", "backend"],
+            )),
+            healthy: must(IntGaugeVec::new(
+                Opts::new("switchyard_backend_healthy", "1 when the backend is healthy, 0 when unhealthy or not checked yet."),
+                &["pool", "backend"],
+            )),
+            backend_state: must(IntGaugeVec::new(
+                Opts::new("switchyard_backend_state", "1 for the backend's admin state (active, draining, disabled), 0 for the others."),
+                &["pool", "backend", "state"],
+            )),
+            canary_weight: must(GaugeVec::new(
+                Opts::new("switchyard_canary_weight", "Percent of a service's traffic sent to its canary pool (0 when none)."),
+                &["service", "pool"],
+            )),
+            active_pool: must(IntGaugeVec::new(
+                Opts::new("switchyard_active_pool", "1 for a service's active pool, 0 for its other pools."),
+                &["service", "pool"],
+            )),
+            generation: must(IntGauge::new(
+                "switchyard_config_generation",
+                "Generation of the traffic state; every admin change adds one.",
+            )),
+            scrape: Mutex::new(()),
+        }
+    }
+}
+
+impl Collector for LiveCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = Vec::new();
+        descs.extend(self.in_flight.desc());
+        descs.extend(self.healthy.desc());
+        descs.extend(self.backend_state.desc());
+        descs.extend(self.canary_weight.desc());
+        descs.extend(self.active_pool.desc());
+        descs.extend(self.generation.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = self
+            .scrape
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let live = (self.state)();
+        self.in_flight.reset();
+        self.healthy.reset();
+        self.backend_state.reset();
+        self.canary_weight.reset();
+        self.active_pool.reset();
+        for pool in &live.table.pools {
+            for backend in &pool.backends {
+                let labels = [pool.name.as_ref(), backend.name.as_ref()];
+                self.in_flight
+                    .with_label_values(&labels)
+                    .set(backend.in_flight() as i64);
+                self.healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(backend.health() == Health::Healthy));
+                let current = backend.admin_state();
+                for state in [
+                    AdminState::Active,
+                    AdminState::Draining,
+                    AdminState::Disabled,
+                ] {
+                    self.backend_state
+                        .with_label_values(&[
+                            pool.name.as_ref(),
+                            backend.name.as_ref(),
+                            state.as_str(),
+                        ])
+                        .set(i64::from(state == current));
+                }
+            }
+        }
+        for service in &live.table.services {
+            for pool in &live.table.pools {
+                let labels = [service.name.as_ref(), pool.name.as_ref()];
+                self.active_pool
+                    .with_label_values(&labels)
+                    .set(i64::from(Arc::ptr_eq(pool, &service.active)));
+                let weight = match &service.canary {
+                    Some(canary) if Arc::ptr_eq(&canary.pool, pool) => {
+                        f64::from(canary.split.weight) / 100.0
+                    }
+                    _ => 0.0,
+                };
+                self.canary_weight.with_label_values(&labels).set(weight);
+            }
+        }
+        self.generation.set(live.generation as i64);
+        let mut families = Vec::new();
+        families.extend(self.in_flight.collect());
+        families.extend(self.healthy.collect());
+        families.extend(self.backend_state.collect());
+        families.extend(self.canary_weight.collect());
+        families.extend(self.active_pool.collect());
+        families.extend(self.generation.collect());
+        families
+    }
+}
