@@ -127,10 +127,9 @@ impl Body for RequestBody {
 pub enum ProxyBody {
     Upstream {
         inner: Incoming,
-        done: Option<Finish>,
-        /// A bodiless answer's finish, kept only to hold the in-flight count and the
-        /// access log until hyper is done with the response.
-        ended: Option<Finish>,
+        /// Until the body ends; a bodiless answer keeps it (already completed) until
+        /// hyper drops the body, so the in-flight count and the log last as long.
+        finish: Option<Finish>,
     },
     Full(Option<Bytes>),
 }
@@ -142,7 +141,7 @@ pub enum ProxyBody {
 pub struct Finish {
     sender: Option<Sender>,
     in_flight: InFlight,
-    log: Option<PendingLog>,
+    log: Option<Box<PendingLog>>,
     bytes: u64,
 }
 
@@ -191,25 +190,20 @@ impl ProxyBody {
         if inner.is_end_stream() {
             // HEAD, 204, 304: hyper may never poll an empty body, so finish now.
             finish.complete();
-            return ProxyBody::Upstream {
-                inner,
-                done: None,
-                ended: Some(finish),
-            };
         }
         ProxyBody::Upstream {
             inner,
-            done: Some(finish),
-            ended: None,
+            finish: Some(finish),
         }
     }
 
     /// Hands the access log record to the upstream body, to be sent when it ends; gives
     /// it back when this body is the proxy's own (log it now).
-    pub fn log_on_finish(&mut self, log: PendingLog) -> Result<(), PendingLog> {
+    pub fn log_on_finish(&mut self, log: Box<PendingLog>) -> Result<(), Box<PendingLog>> {
         match self {
             ProxyBody::Upstream {
-                done: Some(finish), ..
+                finish: Some(finish),
+                ..
             } => {
                 finish.log = Some(log);
                 Ok(())
@@ -237,7 +231,10 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream { inner, done, .. } => {
+            ProxyBody::Upstream {
+                inner,
+                finish: done,
+            } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {

@@ -141,11 +141,11 @@ impl Proxy {
                 decision: trace.reason.as_str(),
                 error,
             };
-            let pending = PendingLog {
+            let pending = Box::new(PendingLog {
                 record,
                 sink: Arc::clone(sink),
                 started,
-            };
+            });
             // Upstream bodies log when they end (with their size); the rest now.
             if let Err(pending) = response.body_mut().log_on_finish(pending) {
                 pending.send(
