@@ -6,6 +6,8 @@
 #   benches/load.sh                      # 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=20s CONNECTIONS=100 benches/load.sh
 #   INSTALL=1 benches/load.sh            # apt-get install wrk and nginx first
+#   OBSERVABILITY=1 benches/load.sh      # also switchyard with metrics off, and with
+#                                        # the JSON access log on (to /dev/null)
 #
 # Prints requests/s, p50 and p99 per target and switchyard's ratio to nginx. Bounded:
 # every wrk run stops after DURATION; every server it starts is stopped on exit.
@@ -66,6 +68,24 @@ wait_port "$SY"
 
 TARGETS=(direct switchyard)
 declare -A URL=([direct]="http://127.0.0.1:$UP1/" [switchyard]="http://127.0.0.1:$SY/")
+
+if [[ "${OBSERVABILITY:-0}" == 1 ]]; then
+    # Same proxy config on other ports: metrics off; and metrics on plus access log.
+    for variant in nometrics accesslog; do
+        port=$((BASE_PORT + 30 + ${#TARGETS[@]} * 2))
+        sed -e "s/127.0.0.1:$SY\"/127.0.0.1:$port\"/" -e "s/127.0.0.1:$SY_ADMIN\"/127.0.0.1:$((port + 1))\"/" \
+            -e "s#$WORK/switchyard.state.json#$WORK/$variant.state.json#" "$WORK/switchyard.toml" >"$WORK/$variant.toml"
+        if [[ $variant == nometrics ]]; then
+            printf '[metrics]\nenabled = false\n' >>"$WORK/$variant.toml"
+        else
+            printf '[log]\naccess = "stdout"\nformat = "json"\n' >>"$WORK/$variant.toml"
+        fi
+        RUST_LOG=warn "$BIN" run --config "$WORK/$variant.toml" >/dev/null & PIDS+=($!)
+        wait_port "$port"
+        TARGETS+=("sy-$variant")
+        URL["sy-$variant"]="http://127.0.0.1:$port/"
+    done
+fi
 
 if command -v nginx >/dev/null; then
     mkdir -p "$WORK/nginx"
@@ -142,6 +162,10 @@ for target in "${TARGETS[@]}"; do
     MP99[$target]=$(median "${P99[$target]}")
     printf '%-12s %12.0f %10s %10s\n' "$target" "${MR[$target]}" "$(median "${P50[$target]}")" "${MP99[$target]}"
 done
+if [[ -n "${MR[sy-nometrics]:-}" ]]; then
+    awk -v on="${MR[switchyard]}" -v off="${MR[sy-nometrics]}" -v log="${MR[sy-accesslog]}" \
+        'BEGIN { printf "metrics on vs off: %.1f%% req/s; access log on: %.1f%% req/s vs metrics-only\n", (on / off - 1) * 100, (log / on - 1) * 100 }'
+fi
 if [[ -n "${MR[nginx]:-}" ]]; then
     awk -v s="${MR[switchyard]}" -v n="${MR[nginx]}" -v sp="${MP99[switchyard]}" -v np="${MP99[nginx]}" \
         'BEGIN { printf "switchyard / nginx: req/s %.2fx, p99 %.2fx\n", s / n, sp / np }'

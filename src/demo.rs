@@ -4,6 +4,8 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -37,28 +39,36 @@ pub async fn start_app_servers(config: &Config) -> Result<Vec<SocketAddr>, DemoE
                     source,
                 })?;
             let greeting = Bytes::from(format!("hello from {} ({})\n", pool.name, backend.addr));
-            tokio::spawn(serve(listener, greeting));
+            tokio::spawn(serve(listener, greeting, None));
             started.push(backend.addr);
         }
     }
     Ok(started)
 }
 
-/// Serves the stand-in app on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, greeting: Bytes) {
+/// Serves the stand-in app on `listener` until the task is dropped. `/health` answers
+/// 200, or 503 while `health_file` exists (a maintenance switch for demos and tests).
+pub async fn serve(listener: TcpListener, greeting: Bytes, health_file: Option<Arc<PathBuf>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let greeting = greeting.clone();
+        let health_file = health_file.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let body = if req.uri().path() == "/health" {
-                    Bytes::from_static(b"ok\n")
+                let response = if req.uri().path() == "/health" {
+                    if health_file.as_deref().is_some_and(|f| f.exists()) {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"failing\n")));
+                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        r
+                    } else {
+                        Response::new(Full::new(Bytes::from_static(b"ok\n")))
+                    }
                 } else {
-                    greeting.clone()
+                    Response::new(Full::new(greeting.clone()))
                 };
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                async move { Ok::<_, Infallible>(response) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

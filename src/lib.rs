@@ -18,6 +18,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod random;
+pub mod rehearsal;
 pub mod routing;
 pub mod server;
 pub mod split;

@@ -34,6 +34,15 @@ enum Command {
         #[arg(long, short, default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
+    /// Rehearse a whole deploy under load on this machine (stand-in servers, a real
+    /// proxy process, 16 clients) and print what the clients saw, phase by phase.
+    #[command(hide = true)]
+    DeployDemo {
+        #[arg(long, default_value_t = 2)]
+        backends: usize,
+        #[arg(long, default_value_t = 2000)]
+        requests_per_phase: u64,
+    },
     /// The admin API from a shell: status, switch, canary, promote, rollback, drain...
     Ctl(switchyard::ctl::CtlArgs),
     /// One stand-in app server (for benchmarks and example scripts): answers
@@ -47,6 +56,9 @@ enum Command {
         /// Serve on this many consecutive ports, starting at --listen's.
         #[arg(long, default_value_t = 1)]
         count: u16,
+        /// /health answers 503 while this file exists.
+        #[arg(long)]
+        health_file: Option<PathBuf>,
     },
 }
 
@@ -65,8 +77,13 @@ fn main() -> ExitCode {
             listen,
             name,
             count,
-        } => stand_in(listen, &name, count),
+            health_file,
+        } => stand_in(listen, &name, count, health_file),
         Command::Ctl(args) => return ctl(&args),
+        Command::DeployDemo {
+            backends,
+            requests_per_phase,
+        } => deploy_demo(backends, requests_per_phase),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,7 +133,13 @@ fn ctl(args: &switchyard::ctl::CtlArgs) -> ExitCode {
     }
 }
 
-fn stand_in(listen: std::net::SocketAddr, name: &str, count: u16) -> anyhow::Result<()> {
+fn stand_in(
+    listen: std::net::SocketAddr,
+    name: &str,
+    count: u16,
+    health_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let health_file = health_file.map(std::sync::Arc::new);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -134,11 +157,41 @@ fn stand_in(listen: std::net::SocketAddr, name: &str, count: u16) -> anyhow::Res
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let greeting = bytes::Bytes::from(format!("hello from {name} ({addr})\n"));
-            tokio::spawn(switchyard::demo::serve(listener, greeting));
+            tokio::spawn(switchyard::demo::serve(
+                listener,
+                greeting,
+                health_file.clone(),
+            ));
         }
         let _ = tokio::signal::ctrl_c().await;
         anyhow::Ok(())
     })
+}
+
+fn deploy_demo(backends: usize, requests_per_phase: u64) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    let options = switchyard::rehearsal::Options {
+        binary: std::env::current_exe().context("cannot find this binary")?,
+        backends: backends.max(2),
+        requests_per_phase,
+    };
+    println!("rehearsing a deploy: blue and green pools of {} stand-in servers, {} keep-alive clients...", options.backends, switchyard::rehearsal::CLIENTS);
+    let report = runtime.block_on(switchyard::rehearsal::run(options))?;
+    println!("\n{}", report.table());
+    for failure in &report.failures {
+        println!("failure: {failure}");
+    }
+    let off: Vec<&str> = report
+        .phases
+        .iter()
+        .filter(|p| !p.split_ok())
+        .map(|p| p.name.as_str())
+        .collect();
+    if report.failed > 0 || !off.is_empty() {
+        anyhow::bail!("{} failed requests; split off in: {off:?}", report.failed);
+    }
+    println!("zero failed requests across the whole deploy");
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {

@@ -1,0 +1,668 @@
+//! A full deploy rehearsal under load: a real switchyard process in front of stand-in
+//! app server processes for a blue and a green pool, 16 keep-alive clients sending
+//! requests the whole time, and the choreography a deploy pipeline runs (canary steps,
+//! promote, rollback, blue-green switches, a rolling restart, a SIGKILLed backend, a
+//! backend whose health check starts failing). Every response is recorded and each
+//! phase's traffic split checked. Used by `tests/deploy_under_load.rs` and by the
+//! hidden `switchyard deploy-demo` command.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+/// Keep-alive client connections kept busy for the whole rehearsal.
+pub const CLIENTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+#[error("deploy rehearsal: {0}")]
+pub struct RehearsalError(String);
+
+fn fail(message: impl Into<String>) -> RehearsalError {
+    RehearsalError(message.into())
+}
+
+pub struct Options {
+    /// The switchyard binary to run (proxy and stand-ins).
+    pub binary: PathBuf,
+    /// Backends per pool.
+    pub backends: usize,
+    /// Requests to see in each phase before moving on.
+    pub requests_per_phase: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PhaseReport {
+    pub name: String,
+    pub requests: u64,
+    pub failed: u64,
+    pub blue: f64,
+    pub green: f64,
+    /// Expected share of green, in percent.
+    pub expected_green: f64,
+    pub tolerance: f64,
+}
+
+impl PhaseReport {
+    pub fn split_ok(&self) -> bool {
+        self.requests > 0 && (self.green * 100.0 - self.expected_green).abs() <= self.tolerance
+    }
+}
+
+pub struct Report {
+    pub phases: Vec<PhaseReport>,
+    pub requests: u64,
+    pub failed: u64,
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "| phase | requests | failed | blue | green | expected green |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for p in &self.phases {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.1}% | {:.1}% | {}{} |",
+                p.name,
+                p.requests,
+                p.failed,
+                p.blue * 100.0,
+                p.green * 100.0,
+                p.expected_green,
+                if p.split_ok() { "%" } else { "% (OFF)" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| **all** | **{}** | **{}** | | | |",
+            self.requests, self.failed
+        );
+        out
+    }
+}
+
+struct Sample {
+    started: Instant,
+    finished: Instant,
+    /// `Some("blue")` / `Some("green")`; `None` for a failure.
+    pool: Option<&'static str>,
+    error: Option<String>,
+}
+
+struct StandIn {
+    addr: SocketAddr,
+    name: String,
+    health_file: PathBuf,
+    child: Child,
+}
+
+struct Rig {
+    binary: PathBuf,
+    /// Removed when the rig is dropped.
+    dir: PathBuf,
+    blue: Vec<StandIn>,
+    green: Vec<StandIn>,
+    proxy: Child,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        for s in self.blue.iter_mut().chain(self.green.iter_mut()) {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<SocketAddr, RehearsalError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| fail(format!("no free port: {e}")))?;
+    listener.local_addr().map_err(|e| fail(e.to_string()))
+}
+
+fn spawn_stand_in(
+    binary: &Path,
+    addr: SocketAddr,
+    name: &str,
+    health_file: &Path,
+) -> Result<Child, RehearsalError> {
+    Command::new(binary)
+        .args([
+            "stand-in",
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--health-file",
+        ])
+        .arg(health_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start stand-in {name}: {e}")))
+}
+
+/// Waits until something accepts connections on `addr`.
+async fn wait_listening(addr: SocketAddr) -> Result<(), RehearsalError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(fail(format!("nothing listens on {addr}")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+impl Rig {
+    async fn start(options: &Options) -> Result<Rig, RehearsalError> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-rehearsal-{}-{stamp}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+        let mut pools: [Vec<StandIn>; 2] = [Vec::new(), Vec::new()];
+        for (p, pool) in ["blue", "green"].iter().enumerate() {
+            for i in 1..=options.backends {
+                let addr = free_port()?;
+                let name = format!("{pool}-{i}");
+                let health_file = dir.join(format!("{name}.fail"));
+                let child = spawn_stand_in(&options.binary, addr, &name, &health_file)?;
+                pools[p].push(StandIn {
+                    addr,
+                    name,
+                    health_file,
+                    child,
+                });
+            }
+        }
+        for s in pools.iter().flatten() {
+            wait_listening(s.addr).await?;
+        }
+        let list = |pool: &[StandIn]| {
+            pool.iter()
+                .map(|s| format!("\"{}\"", s.addr))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let config = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [state]\npath = \"{state}\"\n\
+             [pools.blue]\nbackends = [{blue}]\npassive = {{ ejection_time = \"2s\" }}\n\
+             [pools.blue.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n\
+             [pools.green]\nbackends = [{green}]\n\
+             [pools.green.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n\
+             [services.app]\nactive = \"blue\"\n",
+            state = dir.join("state.json").display(),
+            blue = list(&pools[0]),
+            green = list(&pools[1]),
+        );
+        let config_path = dir.join("switchyard.toml");
+        std::fs::write(&config_path, config).map_err(|e| fail(e.to_string()))?;
+        let mut proxy = Command::new(&options.binary)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn,switchyard=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot start switchyard: {e}")))?;
+        let stderr = proxy.stderr.take().ok_or_else(|| fail("no stderr"))?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+            let found = lines.by_ref().find(|l| l.contains("switchyard listening"));
+            // Keep draining so the proxy never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            found
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("switchyard did not start"))?;
+        let field = |name: &str| -> Result<SocketAddr, RehearsalError> {
+            let start = line
+                .find(&format!("{name}="))
+                .ok_or_else(|| fail("no address in the start line"))?
+                + name.len()
+                + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| fail("bad address in the start line"))
+        };
+        let [blue, green] = pools;
+        let rig = Rig {
+            binary: options.binary.clone(),
+            proxy_addr: field("proxy_addr")?,
+            admin_addr: field("admin_addr")?,
+            dir,
+            blue,
+            green,
+            proxy,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        rig.wait_ready().await?;
+        Ok(rig)
+    }
+
+    async fn wait_ready(&self) -> Result<(), RehearsalError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = self.call("GET", "/readyz", None).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(fail("switchyard never became ready"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), RehearsalError> {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.admin_addr))
+            .body(Full::new(
+                body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+            ))
+            .map_err(|e| fail(e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| fail(format!("admin call: {e}")))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// An admin call that must succeed.
+    async fn change(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, RehearsalError> {
+        let (status, answer) = self.call(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            return Err(fail(format!("{method} {path}: {status} {answer}")));
+        }
+        Ok(answer)
+    }
+
+    async fn backend_field(&self, addr: SocketAddr, field: &str) -> Result<String, RehearsalError> {
+        let (_, state) = self.call("GET", "/api/v1/state", None).await?;
+        let addr = addr.to_string();
+        state["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["backends"].as_array().into_iter().flatten())
+            .find(|b| b["addr"] == addr.as_str())
+            .and_then(|b| b[field].as_str().map(String::from))
+            .ok_or_else(|| fail(format!("backend {addr} not in the state")))
+    }
+
+    async fn wait_health(&self, addr: SocketAddr, want: &str) -> Result<(), RehearsalError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.backend_field(addr, "health").await? != want {
+            if Instant::now() > deadline {
+                return Err(fail(format!("{addr} never became {want}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Drain, wait for nothing in flight, stop, start again, wait healthy, enable.
+    async fn restart(&mut self, index: usize) -> Result<(), RehearsalError> {
+        let addr = self.blue[index].addr;
+        let base = format!("/api/v1/pools/blue/backends/{addr}");
+        self.change("POST", &format!("{base}/drain"), None).await?;
+        self.change("GET", &format!("{base}/wait-drained?timeout=30s"), None)
+            .await?;
+        let stand_in = &mut self.blue[index];
+        let _ = stand_in.child.kill();
+        let _ = stand_in.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The old process's port is free again once it is gone.
+            if TcpListener::bind(addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!("{addr} still taken after the stop")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stand_in.child = spawn_stand_in(&self.binary, addr, &stand_in.name, &stand_in.health_file)?;
+        wait_listening(addr).await?;
+        self.wait_health(addr, "healthy").await?;
+        self.change("POST", &format!("{base}/enable"), None).await?;
+        Ok(())
+    }
+}
+
+/// The load: `CLIENTS` workers, each with its own keep-alive connection.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(proxy: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let workers = (0..CLIENTS)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                let sent = Arc::clone(&sent);
+                tokio::spawn(async move {
+                    let client: Client<HttpConnector, Full<Bytes>> =
+                        Client::builder(TokioExecutor::new())
+                            .pool_max_idle_per_host(1)
+                            .build_http();
+                    let mut samples = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        let result = async {
+                            let request = hyper::Request::get(format!("http://{proxy}/"))
+                                .body(Full::new(Bytes::new()))
+                                .map_err(|e| e.to_string())?;
+                            let response = client
+                                .request(request)
+                                .await
+                                .map_err(|e| format!("{e:?}"))?;
+                            let status = response.status();
+                            let body = response
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .to_bytes();
+                            if status != 200 {
+                                return Err(format!(
+                                    "status {status}: {}",
+                                    String::from_utf8_lossy(&body).trim()
+                                ));
+                            }
+                            if body.starts_with(b"hello from blue") {
+                                Ok("blue")
+                            } else if body.starts_with(b"hello from green") {
+                                Ok("green")
+                            } else {
+                                Err(format!(
+                                    "unexpected body {:?}",
+                                    String::from_utf8_lossy(&body)
+                                ))
+                            }
+                        }
+                        .await;
+                        let finished = Instant::now();
+                        samples.push(match result {
+                            Ok(pool) => Sample {
+                                started,
+                                finished,
+                                pool: Some(pool),
+                                error: None,
+                            },
+                            Err(e) => Sample {
+                                started,
+                                finished,
+                                pool: None,
+                                error: Some(e),
+                            },
+                        });
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            workers,
+        }
+    }
+
+    async fn wait_for(&self, more: u64) {
+        let target = self.sent.load(Ordering::Relaxed) + more;
+        while self.sent.load(Ordering::Relaxed) < target {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for worker in self.workers {
+            if let Ok(samples) = worker.await {
+                all.extend(samples);
+            }
+        }
+        all
+    }
+}
+
+/// One step of the choreography: when its call was sent and returned, and the green
+/// share expected while it holds.
+struct Mark {
+    name: String,
+    sent: Instant,
+    returned: Instant,
+    expected_green: f64,
+    /// The split holds while the step runs too (restarts, kills): count from `sent`.
+    during: bool,
+}
+
+pub async fn run(options: Options) -> Result<Report, RehearsalError> {
+    let mut rig = Rig::start(&options).await?;
+    let load = Load::start(rig.proxy_addr);
+    let per_phase = options.requests_per_phase;
+    let mut marks: Vec<Mark> = Vec::new();
+    let started = Instant::now();
+    marks.push(Mark {
+        name: "baseline: blue active".into(),
+        sent: started,
+        returned: started,
+        expected_green: 0.0,
+        during: true,
+    });
+    load.wait_for(per_phase).await;
+
+    macro_rules! step {
+        ($name:expr, $green:expr, $during:expr, $action:expr) => {{
+            let sent = Instant::now();
+            $action;
+            marks.push(Mark {
+                name: $name.to_string(),
+                sent,
+                returned: Instant::now(),
+                expected_green: $green,
+                during: $during,
+            });
+            load.wait_for(per_phase).await;
+        }};
+    }
+
+    for weight in [5.0, 25.0, 50.0] {
+        step!(format!("canary {weight}% to green"), weight, false, {
+            rig.change(
+                "PUT",
+                "/api/v1/services/app/canary",
+                Some(json!({"pool": "green", "weight": weight})),
+            )
+            .await?
+        });
+    }
+    step!(
+        "promote green",
+        100.0,
+        false,
+        rig.change("POST", "/api/v1/services/app/promote", None)
+            .await?
+    );
+    step!(
+        "rollback to blue",
+        0.0,
+        false,
+        rig.change("POST", "/api/v1/services/app/rollback", None)
+            .await?
+    );
+    step!("switch to green", 100.0, false, {
+        rig.change(
+            "POST",
+            "/api/v1/services/app/switch",
+            Some(json!({"to": "green"})),
+        )
+        .await?
+    });
+    step!("switch back to blue", 0.0, false, {
+        rig.change(
+            "POST",
+            "/api/v1/services/app/switch",
+            Some(json!({"to": "blue"})),
+        )
+        .await?
+    });
+    step!("rolling restart of blue", 0.0, true, {
+        for i in 0..rig.blue.len() {
+            rig.restart(i).await?;
+            load.wait_for(per_phase / 4).await;
+        }
+    });
+    step!("SIGKILL of blue-1", 0.0, true, {
+        let victim = &mut rig.blue[0];
+        let _ = victim.child.kill();
+        let _ = victim.child.wait();
+        let addr = victim.addr;
+        rig.wait_health(addr, "unhealthy").await?;
+    });
+    // Bring blue-1 back, outside any phase's window, for the last phase.
+    let sent = Instant::now();
+    {
+        let stand_in = &mut rig.blue[0];
+        stand_in.child = spawn_stand_in(
+            &rig.binary,
+            stand_in.addr,
+            &stand_in.name,
+            &stand_in.health_file,
+        )?;
+        let addr = stand_in.addr;
+        wait_listening(addr).await?;
+        rig.wait_health(addr, "healthy").await?;
+    }
+    marks.push(Mark {
+        name: "(blue-1 restarted)".into(),
+        sent,
+        returned: Instant::now(),
+        expected_green: 0.0,
+        during: false,
+    });
+    load.wait_for(per_phase / 2).await;
+    step!("blue-2 health check failing", 0.0, true, {
+        let target = rig.blue.get(1).unwrap_or(&rig.blue[0]);
+        std::fs::write(&target.health_file, b"fail").map_err(|e| fail(e.to_string()))?;
+        rig.wait_health(target.addr, "unhealthy").await?;
+    });
+    let ended = Instant::now();
+    let samples = load.finish().await;
+    let _ = std::fs::remove_dir_all(rig.dir.join("unused"));
+    drop(rig);
+
+    let mut phases = Vec::new();
+    for (i, mark) in marks.iter().enumerate() {
+        if mark.name.starts_with('(') {
+            continue;
+        }
+        let window_end = marks.get(i + 1).map_or(ended, |next| next.sent);
+        // Requests routed after the call returned and answered before the next began;
+        // failures count in the phase they started in, wherever they fall.
+        let settled: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| {
+                let from = if mark.during {
+                    mark.sent
+                } else {
+                    mark.returned
+                };
+                s.started >= from && s.finished <= window_end && s.error.is_none()
+            })
+            .collect();
+        let failed = samples
+            .iter()
+            .filter(|s| s.error.is_some() && s.started >= mark.sent && s.started < window_end)
+            .count() as u64;
+        let green = settled.iter().filter(|s| s.pool == Some("green")).count() as f64;
+        let blue = settled.iter().filter(|s| s.pool == Some("blue")).count() as f64;
+        let n = settled.len().max(1) as f64;
+        let p = mark.expected_green / 100.0;
+        // Exact phases must be exact; split phases within 4 standard deviations + 1 point.
+        let tolerance = if p == 0.0 || p == 1.0 {
+            0.0
+        } else {
+            4.0 * (p * (1.0 - p) / n).sqrt() * 100.0 + 1.0
+        };
+        phases.push(PhaseReport {
+            name: mark.name.clone(),
+            requests: settled.len() as u64 + failed,
+            failed,
+            blue: blue / n,
+            green: green / n,
+            expected_green: mark.expected_green,
+            tolerance,
+        });
+    }
+    let failures: Vec<String> = samples
+        .iter()
+        .filter_map(|s| s.error.clone())
+        .take(10)
+        .collect();
+    Ok(Report {
+        requests: samples.len() as u64,
+        failed: samples.iter().filter(|s| s.error.is_some()).count() as u64,
+        phases,
+        failures,
+    })
+}
