@@ -49,7 +49,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `addr` as text, made once so logs and the admin API never format it again.
     pub name: Arc<str>,
-    pub weight: u32,
+    /// Relative share within the pool (1-1000); changed in place when the membership
+    /// API changes it, so in-flight counts survive.
+    weight: AtomicU32,
     in_flight: AtomicU64,
     health: AtomicU8,
     admin: AtomicU8,
@@ -71,7 +73,7 @@ impl Backend {
         Backend {
             addr,
             name: addr.to_string().into(),
-            weight,
+            weight: AtomicU32::new(weight),
             in_flight: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
             admin: AtomicU8::new(AdminState::Active as u8),
@@ -142,21 +144,33 @@ impl Backend {
         self.now_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
     }
 
-    /// Weight scaled by slow start: from a tenth of `weight` right after the backend
-    /// became healthy up to `weight` once `ramp` has passed (linear, as AWS target groups
-    /// ramp). Never below 1, so the backend is always reachable.
-    pub fn effective_weight(&self, ramp: Option<Duration>) -> u32 {
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// Slow start: the share of its weight a backend gets, from 0.1 right after it
+    /// became healthy (or was enabled) up to 1 once `ramp` has passed, linearly, as AWS
+    /// target groups ramp. Always 1 without a ramp.
+    pub fn ramp_fraction(&self, ramp: Option<Duration>) -> f64 {
         let Some(ramp) = ramp else {
-            return self.weight;
+            return 1.0;
         };
         let since = self.healthy_since_ms.load(Ordering::Relaxed);
         let ramp_ms = ramp.as_millis().max(1) as u64;
         let elapsed = self.now_ms().saturating_sub(since);
         if since == 0 || elapsed >= ramp_ms {
-            return self.weight;
+            return 1.0;
         }
-        let fraction = 0.1 + 0.9 * (elapsed as f64 / ramp_ms as f64);
-        ((f64::from(self.weight) * fraction).round() as u32).max(1)
+        0.1 + 0.9 * (elapsed as f64 / ramp_ms as f64)
+    }
+
+    /// Weight times the slow-start fraction.
+    pub fn effective_weight(&self, ramp: Option<Duration>) -> f64 {
+        f64::from(self.weight()) * self.ramp_fraction(ramp)
     }
 
     pub fn admin_state(&self) -> AdminState {
@@ -168,7 +182,15 @@ impl Backend {
     }
 
     pub fn set_admin_state(&self, state: AdminState) {
-        self.admin.store(state as u8, Ordering::Relaxed);
+        let previous = self.admin.swap(state as u8, Ordering::Relaxed);
+        if state == AdminState::Active
+            && previous != AdminState::Active as u8
+            && self.health() == Health::Healthy
+        {
+            // Back in rotation after a drain: slow start ramps it up again.
+            self.healthy_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
     /// May this backend take a new request? Health not yet known counts as usable, so a
@@ -247,16 +269,16 @@ mod tests {
 
     #[test]
     fn slow_start_ramps_from_a_tenth_to_the_full_weight() {
-        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 100, Duration::from_secs(1));
-        assert_eq!(
-            b.effective_weight(Some(Duration::from_secs(30))),
-            100,
-            "never became healthy: full"
-        );
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), 1, Duration::from_secs(1));
+        let ramp = Some(Duration::from_secs(30));
+        assert_eq!(b.ramp_fraction(ramp), 1.0, "never became healthy: full");
         b.set_health(Health::Healthy);
-        let w = b.effective_weight(Some(Duration::from_secs(30)));
-        assert!((10..15).contains(&w), "{w}");
-        assert_eq!(b.effective_weight(None), 100);
+        let f = b.ramp_fraction(ramp);
+        assert!((0.1..0.15).contains(&f), "{f}");
+        assert_eq!(b.ramp_fraction(None), 1.0);
+        b.set_admin_state(AdminState::Draining);
+        b.set_admin_state(AdminState::Active);
+        assert!(b.ramp_fraction(ramp) < 0.15, "enable restarts the ramp");
     }
 
     #[test]

@@ -74,8 +74,8 @@ fn pick_p2c(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize>
     let (a, b) = (&pool.backends[first], &pool.backends[second]);
     let ramp = pool.settings.slow_start;
     // Compare in_flight/weight without division.
-    let load_a = u128::from(a.in_flight()) * u128::from(b.effective_weight(ramp));
-    let load_b = u128::from(b.in_flight()) * u128::from(a.effective_weight(ramp));
+    let load_a = a.in_flight() as f64 * b.effective_weight(ramp);
+    let load_b = b.in_flight() as f64 * a.effective_weight(ramp);
     Some(if load_b < load_a { second } else { first })
 }
 
@@ -91,19 +91,16 @@ fn weighted_draw(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<u
         if !usable(pool, index, exclude, eligible) {
             continue;
         }
-        // Slow start: keep a ramping backend with probability effective/configured.
-        let backend = &pool.backends[index];
-        if ramp.is_some()
-            && random::below(u64::from(backend.weight)) >= u64::from(backend.effective_weight(ramp))
-        {
+        if !ramp_admits(&pool.backends[index], ramp) {
             continue;
         }
         return Some(index);
     }
     // Many backends are out: draw among the usable ones only.
+    let milli = |i: usize| ((pool.backends[i].effective_weight(ramp) * 1000.0) as u64).max(1);
     let usable_total: u64 = (0..pool.backends.len())
         .filter(|&i| usable(pool, i, exclude, eligible))
-        .map(|i| u64::from(pool.backends[i].effective_weight(ramp)))
+        .map(milli)
         .sum();
     if usable_total == 0 {
         return None;
@@ -113,7 +110,7 @@ fn weighted_draw(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<u
         if !usable(pool, index, exclude, eligible) {
             continue;
         }
-        let weight = u64::from(pool.backends[index].effective_weight(ramp));
+        let weight = milli(index);
         if point < weight {
             return Some(index);
         }
@@ -128,9 +125,20 @@ fn pick_round_robin(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Optio
         return None;
     }
     let start = pool.rr_next.fetch_add(1, Ordering::Relaxed);
-    (0..cycle.len())
-        .map(|step| cycle[(start + step) % cycle.len()] as usize)
-        .find(|&i| usable(pool, i, exclude, eligible))
+    let ramp = pool.settings.slow_start;
+    let turn = |i: &usize| usable(pool, *i, exclude, eligible);
+    let mut order = (0..cycle.len()).map(|step| cycle[(start + step) % cycle.len()] as usize);
+    // A ramping backend lets some of its turns pass to the next one.
+    order
+        .clone()
+        .find(|i| turn(i) && ramp_admits(&pool.backends[*i], ramp))
+        .or_else(|| order.find(turn))
+}
+
+/// Slow start: admit a ramping backend with probability equal to its ramp fraction.
+fn ramp_admits(backend: &crate::backend::Backend, ramp: Option<std::time::Duration>) -> bool {
+    let fraction = backend.ramp_fraction(ramp);
+    fraction >= 1.0 || (random::below(1 << 20) as f64) < fraction * f64::from(1u32 << 20)
 }
 
 #[cfg(test)]

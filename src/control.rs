@@ -875,7 +875,7 @@ fn backend_view(pool: &Pool, backend: &Backend, generation: u64) -> BackendView 
     BackendView {
         pool: pool.name.to_string(),
         addr: backend.name.to_string(),
-        weight: backend.weight,
+        weight: backend.weight(),
         health: backend.health().as_str(),
         state: backend.admin_state().as_str(),
         in_flight: backend.in_flight(),

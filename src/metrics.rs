@@ -15,8 +15,8 @@ use crate::backend::{AdminState, Health};
 use crate::routing::{Pool, RoutingTable};
 
 /// Request durations from 0.5 ms to 10 s.
-const DURATION_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0,
+const DURATION_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
 const CONNECT_BUCKETS: [f64; 12] = [

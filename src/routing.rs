@@ -170,12 +170,12 @@ impl Pool {
         let cumulative_weight = backends
             .iter()
             .map(|b| {
-                total += u64::from(b.weight);
+                total += u64::from(b.weight());
                 total
             })
             .collect();
         let rr_cycle = if balance == Balance::RoundRobin {
-            smooth_weighted_cycle(&backends.iter().map(|b| b.weight).collect::<Vec<_>>())
+            smooth_weighted_cycle(&backends.iter().map(|b| b.weight()).collect::<Vec<_>>())
         } else {
             Vec::new()
         };
@@ -262,8 +262,11 @@ impl RoutingTable {
                     .iter()
                     .map(|b| {
                         let backend = match existing.get(&(pool.name.as_str(), b.addr)) {
-                            Some(found) if found.weight == b.weight => Arc::clone(found),
-                            _ => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
+                            Some(found) => {
+                                found.set_weight(b.weight);
+                                Arc::clone(found)
+                            }
+                            None => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
                         };
                         let mode = state.backend_mode(&pool.name, &backend.name);
                         backend

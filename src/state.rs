@@ -229,13 +229,12 @@ impl TrafficState {
                 ));
                 continue;
             };
+            // Checked against the runtime membership when there is one, so a backend
+            // added through the API keeps its drain across a restart.
+            let current = self.members_of(configured);
             let mut kept = BTreeMap::new();
             for (addr, mode) in entries {
-                if configured
-                    .backends
-                    .iter()
-                    .any(|b| b.addr.to_string() == addr)
-                {
+                if current.iter().any(|b| b.addr.to_string() == addr) {
                     kept.insert(addr, mode);
                 } else {
                     warnings.push(format!(
@@ -432,6 +431,36 @@ mod tests {
         assert!(warnings.iter().any(|w| w.contains("purple")));
         assert!(warnings.iter().any(|w| w.contains("gone")));
         assert!(warnings.iter().any(|w| w.contains("127.0.0.1:99")));
+    }
+
+    #[test]
+    fn a_runtime_added_backend_keeps_its_drain_across_a_restart() {
+        let mut state = TrafficState::from_config(&config());
+        state.members.insert(
+            "blue".into(),
+            vec![
+                MemberSpec {
+                    addr: "127.0.0.1:1".into(),
+                    weight: 1,
+                },
+                MemberSpec {
+                    addr: "127.0.0.1:7".into(),
+                    weight: 2,
+                },
+            ],
+        );
+        state
+            .backends
+            .entry("blue".into())
+            .or_default()
+            .insert("127.0.0.1:7".into(), BackendMode::Draining);
+        let (state, warnings) = state.reconcile(&config());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            state.backend_mode("blue", "127.0.0.1:7"),
+            Some(BackendMode::Draining)
+        );
+        assert_eq!(state.members["blue"].len(), 2);
     }
 
     #[test]

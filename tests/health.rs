@@ -539,3 +539,35 @@ async fn backends_join_and_leave_at_runtime_and_leavers_are_drained_first() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_a_backends_weight_keeps_its_in_flight_count() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config(&[a.addr], "", "")).await;
+    let before = backend(&proxy, 0);
+    let addr = proxy.proxy_addr;
+    let slow = tokio::spawn(async move { send(&client(), get(addr, "/slow/800")).await });
+    eventually(Duration::from_secs(10), "slow request in flight", || {
+        before.in_flight() == 1
+    })
+    .await;
+    let body = json!({"backends": [{"addr": a.addr.to_string(), "weight": 5}]});
+    let (status, answer) = admin(
+        proxy.admin_addr,
+        "PUT",
+        "/api/v1/pools/blue/backends",
+        Some(body),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["backends"][0]["weight"], 5);
+    assert_eq!(
+        answer["backends"][0]["in_flight"], 1,
+        "the same backend object, still counting"
+    );
+    assert!(Arc::ptr_eq(&before, &backend(&proxy, 0)));
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    assert_eq!(before.in_flight(), 0);
+    proxy.shutdown().await;
+}
