@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side HTTP/1.1 load test on 127.0.0.1: the same two upstream app servers,
-# reached directly, through switchyard and through nginx (when installed), one
-# worker each, wrk with fixed connections and duration, alternating rounds, medians.
+# reached directly, through switchyard, and through nginx and HAProxy (when
+# installed), one worker/thread each, wrk with fixed connections and duration,
+# alternating rounds, medians.
 #
 #   benches/load.sh                      # 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=20s CONNECTIONS=100 benches/load.sh
@@ -20,7 +21,7 @@ BASE_PORT=${BASE_PORT:-18000}
 cd "$(dirname "$0")/.."
 
 if [[ "${INSTALL:-0}" == 1 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy >/dev/null
 fi
 command -v wrk >/dev/null || { echo "wrk is not installed (INSTALL=1 installs it)" >&2; exit 1; }
 
@@ -36,7 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
-SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20))
+SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20)); HAP=$((BASE_PORT + 21))
 
 wait_port() {
     for _ in $(seq 1 200); do
@@ -127,6 +128,35 @@ else
     echo "nginx not installed: comparing direct and switchyard only (INSTALL=1 installs it)" >&2
 fi
 
+if command -v haproxy >/dev/null; then
+    cat >"$WORK/haproxy.cfg" <<HAPROXY
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HAP
+    option forwardfor
+    default_backend app
+backend app
+    balance leastconn
+    server up1 127.0.0.1:$UP1
+    server up2 127.0.0.1:$UP2
+HAPROXY
+    haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
+    wait_port "$HAP"
+    TARGETS+=(haproxy)
+    URL[haproxy]="http://127.0.0.1:$HAP/"
+else
+    echo "haproxy not installed: skipped (INSTALL=1 installs it)" >&2
+fi
+
 # wrk latency figures come as 1.23us / 4.56ms / 1.2s; print them in ms.
 to_ms() {
     awk -v v="$1" 'BEGIN {
@@ -163,10 +193,12 @@ for target in "${TARGETS[@]}"; do
     printf '%-12s %12.0f %10s %10s\n' "$target" "${MR[$target]}" "$(median "${P50[$target]}")" "${MP99[$target]}"
 done
 if [[ -n "${MR[sy-nometrics]:-}" ]]; then
-    awk -v on="${MR[switchyard]}" -v off="${MR[sy-nometrics]}" -v log="${MR[sy-accesslog]}" \
-        'BEGIN { printf "metrics on vs off: %.1f%% req/s; access log on: %.1f%% req/s vs metrics-only\n", (on / off - 1) * 100, (log / on - 1) * 100 }'
+    awk -v on="${MR[switchyard]}" -v off="${MR[sy-nometrics]}" -v withlog="${MR[sy-accesslog]}" \
+        'BEGIN { printf "metrics on vs off: %.1f%% req/s; access log on: %.1f%% req/s vs metrics-only\n", (on / off - 1) * 100, (withlog / on - 1) * 100 }'
 fi
-if [[ -n "${MR[nginx]:-}" ]]; then
-    awk -v s="${MR[switchyard]}" -v n="${MR[nginx]}" -v sp="${MP99[switchyard]}" -v np="${MP99[nginx]}" \
-        'BEGIN { printf "switchyard / nginx: req/s %.2fx, p99 %.2fx\n", s / n, sp / np }'
-fi
+for peer in nginx haproxy; do
+    if [[ -n "${MR[$peer]:-}" ]]; then
+        awk -v s="${MR[switchyard]}" -v n="${MR[$peer]}" -v sp="${MP99[switchyard]}" -v np="${MP99[$peer]}" -v peer="$peer" \
+            'BEGIN { printf "switchyard / %s: req/s %.2fx, p99 %.2fx\n", peer, s / n, sp / np }'
+    fi
+done
