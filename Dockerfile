@@ -8,8 +8,8 @@
 # your own config over it. Inside a container:
 #   * [proxy] listen must be "0.0.0.0:8080" (or "[::]:8080"). The example binds
 #     127.0.0.1, which can't be reached through a published port.
-#   * [admin] listen should stay on loopback ("127.0.0.1:9901"). The admin listener has
-#     no authentication yet; bind it wider only on a protected network. The HEALTHCHECK
+#   * [admin] listen should stay on loopback ("127.0.0.1:9901") unless admin.token_file
+#     is set (required for any other address); bind it wider only with a token. The HEALTHCHECK
 #     below connects to 127.0.0.1:9901, so change it if you move the admin port.
 #   * Backend addresses must be IP:port reachable from the container (no DNS names yet).
 #   * Give `docker stop` (--stop-timeout / stop_grace_period) more time than

@@ -5,6 +5,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
+// Many small, short-lived allocations per request (header maps, bodies, futures):
+// mimalloc's per-thread free lists serve them faster and with flatter tails than glibc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",

@@ -245,8 +245,29 @@ async fn lifecycle(
         }
     };
     tracing::info!("stopped accepting; waiting for in-flight requests");
-    match tokio::time::timeout(config.proxy.shutdown_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections finished"),
+    let deadline = tokio::time::Instant::now() + config.proxy.shutdown_timeout;
+    // HTTP connections first, then what outlives them: upgraded tunnels (WebSockets)
+    // still count as in flight on their backends.
+    let drained = tokio::time::timeout_at(deadline, async {
+        graceful.shutdown().await;
+        loop {
+            let busy: u64 = shared
+                .table()
+                .load()
+                .pools
+                .iter()
+                .flat_map(|p| p.backends.iter())
+                .map(|b| b.in_flight())
+                .sum();
+            if busy == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("all requests and tunnels finished"),
         Err(_) => tracing::warn!(
             "shutdown_timeout of {:?} passed with requests still in flight; closing them",
             config.proxy.shutdown_timeout
@@ -254,7 +275,15 @@ async fn lifecycle(
     }
     shared.control.stop_health_checks();
     let _ = stop_admin_tx.send(true);
-    let _ = admin_task.await;
+    // An admin long poll (wait-drained) must not hold the exit: a moment to answer,
+    // then the admin listener is dropped.
+    let mut admin_task = admin_task;
+    if tokio::time::timeout(Duration::from_secs(1), &mut admin_task)
+        .await
+        .is_err()
+    {
+        admin_task.abort();
+    }
 }
 
 /// Accepts until told to stop, then hands back the graceful-shutdown watcher that

@@ -343,3 +343,53 @@ async fn sighup_does_not_stop_the_proxy_and_a_second_sigterm_exits_at_once() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_websockets_but_not_for_admin_long_polls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = Upstream::start("blue").await;
+    let config = config_text(
+        "shutdown_timeout = \"30s\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    );
+    let mut proxy = ProxyProcess::start(&config);
+    let stream = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.proxy_addr), stream)
+            .await
+            .unwrap();
+    // A deploy script's long poll, still waiting when the proxy is told to stop.
+    let admin = proxy.admin_addr;
+    let wait = format!(
+        "/api/v1/pools/blue/backends/{}/wait-drained?timeout=5m",
+        upstream.addr
+    );
+    let _poll = tokio::spawn(async move { common::admin(admin, "GET", &wait, None, &[]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.signal("TERM");
+    // The tunnel keeps working during the graceful shutdown...
+    for i in 0..5 {
+        ws.send(Message::text(format!("during shutdown {i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("during shutdown {i}"))
+        );
+    }
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the process waits for the open tunnel"
+    );
+    // ...and once it closes, the process exits, without waiting for the long poll.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
