@@ -5,10 +5,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
-// Many small, short-lived allocations per request (header maps, bodies, futures):
-// mimalloc's per-thread free lists serve them faster and with flatter tails than glibc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -265,8 +261,7 @@ impl Signals {
         })
     }
 
-    /// Returns at the first SIGTERM or SIGINT. A second one during the graceful
-    /// shutdown exits at once, for an operator who really means it.
+    /// Returns at the first SIGTERM or SIGINT.
     async fn wait(mut self) {
         loop {
             tokio::select! {
@@ -279,12 +274,23 @@ impl Signals {
             }
             break;
         }
+        // During the graceful shutdown a repeated SIGTERM is ignored: supervisors send
+        // it again (a Kubernetes preStop that started the shutdown, then kubelet), and
+        // it must not cut the drain short. SIGINT is the operator at a terminal: a
+        // second Ctrl-C exits at once.
         tokio::spawn(async move {
-            tokio::select! {
-                _ = self.term.recv() => {}
-                _ = self.int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = self.term.recv() => {
+                        tracing::info!("SIGTERM received again: already shutting down");
+                    }
+                    _ = self.int.recv() => break,
+                    _ = self.hup.recv() => {}
+                }
             }
-            tracing::warn!("second signal: exiting without waiting for in-flight requests");
+            tracing::warn!(
+                "SIGINT during shutdown: exiting without waiting for in-flight requests"
+            );
             std::process::exit(1);
         });
     }

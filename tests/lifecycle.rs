@@ -296,7 +296,7 @@ async fn demo_serves_the_example_config_with_stand_in_app_servers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_does_not_stop_the_proxy_and_a_second_sigterm_exits_at_once() {
+async fn sighup_is_ignored_a_second_sigterm_too_and_sigint_then_exits_at_once() {
     let upstream = Upstream::start("blue").await;
     let config = config_text(
         "shutdown_timeout = \"60s\"",
@@ -336,8 +336,18 @@ async fn sighup_does_not_stop_the_proxy_and_a_second_sigterm_exits_at_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(draining);
-    // ...is cut short by a second SIGTERM.
+    // A repeated SIGTERM (a supervisor's) does not cut it short...
     proxy.signal("TERM");
+    for _ in 0..20 {
+        assert!(send(&probe, get(admin, "/healthz")).await.status == StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "still draining after a second SIGTERM"
+    );
+    // ...a SIGINT (an operator's second Ctrl-C) does.
+    proxy.signal("INT");
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(20)))
         .await
         .unwrap();
