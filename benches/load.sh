@@ -167,7 +167,11 @@ to_ms() {
 
 declare -A RPS P50 P99
 for round in $(seq 1 "$ROUNDS"); do
-    for target in "${TARGETS[@]}"; do
+    # Each round starts one target later, so no target always runs right after the
+    # same neighbour (the direct run leaves the upstreams and the CPU warm).
+    n=${#TARGETS[@]}
+    for k in $(seq 0 $((n - 1))); do
+        target=${TARGETS[$(((k + round - 1) % n))]}
         out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${URL[$target]}")
         if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
             echo "round $round $target: errors reported by wrk:" >&2

@@ -5,7 +5,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
-
 #[derive(Parser)]
 #[command(
     name = "switchyard",
