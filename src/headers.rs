@@ -28,6 +28,14 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// is put back so the next hop sees a valid upgrade request or 101 response.
 /// `TE: trailers` survives, since gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the (few) names instead of a
+    // hashed lookup per hop-by-hop header.
+    let any = headers.keys().any(|name| {
+        name == header::CONNECTION || name == header::UPGRADE || HOP_BY_HOP.contains(name)
+    });
+    if !any && !keep_upgrade {
+        return;
+    }
     let wants_trailers = headers
         .get_all(header::TE)
         .iter()

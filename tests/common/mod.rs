@@ -358,8 +358,9 @@ pub fn config_text(proxy_keys: &str, pools: &[(&str, &[SocketAddr])], extra: &st
 /// A fresh directory for one test's state file, never shared with another test.
 pub fn state_dir() -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "switchyard-test-{}-{}",
+    // Under target/tmp (cargo's scratch space for integration tests), not /tmp.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "state-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     ));
