@@ -339,23 +339,17 @@ impl Control {
             self.require_live(&pool).await?;
         }
         let old_active = current.active.clone();
-        let mut next = state.clone();
-        let traffic = next
-            .services
-            .get_mut(service)
-            .ok_or_else(|| unknown_service(service))?;
-        if old_active != to {
-            traffic.previous_active = Some(old_active);
-            traffic.active = to.to_string();
-        }
-        if traffic.canary.as_ref().is_some_and(|c| c.pool == to) {
-            // The canary pool became the active one: nothing left to split.
-            traffic.canary = None;
-        }
-        self.commit(&mut state, next, Some((service, "switch")))
-            .await?;
-        self.service_view(&state, service)
-            .ok_or_else(|| unknown_service(service))
+        self.commit_service(&mut state, service, "switch", |traffic| {
+            if old_active != to {
+                traffic.previous_active = Some(old_active);
+                traffic.active = to.to_string();
+            }
+            if traffic.canary.as_ref().is_some_and(|c| c.pool == to) {
+                // The canary pool became the active one: nothing left to split.
+                traffic.canary = None;
+            }
+        })
+        .await
     }
 
     pub async fn set_canary(
@@ -390,16 +384,10 @@ impl Control {
         if !request.force && spec.weight_bp > 0 {
             self.require_live(&pool).await?;
         }
-        let mut next = state.clone();
-        let traffic = next
-            .services
-            .get_mut(service)
-            .ok_or_else(|| unknown_service(service))?;
-        traffic.canary = Some(spec);
-        self.commit(&mut state, next, Some((service, "canary")))
-            .await?;
-        self.service_view(&state, service)
-            .ok_or_else(|| unknown_service(service))
+        self.commit_service(&mut state, service, "canary", |traffic| {
+            traffic.canary = Some(spec)
+        })
+        .await
     }
 
     pub async fn abort_canary(
@@ -409,16 +397,10 @@ impl Control {
     ) -> Result<ServiceView, ControlError> {
         let mut state = self.lock_current(if_match).await?;
         service_traffic(&state, service)?;
-        let mut next = state.clone();
-        let traffic = next
-            .services
-            .get_mut(service)
-            .ok_or_else(|| unknown_service(service))?;
-        traffic.canary = None;
-        self.commit(&mut state, next, Some((service, "canary_abort")))
-            .await?;
-        self.service_view(&state, service)
-            .ok_or_else(|| unknown_service(service))
+        self.commit_service(&mut state, service, "canary_abort", |traffic| {
+            traffic.canary = None
+        })
+        .await
     }
 
     pub async fn promote(
@@ -438,17 +420,11 @@ impl Control {
         if !force {
             self.require_live(&pool).await?;
         }
-        let mut next = state.clone();
-        let traffic = next
-            .services
-            .get_mut(service)
-            .ok_or_else(|| unknown_service(service))?;
-        traffic.previous_active = Some(std::mem::replace(&mut traffic.active, canary.pool));
-        traffic.canary = None;
-        self.commit(&mut state, next, Some((service, "promote")))
-            .await?;
-        self.service_view(&state, service)
-            .ok_or_else(|| unknown_service(service))
+        self.commit_service(&mut state, service, "promote", |traffic| {
+            traffic.previous_active = Some(std::mem::replace(&mut traffic.active, canary.pool));
+            traffic.canary = None;
+        })
+        .await
     }
 
     /// Back to the pool that was active before the last switch, promote or rollback,
@@ -466,17 +442,11 @@ impl Control {
             )));
         };
         self.pool(&previous)?;
-        let mut next = state.clone();
-        let traffic = next
-            .services
-            .get_mut(service)
-            .ok_or_else(|| unknown_service(service))?;
-        traffic.previous_active = Some(std::mem::replace(&mut traffic.active, previous));
-        traffic.canary = None;
-        self.commit(&mut state, next, Some((service, "rollback")))
-            .await?;
-        self.service_view(&state, service)
-            .ok_or_else(|| unknown_service(service))
+        self.commit_service(&mut state, service, "rollback", |traffic| {
+            traffic.previous_active = Some(std::mem::replace(&mut traffic.active, previous));
+            traffic.canary = None;
+        })
+        .await
     }
 
     /// Drain (`Some(Draining)`), disable, or return to rotation (`None`).
@@ -722,6 +692,26 @@ impl Control {
                 .map(|b| backend_view(pool_ref, b, generation))
                 .collect(),
         })
+    }
+
+    /// Applies `change` to a copy of `service`'s traffic, commits it as a `kind` change
+    /// and answers with the service's new view.
+    async fn commit_service(
+        &self,
+        state: &mut TrafficState,
+        service: &str,
+        kind: &str,
+        change: impl FnOnce(&mut ServiceTraffic),
+    ) -> Result<ServiceView, ControlError> {
+        let mut next = state.clone();
+        change(
+            next.services
+                .get_mut(service)
+                .ok_or_else(|| unknown_service(service))?,
+        );
+        self.commit(state, next, Some((service, kind))).await?;
+        self.service_view(state, service)
+            .ok_or_else(|| unknown_service(service))
     }
 
     /// Takes the writer lock and checks `If-Match`.
