@@ -487,48 +487,23 @@ async fn backend_mode(
     Ok(answer(view.generation, &view))
 }
 
-async fn drain(
-    State(shared): State<Arc<Shared>>,
-    Path((pool, addr)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    backend_mode(
-        &shared,
-        &pool,
-        &addr,
-        &headers,
-        &body,
-        Some(BackendMode::Draining),
-    )
-    .await
+/// `drain`, `disable` and `enable` differ only in the mode they set.
+macro_rules! backend_mode_handler {
+    ($name:ident, $mode:expr) => {
+        async fn $name(
+            State(shared): State<Arc<Shared>>,
+            Path((pool, addr)): Path<(String, String)>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> Result<Response, ApiError> {
+            backend_mode(&shared, &pool, &addr, &headers, &body, $mode).await
+        }
+    };
 }
 
-async fn disable(
-    State(shared): State<Arc<Shared>>,
-    Path((pool, addr)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    backend_mode(
-        &shared,
-        &pool,
-        &addr,
-        &headers,
-        &body,
-        Some(BackendMode::Disabled),
-    )
-    .await
-}
-
-async fn enable(
-    State(shared): State<Arc<Shared>>,
-    Path((pool, addr)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    backend_mode(&shared, &pool, &addr, &headers, &body, None).await
-}
+backend_mode_handler!(drain, Some(BackendMode::Draining));
+backend_mode_handler!(disable, Some(BackendMode::Disabled));
+backend_mode_handler!(enable, None);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

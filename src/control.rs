@@ -209,9 +209,13 @@ impl Control {
     /// at start rather than at the first deploy.
     pub async fn persist_now(&self) -> Result<(), ControlError> {
         let state = self.state.lock().await;
+        self.save(state.clone()).await
+    }
+
+    /// Writes `state` to the state file off the async workers (fsync blocks).
+    async fn save(&self, state: TrafficState) -> Result<(), ControlError> {
         let path = self.state_path.clone();
-        let to_save = state.clone();
-        tokio::task::spawn_blocking(move || state::save(&path, &to_save))
+        tokio::task::spawn_blocking(move || state::save(&path, &state))
             .await
             .map_err(|e| {
                 ControlError::Persist(state::StateError::Write {
@@ -749,16 +753,7 @@ impl Control {
                 traffic.record(next.generation, kind);
             }
         }
-        let path = self.state_path.clone();
-        let to_save = next.clone();
-        tokio::task::spawn_blocking(move || state::save(&path, &to_save))
-            .await
-            .map_err(|e| {
-                ControlError::Persist(state::StateError::Write {
-                    path: self.state_path.clone(),
-                    source: std::io::Error::other(e),
-                })
-            })??;
+        self.save(next.clone()).await?;
         let metrics = self.request_metrics.then_some(&*self.metrics);
         let table = RoutingTable::build(&self.config, &next, Some(&self.table.load()), metrics);
         self.table.store(Arc::new(table));
