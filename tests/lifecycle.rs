@@ -276,13 +276,7 @@ async fn demo_serves_the_example_config_with_stand_in_app_servers() {
     .await
     .unwrap()
     .expect("demo did not start");
-    let start = line.find("proxy_addr=").unwrap() + "proxy_addr=".len();
-    let addr: std::net::SocketAddr = line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = listen_field(&line, "proxy_addr");
     let answer = send(&client(), get(addr, "/")).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert!(

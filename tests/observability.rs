@@ -454,16 +454,10 @@ async fn access_log_lines_are_json_and_name_the_pool_and_backend() {
     .await
     .unwrap()
     .expect("proxy started");
-    let field = |name: &str| -> SocketAddr {
-        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        line[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (proxy, admin_addr) = (field("proxy_addr"), field("admin_addr"));
+    let (proxy, admin_addr) = (
+        listen_field(&line, "proxy_addr"),
+        listen_field(&line, "admin_addr"),
+    );
     let canary =
         json!({"pool": "green", "weight": 0, "header": {"name": "x-canary", "value": "1"}});
     assert_eq!(

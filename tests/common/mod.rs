@@ -435,18 +435,9 @@ impl ProxyProcess {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("switchyard did not report its listeners within 30 s");
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
         ProxyProcess {
-            proxy_addr: field("proxy_addr"),
-            admin_addr: field("admin_addr"),
+            proxy_addr: listen_field(&line, "proxy_addr"),
+            admin_addr: listen_field(&line, "admin_addr"),
             child,
             dir,
         }
@@ -799,4 +790,15 @@ pub async fn wait_ready(admin: SocketAddr) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An address from switchyard's "switchyard listening proxy_addr=... admin_addr=..." line.
+pub fn listen_field(line: &str, name: &str) -> SocketAddr {
+    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
