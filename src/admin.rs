@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{CanaryRequest, ControlError};
-use crate::server::Shared;
+use crate::server::{ReloadError, Shared};
 use crate::state::{BackendMode, MemberSpec};
 
 /// Longest `wait-drained` long poll.
@@ -44,6 +44,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
             get(wait_drained),
         )
         .route("/api/v1/pools/{pool}", get(pool_view))
+        .route("/api/v1/tls", get(tls_view))
+        .route("/api/v1/tls/reload", post(tls_reload))
         .route(
             "/api/v1/pools/{pool}/backends",
             axum::routing::put(set_members).post(add_member),
@@ -150,6 +152,61 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[derive(Serialize)]
+struct CertificateView {
+    cert_file: String,
+    names: Vec<String>,
+    /// RFC 3339, UTC.
+    not_after: Option<String>,
+}
+
+fn certificate_views(certs: &[crate::tls::CertificateInfo]) -> serde_json::Value {
+    let views: Vec<CertificateView> = certs
+        .iter()
+        .map(|c| CertificateView {
+            cert_file: c.cert_file.display().to_string(),
+            names: c.names.clone(),
+            not_after: c.not_after.and_then(|t| {
+                let time = std::time::UNIX_EPOCH
+                    .checked_add(std::time::Duration::from_secs(u64::try_from(t).ok()?))?;
+                Some(humantime::format_rfc3339_seconds(time).to_string())
+            }),
+        })
+        .collect();
+    serde_json::json!({ "certificates": views })
+}
+
+fn tls_not_configured() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no [proxy.tls] listener is configured",
+    )
+}
+
+/// The certificates the HTTPS listener is using now.
+async fn tls_view(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let certificates = shared
+        .certificates
+        .as_ref()
+        .ok_or_else(tls_not_configured)?;
+    Ok(Json(certificate_views(&certificates.current().info)).into_response())
+}
+
+/// Reads the certificate files again. A bad file is refused with 400 and the reason,
+/// and the certificates in use stay.
+async fn tls_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    match shared.reload_tls().await {
+        Ok(info) => Ok(Json(certificate_views(&info)).into_response()),
+        Err(ReloadError::NotConfigured) => Err(tls_not_configured()),
+        Err(ReloadError::Refused(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "tls_reload_refused",
+            format!("{e}; the previous certificates stay in use"),
+        )),
     }
 }
 
@@ -569,6 +626,7 @@ mod tests {
             ready: AtomicBool::new(true),
             token: token.map(String::from),
             metrics_require_token: false,
+            certificates: None,
         })
     }
 

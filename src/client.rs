@@ -1,5 +1,6 @@
-//! Upstream HTTP/1.1 connections: connect with a timeout, and keep idle keep-alive
-//! connections per backend in a lock-free queue.
+//! Upstream connections: connect (TCP, then TLS when the pool asks for it) with a
+//! timeout, and keep them per backend. HTTP/1.1 connections wait idle in a lock-free
+//! queue; an HTTP/2 backend gets one multiplexed connection that every request shares.
 //!
 //! The proxy connects *before* it hands the request over, so a refused or timed-out
 //! connect leaves the request (and its unread body) intact for a retry on another
@@ -7,16 +8,64 @@
 //! request back too (`try_send_request`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use crate::config::Protocol;
+use crate::tls::UpstreamTls;
 
-pub type Sender = http1::SendRequest<RequestBody>;
+/// How a pool's backends are reached.
+#[derive(Debug, Clone, Default)]
+pub struct Upstream {
+    pub protocol: Protocol,
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+impl Upstream {
+    pub fn scheme(&self) -> http::uri::Scheme {
+        if self.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+}
+
+/// A connection ready for one request: HTTP/1.1 (exclusive until its response ends) or
+/// a handle on a shared HTTP/2 connection.
+pub enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    pub async fn try_send(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
 
 /// Idle connections kept per backend; beyond this a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
@@ -24,10 +73,14 @@ const MAX_IDLE_PER_BACKEND: usize = 512;
 pub struct ConnPool {
     idle: ArrayQueue<IdleConn>,
     idle_timeout: Duration,
+    shared_h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// Held only while an HTTP/2 connection is being opened, so concurrent requests
+    /// wait for that one instead of each opening their own.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 struct IdleConn {
-    sender: Sender,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -37,6 +90,8 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("HTTP handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
 }
@@ -46,11 +101,16 @@ impl ConnPool {
         ConnPool {
             idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
             idle_timeout,
+            shared_h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
 
     /// A pooled connection that is still open and not past its idle time.
     pub async fn checkout(&self) -> Option<Sender> {
+        if let Some(shared) = self.live_h2() {
+            return Some(Sender::H2(shared));
+        }
         while let Some(mut conn) = self.idle.pop() {
             if conn.sender.is_closed() || conn.since.elapsed() > self.idle_timeout {
                 continue;
@@ -58,13 +118,23 @@ impl ConnPool {
             // A connection is returned as soon as its response body ends; hyper marks it
             // ready a moment later, once its connection task has seen the end too.
             if conn.sender.ready().await.is_ok() {
-                return Some(conn.sender);
+                return Some(Sender::H1(conn.sender));
             }
         }
         None
     }
 
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let guard = self.shared_h2.load();
+        let shared = guard.as_deref()?;
+        (!shared.is_closed()).then(|| shared.clone())
+    }
+
     pub fn checkin(&self, sender: Sender) {
+        let Sender::H1(sender) = sender else {
+            // HTTP/2 handles are clones of the shared connection; nothing to return.
+            return;
+        };
         if sender.is_closed() {
             return;
         }
@@ -78,23 +148,85 @@ impl ConnPool {
     pub fn idle_count(&self) -> usize {
         self.idle.len()
     }
+
+    /// A new connection for HTTP/1.1; for HTTP/2 the shared one, opened if needed.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        upstream: &Upstream,
+        timeout: Duration,
+    ) -> Result<Sender, ConnectError> {
+        if !upstream.protocol.is_h2() {
+            return connect(addr, upstream, timeout).await;
+        }
+        let _opening = self.h2_connecting.lock().await;
+        if let Some(shared) = self.live_h2() {
+            return Ok(Sender::H2(shared));
+        }
+        let sender = connect(addr, upstream, timeout).await?;
+        if let Sender::H2(shared) = &sender {
+            self.shared_h2.store(Some(Arc::new(shared.clone())));
+        }
+        Ok(sender)
+    }
 }
 
-/// Opens a new HTTP/1.1 connection to `addr`; the connection task runs on its own and
-/// ends when the connection closes.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(ConnectError::Timeout(timeout)),
-    };
-    stream.set_nodelay(true)?;
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await?;
+/// Opens a connection to `addr` as `upstream` says; the connection task runs on its
+/// own and ends when the connection closes. The timeout covers TCP and TLS.
+pub async fn connect(
+    addr: SocketAddr,
+    upstream: &Upstream,
+    timeout: Duration,
+) -> Result<Sender, ConnectError> {
+    let opened = tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        match &upstream.tls {
+            None => handshake(stream, addr, upstream.protocol).await,
+            Some(tls) => {
+                let name = tls.server_name.clone().unwrap_or_else(|| addr.ip().into());
+                let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+                    .connect(name, stream)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                handshake(stream, addr, upstream.protocol).await
+            }
+        }
+    })
+    .await;
+    opened.unwrap_or(Err(ConnectError::Timeout(timeout)))
+}
+
+async fn handshake<S>(
+    stream: S,
+    addr: SocketAddr,
+    protocol: Protocol,
+) -> Result<Sender, ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
+    if protocol.is_h2() {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // A shared connection that dies silently would fail every request on it:
+            // ping it, and drop it when the pings go unanswered.
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, "upstream HTTP/2 connection ended: {e}");
+            }
+        });
+        return Ok(Sender::H2(sender));
+    }
+    let (sender, conn) = http1::Builder::new().handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, "upstream connection ended: {e}");
         }
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }

@@ -123,6 +123,56 @@ struct RawProxy {
     shutdown_delay: Duration,
     #[serde(with = "humantime_serde")]
     shutdown_timeout: Duration,
+    h2c: bool,
+    http2_max_concurrent_streams: u32,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: String,
+    certificates: Vec<RawCertificate>,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_auth: RawClientAuth,
+    #[serde(default)]
+    redirect_http: bool,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    handshake_timeout: Duration,
+    #[serde(default = "default_max_handshakes")]
+    max_handshakes: usize,
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    reload_interval: Duration,
+    #[serde(default)]
+    min_version: crate::tls::MinVersion,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawClientAuth {
+    #[default]
+    Required,
+    Optional,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_handshakes() -> usize {
+    1024
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for RawProxy {
@@ -140,6 +190,9 @@ impl Default for RawProxy {
             max_connections: 10_000,
             shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),
+            h2c: false,
+            http2_max_concurrent_streams: 100,
+            tls: None,
         }
     }
 }
@@ -189,6 +242,33 @@ struct RawPool {
     panic_mode: PanicMode,
     #[serde(default, with = "humantime_serde")]
     slow_start: Option<Duration>,
+    #[serde(default)]
+    protocol: Protocol,
+    tls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+}
+
+/// What a pool's backends speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge, without TLS (gRPC servers, typically).
+    H2c,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+}
+
+impl Protocol {
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,6 +449,25 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub shutdown_delay: Duration,
     pub shutdown_timeout: Duration,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listener.
+    pub h2c: bool,
+    pub http2_max_concurrent_streams: u32,
+    pub tls: Option<TlsListenerConfig>,
+}
+
+/// `[proxy.tls]`: the HTTPS listener.
+#[derive(Debug, Clone)]
+pub struct TlsListenerConfig {
+    pub listen: SocketAddr,
+    pub certificates: Vec<crate::tls::CertificatePaths>,
+    pub client_auth: Option<crate::tls::ClientAuth>,
+    /// The plain listener answers every request with a redirect to HTTPS.
+    pub redirect_http: bool,
+    pub handshake_timeout: Duration,
+    pub max_handshakes: usize,
+    /// How often the certificate files are checked for changes; zero: never.
+    pub reload_interval: Duration,
+    pub min_version: crate::tls::MinVersion,
 }
 
 #[derive(Clone)]
@@ -403,6 +502,7 @@ pub struct PoolConfig {
     pub passive: PassiveConfig,
     pub panic_mode: PanicMode,
     pub slow_start: Option<Duration>,
+    pub upstream: crate::client::Upstream,
 }
 
 /// What a pool does when none of its active backends is healthy.
@@ -710,7 +810,27 @@ impl Validator<'_> {
             },
             shutdown_delay: p.shutdown_delay,
             shutdown_timeout: p.shutdown_timeout,
+            h2c: p.h2c,
+            http2_max_concurrent_streams: match p.http2_max_concurrent_streams {
+                1..=10_000 => p.http2_max_concurrent_streams,
+                _ => {
+                    return Err(self.error(
+                        "proxy",
+                        "http2_max_concurrent_streams",
+                        "must be between 1 and 10000",
+                    ))
+                }
+            },
+            tls: match p.tls {
+                None => None,
+                Some(tls) => Some(self.tls_listener(tls)?),
+            },
         };
+        if let Some(tls) = &proxy.tls {
+            if tls.listen == proxy.listen && tls.listen.port() != 0 {
+                return Err(self.error("proxy.tls", "listen", "must differ from proxy.listen"));
+            }
+        }
         let admin_listen = self.addr("admin", "listen", &raw.admin.listen)?;
         let token = match &raw.admin.token_file {
             None => None,
@@ -849,6 +969,7 @@ impl Validator<'_> {
     fn pool(&self, name: String, pool: RawPool) -> Result<PoolConfig, ConfigError> {
         let table = format!("pools.{name}");
         check_name(&name).map_err(|m| self.error(&table, "", m))?;
+        let upstream = self.upstream(&table, &pool)?;
         if pool.backends.is_empty() {
             return Err(self.error(&table, "backends", "a pool needs at least one backend"));
         }
@@ -960,6 +1081,119 @@ impl Validator<'_> {
             },
             panic_mode: pool.panic_mode,
             slow_start: pool.slow_start,
+            upstream,
+        })
+    }
+
+    fn upstream(
+        &self,
+        table: &str,
+        pool: &RawPool,
+    ) -> Result<crate::client::Upstream, ConfigError> {
+        use crate::tls::UpstreamTlsError;
+        let tls = match (pool.protocol, pool.tls) {
+            (Protocol::H2, Some(false)) => {
+                return Err(self.error(
+                    table,
+                    "tls",
+                    "protocol \"h2\" is HTTP/2 over TLS; use \"h2c\" for HTTP/2 without TLS",
+                ))
+            }
+            (Protocol::H2, _) => true,
+            (_, tls) => tls.unwrap_or(false),
+        };
+        if !tls {
+            for (key, set) in [
+                ("ca_file", pool.ca_file.is_some()),
+                ("server_name", pool.server_name.is_some()),
+                ("client_cert_file", pool.client_cert_file.is_some()),
+                ("client_key_file", pool.client_key_file.is_some()),
+                ("insecure_skip_verify", pool.insecure_skip_verify),
+            ] {
+                if set {
+                    return Err(self.error(
+                        table,
+                        key,
+                        "only applies with tls = true (or protocol = \"h2\")",
+                    ));
+                }
+            }
+            return Ok(crate::client::Upstream {
+                protocol: pool.protocol,
+                tls: None,
+            });
+        }
+        let settings = crate::tls::UpstreamTlsSettings {
+            ca_file: pool.ca_file.clone(),
+            server_name: pool.server_name.clone(),
+            client_cert_file: pool.client_cert_file.clone(),
+            client_key_file: pool.client_key_file.clone(),
+            insecure_skip_verify: pool.insecure_skip_verify,
+            h2: pool.protocol.is_h2(),
+        };
+        let upstream_tls = crate::tls::upstream_tls(&settings).map_err(|e| match e {
+            UpstreamTlsError::CaFile(e) => self.error(table, "ca_file", e.to_string()),
+            UpstreamTlsError::ServerName(m) => self.error(table, "server_name", m),
+            UpstreamTlsError::ClientCert(e) => self.error(table, "client_cert_file", e.to_string()),
+        })?;
+        Ok(crate::client::Upstream {
+            protocol: pool.protocol,
+            tls: Some(std::sync::Arc::new(upstream_tls)),
+        })
+    }
+
+    fn tls_listener(&self, tls: RawTls) -> Result<TlsListenerConfig, ConfigError> {
+        const TABLE: &str = "proxy.tls";
+        let listen = self.addr(TABLE, "listen", &tls.listen)?;
+        if tls.certificates.is_empty() {
+            return Err(self.error(
+                TABLE,
+                "certificates",
+                "list at least one { cert = \"...\", key = \"...\" }",
+            ));
+        }
+        let certificates: Vec<crate::tls::CertificatePaths> = tls
+            .certificates
+            .into_iter()
+            .map(|c| crate::tls::CertificatePaths {
+                cert: c.cert,
+                key: c.key,
+            })
+            .collect();
+        // Loaded here so `switchyard check` reports a bad file; start loads them again.
+        crate::tls::CertStore::load(&certificates, &crate::tls::provider())
+            .map_err(|e| self.error(TABLE, "certificates", e.to_string()))?;
+        let client_auth = match tls.client_ca_file {
+            Some(ca_file) => Some(crate::tls::ClientAuth {
+                ca_file,
+                optional: matches!(tls.client_auth, RawClientAuth::Optional),
+            }),
+            None if matches!(tls.client_auth, RawClientAuth::Optional) => {
+                return Err(self.error(TABLE, "client_auth", "needs client_ca_file"))
+            }
+            None => None,
+        };
+        if let Some(auth) = &client_auth {
+            let probe = std::sync::Arc::new(
+                crate::tls::Certificates::load(certificates.clone())
+                    .map_err(|e| self.error(TABLE, "certificates", e.to_string()))?,
+            );
+            crate::tls::server_config(probe, tls.min_version, Some(auth))
+                .map_err(|e| self.error(TABLE, "client_ca_file", e.to_string()))?;
+        }
+        let handshake_timeout = self.positive(TABLE, "handshake_timeout", tls.handshake_timeout)?;
+        if tls.max_handshakes == 0 {
+            return Err(self.error(TABLE, "max_handshakes", "must be at least 1"));
+        }
+        Ok(TlsListenerConfig {
+            listen,
+            certificates,
+            client_auth,
+            redirect_http: tls.redirect_http,
+            handshake_timeout,
+            max_handshakes: tls.max_handshakes,
+            reload_interval: tls.reload_interval,
+            min_version: tls.min_version,
         })
     }
 }

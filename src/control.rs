@@ -246,6 +246,7 @@ impl Control {
                         Arc::clone(&pool.name),
                         Arc::clone(backend),
                         pool.settings.health.clone(),
+                        pool.settings.upstream.clone(),
                         counters,
                     ))
                     .abort_handle()
@@ -825,7 +826,8 @@ impl Control {
             check.timeout = check
                 .timeout
                 .min(self.probe_timeout.max(Duration::from_millis(100)));
-            set.spawn(async move { health::check_once(&backend, &check).await });
+            let upstream = pool.settings.upstream.clone();
+            set.spawn(async move { health::check_once(&backend, &check, &upstream).await });
         }
         while let Some(result) = set.join_next().await {
             if matches!(result, Ok(Ok(()))) {

@@ -4,15 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use prometheus::IntCounter;
 
 use crate::backend::{Backend, Health};
+use crate::body::RequestBody;
+use crate::client::{self, Upstream};
 use crate::config::HealthConfig;
 use crate::random;
 use crate::routing::Pool;
@@ -86,12 +84,13 @@ pub async fn check_loop(
     pool: Arc<str>,
     backend: Arc<Backend>,
     config: HealthConfig,
+    upstream: Upstream,
     (successes, failures): (IntCounter, IntCounter),
 ) {
     let mut counter = HealthCounter::new(config.healthy_threshold, config.unhealthy_threshold);
     tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
     loop {
-        let outcome = check_once(&backend, &config).await;
+        let outcome = check_once(&backend, &config, &upstream).await;
         if outcome.is_ok() {
             successes.inc()
         } else {
@@ -151,33 +150,43 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
 
 /// One check, bounded by `timeout`: a TCP connect, or an HTTP GET whose status must
 /// be expected (any 2xx by default). The error says why it failed.
-pub async fn check_once(backend: &Backend, config: &HealthConfig) -> Result<(), String> {
+pub async fn check_once(
+    backend: &Backend,
+    config: &HealthConfig,
+    upstream: &Upstream,
+) -> Result<(), String> {
     let check = async {
-        let stream = TcpStream::connect(backend.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
         let Some(http) = &config.http else {
+            TcpStream::connect(backend.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             return Ok(());
         };
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
+        let mut sender = client::connect(backend.addr, upstream, config.timeout)
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
+            .map_err(|e| e.to_string())?;
         let host = http
             .host
             .clone()
             .unwrap_or_else(|| backend.name.to_string());
-        let request = http::Request::get(http.path.as_str())
-            .header(http::header::HOST, host)
-            .header(http::header::USER_AGENT, "switchyard-health-check")
-            .header(http::header::CONNECTION, "close")
-            .body(Empty::new())
+        let mut request = http::Request::get(http.path.as_str())
+            .header(http::header::USER_AGENT, "switchyard-health-check");
+        request = if upstream.protocol.is_h2() {
+            let uri = format!("{}://{host}{}", upstream.scheme(), http.path);
+            request.uri(uri).version(http::Version::HTTP_2)
+        } else {
+            request
+                .header(http::header::HOST, host)
+                .header(http::header::CONNECTION, "close")
+        };
+        let request = request
+            .body(RequestBody::empty())
             .map_err(|e| format!("request: {e}"))?;
         let response = sender
-            .send_request(request)
+            .try_send(request)
             .await
-            .map_err(|e| format!("request: {e}"))?;
+            .map_err(|e| format!("request: {}", e.error()))?;
         let status = response.status().as_u16();
         let expected = if http.expected_status.is_empty() {
             (200..300).contains(&status)

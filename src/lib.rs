@@ -23,3 +23,4 @@ pub mod routing;
 pub mod server;
 pub mod split;
 pub mod state;
+pub mod tls;

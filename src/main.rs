@@ -235,11 +235,30 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
         if stand_ins.is_some() {
             switchyard::demo::print_guide(&config, running.proxy_addr, running.admin_addr);
         }
-        signals.wait().await;
+        signals.wait(&running.shared).await;
         running.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// SIGHUP reloads the TLS certificates; the rest of the configuration is read at start
+/// only, which the log says so nobody waits for a change that will not come.
+fn reload_on_hangup(shared: &std::sync::Arc<switchyard::server::Shared>) {
+    use switchyard::server::ReloadError;
+    let shared = std::sync::Arc::clone(shared);
+    tokio::spawn(async move {
+        match shared.reload_tls().await {
+            Ok(_) => tracing::info!(
+                "SIGHUP: certificates reloaded (other configuration changes need a restart)"
+            ),
+            Err(ReloadError::NotConfigured) => tracing::warn!(
+                "SIGHUP received: no [proxy.tls] to reload, and configuration reload needs a restart; ignored"
+            ),
+            // Already logged with the reason by the reload.
+            Err(ReloadError::Refused(_)) => {}
+        }
+    });
 }
 
 struct Signals {
@@ -261,13 +280,13 @@ impl Signals {
     }
 
     /// Returns at the first SIGTERM or SIGINT.
-    async fn wait(mut self) {
+    async fn wait(mut self, shared: &std::sync::Arc<switchyard::server::Shared>) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => tracing::info!("SIGTERM received"),
                 _ = self.int.recv() => tracing::info!("SIGINT received"),
                 _ = self.hup.recv() => {
-                    tracing::warn!("SIGHUP received: configuration reload is not supported yet; ignored");
+                    reload_on_hangup(shared);
                     continue;
                 }
             }

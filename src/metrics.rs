@@ -33,6 +33,10 @@ pub struct Metrics {
     traffic_changes: IntCounterVec,
     connections_open: IntGaugeVec,
     pub access_log_dropped: IntCounter,
+    pub tls_reloads: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub tls_certificate_expiry: GaugeVec,
+    pub http2_reset_floods: IntCounter,
     /// Requests that matched no service.
     unrouted: Arc<CodeCounters>,
 }
@@ -98,6 +102,31 @@ impl Metrics {
             "switchyard_access_log_dropped_total",
             "Access log lines dropped because the log sink could not keep up.",
         ));
+        let tls_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_tls_reloads_total",
+                "Certificate reloads (SIGHUP, admin API, changed files), by result (success or failure); on failure the previous certificates stay in use.",
+            ),
+            &["result"],
+        ));
+        let tls_handshake_failures = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_tls_handshake_failures_total",
+                "TLS handshakes on the HTTPS listener that did not complete, by reason (timeout or error).",
+            ),
+            &["reason"],
+        ));
+        let tls_certificate_expiry = must(GaugeVec::new(
+            Opts::new(
+                "switchyard_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate in use expires (its notAfter), as a Unix time.",
+            ),
+            &["cert_file"],
+        ));
+        let http2_reset_floods = must(IntCounter::new(
+            "switchyard_http2_reset_flood_connections_closed_total",
+            "HTTP/2 client connections closed because the client cancelled most of its streams before an answer (the rapid-reset pattern).",
+        ));
         let build_info = must(IntGaugeVec::new(
             Opts::new(
                 "switchyard_build_info",
@@ -117,6 +146,10 @@ impl Metrics {
             Box::new(traffic_changes.clone()),
             Box::new(connections_open.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(tls_reloads.clone()),
+            Box::new(tls_handshake_failures.clone()),
+            Box::new(tls_certificate_expiry.clone()),
+            Box::new(http2_reset_floods.clone()),
             Box::new(build_info),
             Box::new(LiveCollector::new(state)),
         ] {
@@ -133,6 +166,10 @@ impl Metrics {
             traffic_changes,
             connections_open,
             access_log_dropped,
+            tls_reloads,
+            tls_handshake_failures,
+            tls_certificate_expiry,
+            http2_reset_floods,
             unrouted,
         })
     }
@@ -176,6 +213,18 @@ impl Metrics {
         self.traffic_changes
             .with_label_values(&[service, kind])
             .inc();
+    }
+
+    /// Replaces the expiry series with those of the certificates now in use.
+    pub fn set_certificates(&self, certificates: &[crate::tls::CertificateInfo]) {
+        self.tls_certificate_expiry.reset();
+        for cert in certificates {
+            if let Some(not_after) = cert.not_after {
+                self.tls_certificate_expiry
+                    .with_label_values(&[&cert.cert_file.display().to_string()])
+                    .set(not_after as f64);
+            }
+        }
     }
 
     pub fn connections(&self, listener: &str) -> IntGauge {

@@ -18,7 +18,7 @@ use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::{Backend, InFlight};
 use crate::balancer;
 use crate::body::{Finish, PendingLog, ProxyBody, RequestBody, RequestBodyError};
-use crate::client::{self, ConnectError, Sender};
+use crate::client::{ConnectError, Sender, Upstream};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
@@ -189,12 +189,15 @@ impl Proxy {
         };
         trace.pool = Some(Arc::clone(&pool));
 
-        let upgrade =
-            req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let upstream = &pool.settings.upstream;
+        // Upgrades (WebSocket) are HTTP/1.1 only, on both sides.
+        let upgrade = req.version() == Version::HTTP_11
+            && !upstream.protocol.is_h2()
+            && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        prepare_upstream_request(&mut parts, client, tls, upgrade)?;
+        prepare_upstream_request(&mut parts, client, tls, upgrade, upstream)?;
         let body = RequestBody::new(body, self.settings.max_request_body);
         let replay = (self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
@@ -238,7 +241,15 @@ impl Proxy {
                 break;
             };
             let in_flight = backend.track();
-            match self.send_to(backend, req, connect_metric.as_ref()).await {
+            match self
+                .send_to(
+                    backend,
+                    &pool.settings.upstream,
+                    req,
+                    connect_metric.as_ref(),
+                )
+                .await
+            {
                 Ok((response, sender)) => {
                     health::report(pool, backend, !response.status().is_server_error());
                     trace.backend = Some(index);
@@ -285,6 +296,7 @@ impl Proxy {
     async fn send_to(
         &self,
         backend: &Backend,
+        upstream: &Upstream,
         mut req: Request<RequestBody>,
         connect_metric: Option<&Histogram>,
     ) -> Result<(Response<Incoming>, Sender), AttemptError> {
@@ -293,7 +305,11 @@ impl Proxy {
                 Some(sender) => (sender, true),
                 None => {
                     let started = Instant::now();
-                    match client::connect(backend.addr, self.settings.connect_timeout).await {
+                    let connected = backend
+                        .conns
+                        .connect(backend.addr, upstream, self.settings.connect_timeout)
+                        .await;
+                    match connected {
                         Ok(sender) => {
                             if let Some(metric) = connect_metric {
                                 metric.observe(started.elapsed().as_secs_f64());
@@ -306,7 +322,7 @@ impl Proxy {
             };
             let timeout = self.settings.upstream_header_timeout;
             let body_sent = req.body_mut().notify_end();
-            let exchange = sender.try_send_request(req);
+            let exchange = sender.try_send(req);
             let deadline = async {
                 if let Some(body_sent) = body_sent {
                     let _ = body_sent.await;
@@ -386,6 +402,7 @@ fn prepare_upstream_request(
     client: SocketAddr,
     tls: bool,
     upgrade: bool,
+    upstream: &Upstream,
 ) -> Result<(), ProxyError> {
     let original_host = match parts.headers.get(HOST) {
         Some(host) => Some(host.clone()),
@@ -410,6 +427,27 @@ fn prepare_upstream_request(
         original_host.as_ref(),
         parts.version,
     );
+    if upstream.protocol.is_h2() {
+        // HTTP/2 carries the host as `:authority` and needs `:scheme`.
+        let authority = match parts.headers.remove(HOST) {
+            Some(host) => http::uri::Authority::try_from(host.as_bytes())
+                .map_err(|_| ProxyError::BadRequest)?,
+            None => http::uri::Authority::from_static("localhost"),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(upstream.scheme());
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+        parts.version = Version::HTTP_2;
+        return Ok(());
+    }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // Upstreams get origin-form, byte for byte the path and query the client sent.
         let origin = match parts.uri.path_and_query() {

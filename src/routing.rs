@@ -133,6 +133,7 @@ pub struct PoolSettings {
     pub passive: PassiveConfig,
     pub panic_mode: PanicMode,
     pub slow_start: Option<Duration>,
+    pub upstream: crate::client::Upstream,
 }
 
 impl PoolSettings {
@@ -143,6 +144,7 @@ impl PoolSettings {
             passive: pool.passive.clone(),
             panic_mode: pool.panic_mode,
             slow_start: pool.slow_start,
+            upstream: pool.upstream.clone(),
         }
     }
 }
@@ -159,6 +161,7 @@ impl Default for PoolSettings {
             },
             panic_mode: PanicMode::FailOpen,
             slow_start: None,
+            upstream: crate::client::Upstream::default(),
         }
     }
 }

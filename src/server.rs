@@ -12,19 +12,26 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use std::sync::atomic::AtomicU32;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+
 use crate::accesslog::AccessLog;
 use crate::admin;
+use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::control::Control;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::routing::RoutingTable;
+use crate::tls::{CertStore, CertificateInfo, Certificates};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -36,6 +43,8 @@ pub enum ServerError {
     },
     #[error("state.path: {0}")]
     State(#[from] crate::control::ControlError),
+    #[error("proxy.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What the admin API and the lifecycle share with the data plane.
@@ -45,11 +54,40 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub token: Option<String>,
     pub metrics_require_token: bool,
+    /// The HTTPS listener's certificates, when there is one.
+    pub certificates: Option<Arc<Certificates>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no [proxy.tls] listener is configured")]
+    NotConfigured,
+    #[error("{0}")]
+    Refused(#[from] crate::tls::TlsError),
 }
 
 impl Shared {
     pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
         self.control.table()
+    }
+
+    /// Reads the certificate files again and swaps them in for new handshakes; on any
+    /// error the certificates in use stay. Open connections are never touched.
+    pub async fn reload_tls(&self) -> Result<Vec<CertificateInfo>, ReloadError> {
+        let certificates = self
+            .certificates
+            .as_ref()
+            .ok_or(ReloadError::NotConfigured)?;
+        let certs = Arc::clone(certificates);
+        let result = tokio::task::spawn_blocking(move || certs.reload())
+            .await
+            .unwrap_or_else(|e| Err(crate::tls::TlsError::Rustls(e.to_string())));
+        self.record_reload(&result);
+        Ok(result?.info.clone())
+    }
+
+    fn record_reload(&self, result: &Result<Arc<CertStore>, crate::tls::TlsError>) {
+        record_reload(self.control.metrics(), result);
     }
 
     /// Ready to take traffic: not shutting down, and every backend checked once.
@@ -62,6 +100,7 @@ impl Shared {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -103,6 +142,30 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         })?;
     let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
+    let tls = match &config.proxy.tls {
+        None => None,
+        Some(tls) => {
+            let listener =
+                TcpListener::bind(tls.listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        what: "proxy.tls.listen",
+                        addr: tls.listen,
+                        source,
+                    })?;
+            let certificates = Arc::new(Certificates::load(tls.certificates.clone())?);
+            let server_config = crate::tls::server_config(
+                Arc::clone(&certificates),
+                tls.min_version,
+                tls.client_auth.as_ref(),
+            )?;
+            Some((listener, certificates, server_config))
+        }
+    };
+    let tls_addr = tls
+        .as_ref()
+        .zip(config.proxy.tls.as_ref())
+        .map(|((l, _, _), t)| local_addr(l, t.listen));
 
     let control = Arc::new(Control::start(config.clone()));
     control.persist_now().await?;
@@ -112,7 +175,20 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         ready: AtomicBool::new(true),
         token: config.admin.token.clone(),
         metrics_require_token: config.admin.metrics_require_token,
+        certificates: tls
+            .as_ref()
+            .map(|(_, certificates, _)| Arc::clone(certificates)),
     });
+    if let Some(certificates) = &shared.certificates {
+        let store = certificates.current();
+        control.metrics().set_certificates(&store.info);
+        for cert in &store.info {
+            tracing::info!(cert_file = %cert.cert_file.display(), names = %cert.names.join(","), "certificate loaded");
+            if cert.not_after.is_some_and(|t| t < crate::tls::now_unix()) {
+                tracing::warn!(cert_file = %cert.cert_file.display(), "certificate has expired");
+            }
+        }
+    }
     let proxy = Arc::new(Proxy {
         table: Arc::clone(control.table()),
         settings: ProxySettings {
@@ -131,15 +207,18 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     tracing::info!(
         proxy_addr = %proxy_addr,
         admin_addr = %admin_addr,
+        tls_addr = %tls_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         pools = %describe_pools(&config),
         services = %describe_services(&config),
         "switchyard listening"
     );
 
     let (stop, stop_rx) = watch::channel(false);
+    let tls_listener = tls.map(|(listener, _, server_config)| (listener, server_config));
     let task = tokio::spawn(lifecycle(
         config,
         proxy_listener,
+        tls_listener,
         admin_listener,
         proxy,
         Arc::clone(&shared),
@@ -148,6 +227,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
         shared,
         stop,
         task,
@@ -191,6 +271,7 @@ fn describe_services(config: &Config) -> String {
 async fn lifecycle(
     config: Config,
     proxy_listener: TcpListener,
+    tls_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     admin_listener: TcpListener,
     proxy: Arc<Proxy>,
     shared: Arc<Shared>,
@@ -211,19 +292,71 @@ async fn lifecycle(
         }
     });
 
-    let graceful = GracefulShutdown::new();
-    let accept_task = {
-        let settings = config.proxy.clone();
-        let open = shared.control.metrics().connections("http");
-        tokio::spawn(accept_loop(
-            proxy_listener,
-            proxy,
-            settings,
-            graceful,
-            stop_accepting,
-            open,
-        ))
+    let tracker = Arc::new(ConnTracker::new());
+    let builders = Arc::new(Builders::new(&config.proxy));
+    let metrics = Arc::clone(shared.control.metrics());
+    let mut accept_tasks = Vec::new();
+    let mut file_watcher = None;
+    let plain = Listener {
+        kind: ListenerKind::Plain {
+            h2c: config.proxy.h2c,
+            redirect_to_port: config
+                .proxy
+                .tls
+                .as_ref()
+                .filter(|t| t.redirect_http)
+                .map(|t| {
+                    tls_listener
+                        .as_ref()
+                        .and_then(|(l, _)| l.local_addr().ok())
+                        .map_or(t.listen.port(), |a| a.port())
+                }),
+        },
+        open: metrics.connections("http"),
     };
+    accept_tasks.push(tokio::spawn(accept_loop(
+        proxy_listener,
+        plain,
+        Arc::clone(&proxy),
+        config.proxy.max_connections,
+        Arc::clone(&builders),
+        Arc::clone(&tracker),
+        stop_accepting.clone(),
+        Arc::clone(&metrics),
+    )));
+    if let (Some((listener, server_config)), Some(tls)) = (tls_listener, &config.proxy.tls) {
+        let kind = ListenerKind::Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+            handshake_timeout: tls.handshake_timeout,
+            handshakes: Arc::new(Semaphore::new(tls.max_handshakes)),
+        };
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            Listener {
+                kind,
+                open: metrics.connections("https"),
+            },
+            Arc::clone(&proxy),
+            config.proxy.max_connections,
+            Arc::clone(&builders),
+            Arc::clone(&tracker),
+            stop_accepting.clone(),
+            Arc::clone(&metrics),
+        )));
+        if let Some(certificates) = &shared.certificates {
+            if !tls.reload_interval.is_zero() {
+                let metrics = Arc::clone(&metrics);
+                file_watcher = Some(tokio::spawn(crate::tls::watch_files(
+                    Arc::clone(certificates),
+                    tls.reload_interval,
+                    move |result| {
+                        tracing::info!("certificate files changed on disk");
+                        record_reload(&metrics, result);
+                    },
+                )));
+            }
+        }
+    }
 
     let _ = stop.wait_for(|s| *s).await;
     shared.ready.store(false, Ordering::SeqCst);
@@ -237,19 +370,20 @@ async fn lifecycle(
         tokio::time::sleep(delay).await;
     }
     let _ = stop_accepting_tx.send(true);
-    let graceful = match accept_task.await {
-        Ok(graceful) => graceful,
-        Err(e) => {
+    for task in accept_tasks {
+        if let Err(e) = task.await {
             tracing::error!("accept loop failed: {e}");
-            GracefulShutdown::new()
         }
-    };
+    }
+    if let Some(watcher) = file_watcher {
+        watcher.abort();
+    }
     tracing::info!("stopped accepting; waiting for in-flight requests");
     let deadline = tokio::time::Instant::now() + config.proxy.shutdown_timeout;
     // HTTP connections first, then what outlives them: upgraded tunnels (WebSockets)
     // still count as in flight on their backends.
     let drained = tokio::time::timeout_at(deadline, async {
-        graceful.shutdown().await;
+        tracker.shutdown().await;
         loop {
             let busy: u64 = shared
                 .table()
@@ -286,35 +420,118 @@ async fn lifecycle(
     }
 }
 
-/// Accepts until told to stop, then hands back the graceful-shutdown watcher that
-/// tracks the connections still open.
+/// The three ways a client connection is served: both HTTP versions by detection
+/// (plain port with h2c on), or exactly one (chosen by ALPN on TLS; HTTP/1.1 on a plain
+/// port without h2c).
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+#[derive(Clone, Copy)]
+enum Served {
+    Detect,
+    Http1,
+    Http2,
+}
+
+impl Builders {
+    fn new(settings: &crate::config::ProxyConfig) -> Builders {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.client_header_timeout)
+            .max_buf_size(settings.max_header_size.max(8192))
+            .keep_alive(true);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.client_header_timeout)
+            .max_buf_size(settings.max_header_size.max(8192))
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        macro_rules! http2_settings {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(settings.max_header_size as u32)
+                    .max_concurrent_streams(settings.http2_max_concurrent_streams)
+                    // Streams the client resets before the proxy has even seen them, and
+                    // streams the proxy had to reset for protocol errors: past these the
+                    // connection is closed (h2's defenses against reset floods).
+                    .max_pending_accept_reset_streams(Some(20))
+                    .max_local_error_reset_streams(Some(256))
+                    // Idle HTTP/2 connections are pinged and closed when the peer is
+                    // gone, the counterpart of the HTTP/1 header-read timer.
+                    .keep_alive_interval(settings.client_header_timeout)
+                    .keep_alive_timeout(Duration::from_secs(20))
+            };
+        }
+        http2_settings!(auto.http2());
+        http2_settings!(http2);
+        Builders { auto, http1, http2 }
+    }
+}
+
+/// Client connections still open, for the graceful shutdown: each holds a receiver
+/// that says when to finish, and the shutdown waits for every receiver to be dropped.
+struct ConnTracker {
+    stop: watch::Sender<bool>,
+}
+
+impl ConnTracker {
+    fn new() -> ConnTracker {
+        ConnTracker {
+            stop: watch::channel(false).0,
+        }
+    }
+
+    fn watcher(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        self.stop.closed().await;
+    }
+}
+
+struct Listener {
+    kind: ListenerKind,
+    open: prometheus::IntGauge,
+}
+
+#[derive(Clone)]
+enum ListenerKind {
+    Plain {
+        h2c: bool,
+        /// Every request is answered with a redirect to HTTPS on this port.
+        redirect_to_port: Option<u16>,
+    },
+    Tls {
+        acceptor: tokio_rustls::TlsAcceptor,
+        handshake_timeout: Duration,
+        /// Handshakes are the expensive part of a TLS connection: only this many at
+        /// once, the rest wait (within their handshake timeout).
+        handshakes: Arc<Semaphore>,
+    },
+}
+
+/// Accepts until told to stop. Connections are watched by `tracker`, so the shutdown
+/// can wait for them.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
+    config: Listener,
     proxy: Arc<Proxy>,
-    settings: crate::config::ProxyConfig,
-    graceful: GracefulShutdown,
+    max_connections: usize,
+    builders: Arc<Builders>,
+    tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
-    connections_open: prometheus::IntGauge,
-) -> GracefulShutdown {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.client_header_timeout)
-        .max_buf_size(settings.max_header_size.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_size as u32)
-        // Idle HTTP/2 connections are pinged and closed when the peer is gone, the
-        // counterpart of the HTTP/1 header-read timer.
-        .keep_alive_interval(settings.client_header_timeout)
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
-    let open = connections_open;
-
+    metrics: Arc<Metrics>,
+) {
+    let limit = Arc::new(Semaphore::new(max_connections));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -331,30 +548,262 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            tokio::spawn(refuse(stream, ProxyError::Overloaded));
+            if matches!(config.kind, ListenerKind::Plain { .. }) {
+                tokio::spawn(refuse(stream, ProxyError::Overloaded));
+            }
+            // A TLS client cannot read a plain answer: closing is all there is.
             continue;
         };
         let _ = stream.set_nodelay(true);
-        open.inc();
-        let open = open.clone();
+        config.open.inc();
+        let open = config.open.clone();
+        let watcher = tracker.watcher();
         let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, false).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builders = Arc::clone(&builders);
+        let metrics = Arc::clone(&metrics);
+        let kind = config.kind.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "client connection ended: {e}");
+            match kind {
+                ListenerKind::Plain {
+                    h2c,
+                    redirect_to_port,
+                } => {
+                    let served = if h2c { Served::Detect } else { Served::Http1 };
+                    let conn = Connection {
+                        proxy,
+                        peer,
+                        tls: false,
+                        redirect_to_port,
+                        metrics,
+                    };
+                    conn.serve(&builders, served, stream, watcher).await;
+                }
+                ListenerKind::Tls {
+                    acceptor,
+                    handshake_timeout,
+                    handshakes,
+                } => {
+                    let handshake = tokio::time::timeout(handshake_timeout, async {
+                        let _slot = handshakes.acquire().await;
+                        acceptor.accept(stream).await
+                    })
+                    .await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            metrics
+                                .tls_handshake_failures
+                                .with_label_values(&["error"])
+                                .inc();
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            drop(watcher);
+                            open.dec();
+                            drop(permit);
+                            return;
+                        }
+                        Err(_) => {
+                            metrics
+                                .tls_handshake_failures
+                                .with_label_values(&["timeout"])
+                                .inc();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            drop(watcher);
+                            open.dec();
+                            drop(permit);
+                            return;
+                        }
+                    };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let served = if h2 { Served::Http2 } else { Served::Http1 };
+                    let conn = Connection {
+                        proxy,
+                        peer,
+                        tls: true,
+                        redirect_to_port: None,
+                        metrics,
+                    };
+                    conn.serve(&builders, served, stream, watcher).await;
+                }
             }
             open.dec();
             drop(permit);
         });
     }
-    graceful
+}
+
+/// One client connection after accept (and TLS handshake).
+struct Connection {
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    tls: bool,
+    redirect_to_port: Option<u16>,
+    metrics: Arc<Metrics>,
+}
+
+/// A client that cancels at least this many streams before their answer, and more
+/// than half of all it opened, is closed (Envoy's premature-reset rule): each
+/// cancelled stream may have cost an upstream request.
+const RESET_FLOOD_MIN_CANCELLED: u32 = 200;
+
+#[derive(Default)]
+struct StreamCounts {
+    opened: AtomicU32,
+    cancelled: AtomicU32,
+    flood: tokio::sync::Notify,
+}
+
+/// Counts an HTTP/2 stream as cancelled unless it is disarmed (the answer was ready).
+struct CancelGuard(Option<Arc<StreamCounts>>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(counts) = self.0.take() {
+            let cancelled = counts.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            let opened = counts.opened.load(Ordering::Relaxed);
+            if cancelled >= RESET_FLOOD_MIN_CANCELLED && cancelled * 2 > opened {
+                counts.flood.notify_one();
+            }
+        }
+    }
+}
+
+impl Connection {
+    async fn serve<S>(
+        self,
+        builders: &Builders,
+        served: Served,
+        stream: S,
+        stop: watch::Receiver<bool>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let counts = Arc::new(StreamCounts::default());
+        let metrics = Arc::clone(&self.metrics);
+        let this = Arc::new(self);
+        let service_counts = Arc::clone(&counts);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let this = Arc::clone(&this);
+            let counts = Arc::clone(&service_counts);
+            async move {
+                if let Some(port) = this.redirect_to_port {
+                    return Ok::<_, Infallible>(redirect_to_https(&req, port));
+                }
+                let mut guard = CancelGuard(None);
+                if req.version() == Version::HTTP_2 {
+                    counts.opened.fetch_add(1, Ordering::Relaxed);
+                    guard.0 = Some(counts);
+                }
+                let response = this.proxy.handle(req, this.peer, this.tls).await;
+                guard.0 = None;
+                Ok(response)
+            }
+        });
+        let io = TokioIo::new(stream);
+        // One driver for three connection types that share no trait with a
+        // `graceful_shutdown` method.
+        macro_rules! drive_to_end {
+            ($conn:expr) => {
+                drive(
+                    $conn,
+                    |c| c.graceful_shutdown(),
+                    stop,
+                    &counts,
+                    &metrics,
+                    peer,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+        }
+        let ended = match served {
+            Served::Detect => {
+                drive_to_end!(builders.auto.serve_connection_with_upgrades(io, service))
+            }
+            Served::Http1 => {
+                drive_to_end!(builders.http1.serve_connection(io, service).with_upgrades())
+            }
+            Served::Http2 => drive_to_end!(builders.http2.serve_connection(io, service)),
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, "client connection ended: {e}");
+        }
+    }
+}
+
+/// Runs one connection to its end: asked to stop, it finishes what it has in hand
+/// (graceful shutdown); flooding with cancelled streams, it is dropped on the spot.
+async fn drive<C, E>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+    counts: &StreamCounts,
+    metrics: &Metrics,
+    peer: SocketAddr,
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = async { drop(stop.wait_for(|s| *s).await) } => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+        () = counts.flood.notified() => {
+            metrics.http2_reset_floods.inc();
+            tracing::warn!(
+                %peer,
+                opened = counts.opened.load(Ordering::Relaxed),
+                cancelled = counts.cancelled.load(Ordering::Relaxed),
+                "closing an HTTP/2 connection that cancels most of its streams (rapid reset)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `redirect_http`: the same host and path on HTTPS, 308 so the method and body stay.
+fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
+    let host = crate::routing::request_host(req);
+    if host.is_empty() {
+        return ProxyError::BadRequest.response();
+    }
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let Ok(location) = http::HeaderValue::try_from(location) else {
+        return ProxyError::BadRequest.response();
+    };
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    response
+        .headers_mut()
+        .insert(http::header::LOCATION, location);
+    response
+}
+
+fn record_reload(metrics: &Metrics, result: &Result<Arc<CertStore>, crate::tls::TlsError>) {
+    match result {
+        Ok(store) => {
+            metrics.tls_reloads.with_label_values(&["success"]).inc();
+            metrics.set_certificates(&store.info);
+            tracing::info!(
+                certificates = store.info.len(),
+                "certificates reloaded; new handshakes use them"
+            );
+        }
+        Err(e) => {
+            metrics.tls_reloads.with_label_values(&["failure"]).inc();
+            tracing::error!(
+                "certificate reload refused, the previous certificates stay in use: {e}"
+            );
+        }
+    }
 }
 
 /// Answers a connection the proxy will not serve with a complete HTTP response. The

@@ -30,6 +30,8 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+pub mod tls;
+
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
 
 // ------------------------------------------------------------------------------------
@@ -403,6 +405,7 @@ pub struct ProxyProcess {
     pub child: Child,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -438,6 +441,7 @@ impl ProxyProcess {
         ProxyProcess {
             proxy_addr: listen_field(&line, "proxy_addr"),
             admin_addr: listen_field(&line, "admin_addr"),
+            tls_addr: (!line.contains("tls_addr=off")).then(|| listen_field(&line, "tls_addr")),
             child,
             dir,
         }
