@@ -145,6 +145,12 @@ impl ConnPool {
         });
     }
 
+    /// The shared HTTP/2 connection refused a request: forget it, so the next request
+    /// opens a new one instead of offering to this one again.
+    pub fn forget_shared(&self) {
+        self.shared_h2.store(None);
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.len()
     }

@@ -134,10 +134,10 @@ struct RawTls {
     listen: String,
     certificates: Vec<RawCertificate>,
     client_ca_file: Option<PathBuf>,
-    #[serde(default)]
-    client_auth: RawClientAuth,
+    client_auth: Option<RawClientAuth>,
     #[serde(default)]
     redirect_http: bool,
+    redirect_port: Option<u16>,
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     handshake_timeout: Duration,
     #[serde(default = "default_max_handshakes")]
@@ -155,10 +155,9 @@ struct RawCertificate {
     key: PathBuf,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum RawClientAuth {
-    #[default]
     Required,
     Optional,
 }
@@ -463,6 +462,10 @@ pub struct TlsListenerConfig {
     pub client_auth: Option<crate::tls::ClientAuth>,
     /// The plain listener answers every request with a redirect to HTTPS.
     pub redirect_http: bool,
+    /// The port in the redirect's `Location`, when clients reach the HTTPS listener
+    /// on another port than it listens on (NAT, container port mapping); default: its
+    /// own port.
+    pub redirect_port: Option<u16>,
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
     /// How often the certificate files are checked for changes; zero: never.
@@ -831,6 +834,7 @@ impl Validator<'_> {
                 return Err(self.error("proxy.tls", "listen", "must differ from proxy.listen"));
             }
         }
+        let tls_listen = proxy.tls.as_ref().map(|t| t.listen);
         let admin_listen = self.addr("admin", "listen", &raw.admin.listen)?;
         let token = match &raw.admin.token_file {
             None => None,
@@ -872,6 +876,9 @@ impl Validator<'_> {
         };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
             return Err(self.error("admin", "listen", "must differ from proxy.listen"));
+        }
+        if Some(admin.listen) == tls_listen && admin.listen.port() != 0 {
+            return Err(self.error("admin", "listen", "must differ from proxy.tls.listen"));
         }
 
         if raw.pools.is_empty() {
@@ -1100,6 +1107,13 @@ impl Validator<'_> {
                 ))
             }
             (Protocol::H2, _) => true,
+            (Protocol::H2c, Some(true)) => {
+                return Err(self.error(
+                    table,
+                    "tls",
+                    "protocol \"h2c\" is HTTP/2 without TLS; use \"h2\" for HTTP/2 over TLS",
+                ))
+            }
             (_, tls) => tls.unwrap_or(false),
         };
         if !tls {
@@ -1163,15 +1177,21 @@ impl Validator<'_> {
         // Loaded here so `switchyard check` reports a bad file; start loads them again.
         crate::tls::CertStore::load(&certificates, &crate::tls::provider())
             .map_err(|e| self.error(TABLE, "certificates", e.to_string()))?;
-        let client_auth = match tls.client_ca_file {
-            Some(ca_file) => Some(crate::tls::ClientAuth {
+        let client_auth = match (tls.client_ca_file, tls.client_auth) {
+            (Some(ca_file), mode) => Some(crate::tls::ClientAuth {
                 ca_file,
-                optional: matches!(tls.client_auth, RawClientAuth::Optional),
+                optional: matches!(mode, Some(RawClientAuth::Optional)),
             }),
-            None if matches!(tls.client_auth, RawClientAuth::Optional) => {
-                return Err(self.error(TABLE, "client_auth", "needs client_ca_file"))
+            // Written but without a CA, client certificates would silently not be
+            // asked for: refuse rather than serve unauthenticated.
+            (None, Some(_)) => {
+                return Err(self.error(
+                    TABLE,
+                    "client_auth",
+                    "needs client_ca_file (the CA that issues the client certificates)",
+                ))
             }
-            None => None,
+            (None, None) => None,
         };
         if let Some(auth) = &client_auth {
             let probe = std::sync::Arc::new(
@@ -1190,6 +1210,23 @@ impl Validator<'_> {
             certificates,
             client_auth,
             redirect_http: tls.redirect_http,
+            redirect_port: match (tls.redirect_port, tls.redirect_http) {
+                (Some(0), _) => {
+                    return Err(self.error(
+                        TABLE,
+                        "redirect_port",
+                        "must be a port number (1-65535)",
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(self.error(
+                        TABLE,
+                        "redirect_port",
+                        "only applies with redirect_http = true",
+                    ))
+                }
+                (port, _) => port,
+            },
             handshake_timeout,
             max_handshakes: tls.max_handshakes,
             reload_interval: tls.reload_interval,

@@ -74,7 +74,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Is this request asking to switch protocols (WebSocket and the like)?
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    // `Upgrade: h2c` (curl --http2 on http://) is a hop-by-hop offer to this proxy, not
+    // something to tunnel to a backend: it is dropped and the request served as is.
+    headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"))
         && headers
             .get_all(header::CONNECTION)
             .iter()

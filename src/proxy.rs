@@ -336,7 +336,12 @@ impl Proxy {
             match outcome {
                 Ok(response) => return Ok((response, sender)),
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) if pooled => req = unsent,
+                    Some(unsent) if pooled => {
+                        if let Sender::H2(_) = sender {
+                            backend.conns.forget_shared();
+                        }
+                        req = unsent;
+                    }
                     Some(unsent) => {
                         return Err(AttemptError::NotSent(
                             Box::new(unsent),

@@ -179,6 +179,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             .as_ref()
             .map(|(_, certificates, _)| Arc::clone(certificates)),
     });
+    for pool in &config.pools {
+        if pool.upstream.tls.as_ref().is_some_and(|t| t.unverified) {
+            tracing::warn!(
+                pool = %pool.name,
+                "insecure_skip_verify: this pool's backend certificates are not verified; anyone on the path can pose as them"
+            );
+        }
+    }
     if let Some(certificates) = &shared.certificates {
         let store = certificates.current();
         control.metrics().set_certificates(&store.info);
@@ -294,6 +302,8 @@ async fn lifecycle(
 
     let tracker = Arc::new(ConnTracker::new());
     let builders = Arc::new(Builders::new(&config.proxy));
+    // One limit for both listeners: `max_connections` is what the process can hold.
+    let connection_limit = Arc::new(Semaphore::new(config.proxy.max_connections));
     let metrics = Arc::clone(shared.control.metrics());
     let mut accept_tasks = Vec::new();
     let mut file_watcher = None;
@@ -306,10 +316,12 @@ async fn lifecycle(
                 .as_ref()
                 .filter(|t| t.redirect_http)
                 .map(|t| {
-                    tls_listener
-                        .as_ref()
-                        .and_then(|(l, _)| l.local_addr().ok())
-                        .map_or(t.listen.port(), |a| a.port())
+                    t.redirect_port.unwrap_or_else(|| {
+                        tls_listener
+                            .as_ref()
+                            .and_then(|(l, _)| l.local_addr().ok())
+                            .map_or(t.listen.port(), |a| a.port())
+                    })
                 }),
         },
         open: metrics.connections("http"),
@@ -318,7 +330,7 @@ async fn lifecycle(
         proxy_listener,
         plain,
         Arc::clone(&proxy),
-        config.proxy.max_connections,
+        Arc::clone(&connection_limit),
         Arc::clone(&builders),
         Arc::clone(&tracker),
         stop_accepting.clone(),
@@ -337,7 +349,7 @@ async fn lifecycle(
                 open: metrics.connections("https"),
             },
             Arc::clone(&proxy),
-            config.proxy.max_connections,
+            Arc::clone(&connection_limit),
             Arc::clone(&builders),
             Arc::clone(&tracker),
             stop_accepting.clone(),
@@ -525,13 +537,12 @@ async fn accept_loop(
     listener: TcpListener,
     config: Listener,
     proxy: Arc<Proxy>,
-    max_connections: usize,
+    limit: Arc<Semaphore>,
     builders: Arc<Builders>,
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -770,6 +781,12 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> 
     if host.is_empty() {
         return ProxyError::BadRequest.response();
     }
+    // An IPv6 literal lost its brackets with the port.
+    let host: std::borrow::Cow<str> = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]").into()
+    } else {
+        host.into()
+    };
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let location = if port == 443 {
         format!("https://{host}{path}")

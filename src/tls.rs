@@ -301,6 +301,8 @@ pub struct UpstreamTls {
     pub config: Arc<ClientConfig>,
     /// The name to send as SNI and verify; without it, the backend's IP address.
     pub server_name: Option<ServerName<'static>>,
+    /// `insecure_skip_verify`: any certificate is accepted.
+    pub unverified: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -378,6 +380,7 @@ pub fn upstream_tls(settings: &UpstreamTlsSettings) -> Result<UpstreamTls, Upstr
     Ok(UpstreamTls {
         config: Arc::new(config),
         server_name,
+        unverified: settings.insecure_skip_verify,
     })
 }
 

@@ -347,3 +347,24 @@ async fn options_and_delete_methods_pass_through() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_h2c_upgrade_offer_is_dropped_not_tunnelled() {
+    let (_upstream, proxy) = one_backend().await;
+    let request = Request::get(format!("http://{}/echo", proxy.proxy_addr))
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+        .body(empty())
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let echo = answer.json();
+    assert_eq!(echo["version"], "HTTP/1.1");
+    for name in ["upgrade", "http2-settings"] {
+        assert!(
+            echo["headers"].get(name).is_none(),
+            "{name} reached the upstream: {echo}"
+        );
+    }
+}

@@ -370,6 +370,7 @@ fn upstream_tls_settings_are_checked_when_the_config_is_loaded() {
             "pools.rpc.ca_file",
         ),
         ("protocol = \"h2\"\ntls = false", "pools.rpc.tls"),
+        ("protocol = \"h2c\"\ntls = true", "pools.rpc.tls"),
         (
             "tls = true\ninsecure_skip_verify = true\nclient_cert_file = \"/c.pem\"",
             "pools.rpc.client_cert_file",

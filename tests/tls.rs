@@ -382,12 +382,140 @@ async fn the_plain_port_redirects_to_https_when_asked() {
         answer.header("location"),
         Some(format!("https://app.test:{port}/a/b?c=d").as_str())
     );
+    // An IPv6 literal keeps its brackets.
+    let request = http::Request::get(format!("http://{}/", site.proxy.proxy_addr))
+        .header("host", "[::1]:8080")
+        .body(empty())
+        .unwrap();
+    let answer = send(&common::client(), request).await;
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("https://[::1]:{port}/").as_str())
+    );
     // The HTTPS side serves as usual.
     let client = TlsClient::new(&site.ca, &["h2"]);
     let mut session = Session::open(&client, site.tls_addr(), "app.test")
         .await
         .unwrap();
     assert_eq!(session.get("/a/b?c=d").await.unwrap().text(), "blue-1");
+}
+
+#[test]
+fn tls_listener_settings_that_cannot_work_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = TestCa::new("ca")
+        .issue(&["app.test"])
+        .write(dir.path(), "one");
+    let backend = ["127.0.0.1:1".parse().unwrap()];
+    for (extra, key) in [
+        // Without a CA nobody would be asked for a certificate: refused, not ignored.
+        ("client_auth = \"required\"", "proxy.tls.client_auth"),
+        ("client_auth = \"optional\"", "proxy.tls.client_auth"),
+        ("redirect_port = 443", "proxy.tls.redirect_port"),
+        (
+            "redirect_http = true\nredirect_port = 0",
+            "proxy.tls.redirect_port",
+        ),
+        ("max_handshakes = 0", "proxy.tls.max_handshakes"),
+        ("handshake_timeout = \"0s\"", "proxy.tls.handshake_timeout"),
+        ("min_version = \"1.1\"", "proxy.tls"),
+    ] {
+        let text = config_text(
+            &tls_table(std::slice::from_ref(&pair), extra),
+            &[("blue", &backend)],
+            "",
+        );
+        let error = switchyard::config::Config::parse(&text, std::path::Path::new("t.toml"))
+            .err()
+            .unwrap_or_else(|| panic!("{extra} was accepted"));
+        assert!(error.key.starts_with(key), "{extra}: {error}");
+    }
+    // The HTTPS listener on the admin address.
+    let text = config_with_admin(
+        &tls_table(std::slice::from_ref(&pair), "").replace("127.0.0.1:0", "127.0.0.1:19443"),
+        "",
+        &[("blue", &backend)],
+        "",
+    )
+    .replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:19443\"",
+    );
+    let error =
+        switchyard::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+    assert_eq!(error.key, "admin.listen", "{error}");
+}
+
+#[tokio::test]
+async fn the_redirect_names_the_public_port_when_it_differs() {
+    let site = site(
+        &[&["app.test"]],
+        "redirect_http = true\nredirect_port = 443",
+        "",
+    )
+    .await;
+    let request = http::Request::get(format!("http://{}/x", site.proxy.proxy_addr))
+        .header("host", "app.test")
+        .body(empty())
+        .unwrap();
+    let answer = send(&common::client(), request).await;
+    assert_eq!(answer.header("location"), Some("https://app.test/x"));
+}
+
+#[tokio::test]
+async fn stalled_handshakes_time_out_and_hold_no_more_than_their_slots() {
+    let site = site(
+        &[&["app.test"]],
+        "handshake_timeout = \"1s\"\nmax_handshakes = 1",
+        "",
+    )
+    .await;
+    let addr = site.tls_addr();
+    // A client that connects and never says hello holds the only handshake slot...
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let client = TlsClient::new(&site.ca, &["http/1.1"]);
+    let waiting = {
+        let client = TlsClient::new(&site.ca, &["http/1.1"]);
+        tokio::spawn(async move { Session::open(&client, addr, "app.test").await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second handshake ran past max_handshakes = 1"
+    );
+    // ...until its handshake_timeout closes it. (The waiting handshake's own timeout,
+    // which includes the wait for a slot, runs out at about the same moment, so it may
+    // or may not complete; a new one does.)
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let _ = waiting.await.unwrap();
+    assert!(Session::open(&client, addr, "app.test").await.is_ok());
+    let scrape = send(&common::client(), get(site.proxy.admin_addr, "/metrics"))
+        .await
+        .text();
+    assert!(
+        scrape.contains("switchyard_tls_handshake_failures_total{reason=\"timeout\"}"),
+        "{scrape}"
+    );
+}
+
+#[tokio::test]
+async fn max_connections_counts_both_listeners_together() {
+    let site = site(&[&["app.test"]], "", "max_connections = 1").await;
+    let client = TlsClient::new(&site.ca, &["http/1.1"]);
+    let mut held = Session::open(&client, site.tls_addr(), "app.test")
+        .await
+        .unwrap();
+    assert_eq!(held.get("/").await.unwrap().status, StatusCode::OK);
+    let answer = raw_exchange(
+        site.proxy.proxy_addr,
+        b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
 }
 
 #[test]
