@@ -127,6 +127,13 @@ impl Metrics {
             "switchyard_http2_reset_flood_connections_closed_total",
             "HTTP/2 client connections closed because the client cancelled most of its streams before an answer (the rapid-reset pattern).",
         ));
+        // Present from the start at 0, so `increase()` and alerts see the first one.
+        for result in ["success", "failure"] {
+            tls_reloads.with_label_values(&[result]);
+        }
+        for reason in ["timeout", "error"] {
+            tls_handshake_failures.with_label_values(&[reason]);
+        }
         let build_info = must(IntGaugeVec::new(
             Opts::new(
                 "switchyard_build_info",

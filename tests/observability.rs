@@ -576,8 +576,16 @@ async fn the_dashboard_and_alerts_only_use_metrics_a_live_scrape_has_and_pass_pr
     let dead = socket.local_addr().unwrap();
     let live = Upstream::start("live").await;
     let green = Upstream::start("green").await;
+    // A TLS listener too, for the certificate metrics.
+    let certs = tempfile::tempdir().unwrap();
+    let pair = common::tls::TestCa::new("ca")
+        .issue(&["app.test"])
+        .write(certs.path(), "app");
     let config = config_text(
-        "connect_attempts = 3",
+        &format!(
+            "connect_attempts = 3\n{}",
+            common::tls::tls_table(&[pair], "")
+        ),
         &[("blue", &[dead, live.addr]), ("green", &[green.addr])],
         "",
     );
