@@ -27,25 +27,10 @@ command -v wrk >/dev/null || { echo "wrk is not installed (INSTALL=1 installs it
 
 cargo build --release --quiet
 BIN=target/release/switchyard
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+source benches/common.sh
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
 SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20)); HAP=$((BASE_PORT + 21))
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2; exit 1
-}
 
 "$BIN" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)
 "$BIN" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
@@ -98,11 +83,7 @@ error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
+$(nginx_temp_paths "$WORK/nginx")
     upstream app {
         server 127.0.0.1:$UP1;
         server 127.0.0.1:$UP2;
@@ -157,14 +138,6 @@ else
     echo "haproxy not installed: skipped (INSTALL=1 installs it)" >&2
 fi
 
-# wrk latency figures come as 1.23us / 4.56ms / 1.2s; print them in ms.
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000;
-        printf "%.3f", n }'
-}
-
 declare -A RPS P50 P99
 for round in $(seq 1 "$ROUNDS"); do
     # Each round starts one target later, so no target always runs right after the
@@ -184,8 +157,6 @@ for round in $(seq 1 "$ROUNDS"); do
         printf 'round %d %-10s %10.0f req/s  p50 %7s ms  p99 %7s ms\n' "$round" "$target" "$rps" "$p50" "$p99"
     done
 done
-
-median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo
 echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $(nproc) cores; $(uname -m)"
