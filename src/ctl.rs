@@ -84,6 +84,37 @@ pub enum Action {
     },
     /// Return BACKEND to rotation.
     Enable { pool: String, backend: String },
+    /// The HTTPS listener's certificates: `tls` shows them, `tls reload` reads the
+    /// files again (a bad file is refused and the old certificates stay).
+    Tls {
+        #[command(subcommand)]
+        action: Option<TlsAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Read the certificate files again.
+    Reload,
+}
+
+fn certificate_lines(answer: &Value) -> String {
+    let mut out = String::new();
+    for cert in answer["certificates"].as_array().into_iter().flatten() {
+        let names: Vec<&str> = cert["names"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "{}  expires {}  {}\n",
+            s(&cert["cert_file"]),
+            cert["not_after"].as_str().unwrap_or("?"),
+            names.join(",")
+        ));
+    }
+    out
 }
 
 fn name_value(text: &str) -> Result<(String, String), String> {
@@ -216,6 +247,16 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 })
             }
         }
+        Action::Tls { action: None } => (
+            api.call(Method::GET, "/api/v1/tls", None).await?,
+            certificate_lines,
+        ),
+        Action::Tls {
+            action: Some(TlsAction::Reload),
+        } => (
+            api.call(Method::POST, "/api/v1/tls/reload", None).await?,
+            certificate_lines,
+        ),
         Action::Enable { pool, backend } => (
             api.call(
                 Method::POST,

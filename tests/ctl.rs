@@ -136,3 +136,40 @@ async fn ctl_uses_the_token_and_reports_an_unreachable_api() {
     assert!(!ok);
     assert!(err.contains("cannot reach the admin API"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_shows_and_reloads_certificates() {
+    let upstream = Upstream::start("blue-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new("ca");
+    let pair = ca
+        .issue(&["app.test", "www.app.test"])
+        .write(dir.path(), "app");
+    let keys = common::tls::tls_table(&[pair], "reload_interval = \"0s\"");
+    let proxy = start_proxy(&config_text(&keys, &[("blue", &[upstream.addr])], "")).await;
+    let admin = proxy.admin_addr;
+    let run = |args: &'static [&'static str]| tokio::task::spawn_blocking(move || ctl(admin, args));
+
+    let (ok, out, err) = run(&["tls"]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("app.pem") && out.contains("app.test,www.app.test"),
+        "{out}"
+    );
+
+    ca.issue(&["app.test"]).write(dir.path(), "app");
+    let (ok, out, err) = run(&["tls", "reload"]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("app.pem") && !out.contains("www.app.test"),
+        "{out}"
+    );
+
+    std::fs::write(dir.path().join("app.key"), "garbage").unwrap();
+    let (ok, _, err) = run(&["tls", "reload"]).await.unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("app.key") && err.contains("previous certificates stay"),
+        "{err}"
+    );
+}

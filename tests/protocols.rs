@@ -470,3 +470,57 @@ async fn a_rapid_reset_flood_closes_the_connection_and_leaks_nothing() {
         "blue-1"
     );
 }
+
+/// A stream that is read and written at the same time (gRPC bidirectional streaming):
+/// each message sent must come back before the next is sent, so nothing may wait for
+/// the request body to end.
+#[tokio::test]
+async fn a_bidirectional_stream_flows_both_ways_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let echo = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), echo)
+                    .await;
+            });
+        }
+    });
+    let proxy = start_proxy(&single_pool("h2c = true", &[backend], "protocol = \"h2c\"")).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((Ok(http_body::Frame::data(data)), rx))
+    });
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(frames));
+    let mut sender = h2c_connect(proxy.proxy_addr).await.unwrap();
+    let request = http::Request::post("http://app.test/chat")
+        .body(body)
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut replies = response.into_body();
+    for i in 0..3 {
+        let message = bytes::Bytes::from(format!("message {i}"));
+        tx.send(message.clone()).await.unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(10), replies.frame())
+            .await
+            .expect("the echo did not come back while the request was still open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), message);
+    }
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(10), replies.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.to_bytes().is_empty());
+}
