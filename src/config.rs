@@ -125,6 +125,8 @@ struct RawProxy {
     shutdown_timeout: Duration,
     h2c: bool,
     http2_max_concurrent_streams: u32,
+    #[serde(with = "humantime_serde")]
+    http2_idle_timeout: Duration,
     tls: Option<RawTls>,
 }
 
@@ -191,6 +193,7 @@ impl Default for RawProxy {
             shutdown_timeout: Duration::from_secs(30),
             h2c: false,
             http2_max_concurrent_streams: 100,
+            http2_idle_timeout: Duration::from_secs(180),
             tls: None,
         }
     }
@@ -451,6 +454,9 @@ pub struct ProxyConfig {
     /// Accept HTTP/2 with prior knowledge (h2c) on the plain listener.
     pub h2c: bool,
     pub http2_max_concurrent_streams: u32,
+    /// An HTTP/2 client connection with no stream in progress for this long is closed
+    /// (GOAWAY); HTTP/1 connections have `client_header_timeout` for that.
+    pub http2_idle_timeout: Duration,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -824,6 +830,11 @@ impl Validator<'_> {
                     ))
                 }
             },
+            http2_idle_timeout: self.positive(
+                "proxy",
+                "http2_idle_timeout",
+                p.http2_idle_timeout,
+            )?,
             tls: match p.tls {
                 None => None,
                 Some(tls) => Some(self.tls_listener(tls)?),

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -439,6 +439,7 @@ struct Builders {
     auto: auto::Builder<TokioExecutor>,
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http2_idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -482,7 +483,12 @@ impl Builders {
         }
         http2_settings!(auto.http2());
         http2_settings!(http2);
-        Builders { auto, http1, http2 }
+        Builders {
+            auto,
+            http1,
+            http2,
+            http2_idle_timeout: settings.http2_idle_timeout,
+        }
     }
 }
 
@@ -661,6 +667,87 @@ struct StreamCounts {
     opened: AtomicU32,
     cancelled: AtomicU32,
     flood: tokio::sync::Notify,
+    /// HTTP/2 streams whose answer has not been passed on whole yet.
+    active: AtomicU32,
+    /// When `active` last fell to zero (or the connection opened), in `clock_ms`.
+    idle_since: AtomicU64,
+}
+
+/// Milliseconds on a process-wide monotonic clock, cheap enough to read per stream.
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// One HTTP/2 stream in progress, from its request to the end (or drop) of its
+/// response body: while any is, the connection is not idle.
+struct ActiveStream(Arc<StreamCounts>);
+
+impl ActiveStream {
+    fn start(counts: Arc<StreamCounts>) -> ActiveStream {
+        counts.active.fetch_add(1, Ordering::Relaxed);
+        ActiveStream(counts)
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(clock_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The response body as the client connection sees it: the proxy's, plus the stream's
+/// activity mark, released when hyper drops the body.
+struct ClientBody {
+    inner: ProxyBody,
+    _active: Option<ActiveStream>,
+}
+
+impl http_body::Body for ClientBody {
+    type Data = bytes::Bytes;
+    type Error = <ProxyBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Returns once the connection has carried HTTP/2 and had no stream in progress for
+/// `timeout`: HTTP/2 has no header-read timer to close an idle connection, and a
+/// client that answers pings could otherwise hold its connection slot forever.
+async fn idle_for(counts: &StreamCounts, timeout: Duration, http2: bool) {
+    let timeout_ms = timeout.as_millis() as u64;
+    loop {
+        let idle_since = counts.idle_since.load(Ordering::Relaxed);
+        let due = idle_since + timeout_ms;
+        let now = clock_ms();
+        if now < due {
+            tokio::time::sleep(Duration::from_millis(due - now)).await;
+            continue;
+        }
+        let carried_http2 = http2 || counts.opened.load(Ordering::Relaxed) > 0;
+        if carried_http2 && counts.active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // Busy, or HTTP/1 (its own timer applies): look again a timeout later.
+        tokio::time::sleep(timeout).await;
+    }
 }
 
 /// Counts an HTTP/2 stream as cancelled unless it is disarmed (the answer was ready).
@@ -690,6 +777,7 @@ impl Connection {
     {
         let peer = self.peer;
         let counts = Arc::new(StreamCounts::default());
+        counts.idle_since.store(clock_ms(), Ordering::Relaxed);
         let metrics = Arc::clone(&self.metrics);
         let this = Arc::new(self);
         let service_counts = Arc::clone(&counts);
@@ -697,17 +785,25 @@ impl Connection {
             let this = Arc::clone(&this);
             let counts = Arc::clone(&service_counts);
             async move {
+                let wrap = |response: Response<ProxyBody>, active| {
+                    response.map(|inner| ClientBody {
+                        inner,
+                        _active: active,
+                    })
+                };
                 if let Some(port) = this.redirect_to_port {
-                    return Ok::<_, Infallible>(redirect_to_https(&req, port));
+                    return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
                 }
                 let mut guard = CancelGuard(None);
+                let mut active = None;
                 if req.version() == Version::HTTP_2 {
                     counts.opened.fetch_add(1, Ordering::Relaxed);
+                    active = Some(ActiveStream::start(Arc::clone(&counts)));
                     guard.0 = Some(counts);
                 }
                 let response = this.proxy.handle(req, this.peer, this.tls).await;
                 guard.0 = None;
-                Ok(response)
+                Ok(wrap(response, active))
             }
         });
         let io = TokioIo::new(stream);
@@ -719,7 +815,11 @@ impl Connection {
                     $conn,
                     |c| c.graceful_shutdown(),
                     stop,
-                    &counts,
+                    (
+                        &counts,
+                        builders.http2_idle_timeout,
+                        matches!(served, Served::Http2),
+                    ),
                     &metrics,
                     peer,
                 )
@@ -748,7 +848,7 @@ async fn drive<C, E>(
     conn: C,
     graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
     mut stop: watch::Receiver<bool>,
-    counts: &StreamCounts,
+    (counts, idle_timeout, http2): (&StreamCounts, Duration, bool),
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Result<(), E>
@@ -759,6 +859,11 @@ where
     tokio::select! {
         ended = conn.as_mut() => ended,
         () = async { drop(stop.wait_for(|s| *s).await) } => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+        () = idle_for(counts, idle_timeout, http2) => {
+            tracing::debug!(%peer, "closing an idle HTTP/2 connection");
             graceful_shutdown(conn.as_mut());
             conn.await
         }

@@ -524,3 +524,46 @@ async fn a_bidirectional_stream_flows_both_ways_at_once() {
         .unwrap();
     assert!(rest.to_bytes().is_empty());
 }
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
+    let upstream = Upstream::start("blue-1").await;
+    let proxy = start_proxy(&config_text(
+        "h2c = true\nhttp2_idle_timeout = \"300ms\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    ))
+    .await;
+    let mut sender = h2c_connect(proxy.proxy_addr).await.unwrap();
+    // A stream that lasts longer than the idle timeout keeps the connection.
+    let slow = http::Request::get("http://app.test/slow/900")
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(slow).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "blue-1");
+    // Then, with nothing in progress, the proxy closes it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sender.is_closed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // An HTTP/1.1 keep-alive connection on the same port is left to its own timer.
+    let tcp = TcpStream::connect(proxy.proxy_addr).await.unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let first = h1.send_request(get(proxy.proxy_addr, "/")).await.unwrap();
+    first.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!h1.is_closed());
+    h1.ready().await.unwrap();
+    let again = h1.send_request(get(proxy.proxy_addr, "/")).await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+}

@@ -541,3 +541,28 @@ fn check_names_a_missing_or_mismatched_certificate() {
         assert!(error.line.is_some(), "{error}");
     }
 }
+
+#[test]
+fn the_shipped_tls_example_passes_check_once_its_certificates_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("config/tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca = TestCa::new("example");
+    ca.issue(&["app.example.com", "www.example.com"])
+        .write(&certs, "app");
+    ca.issue(&["*.example.com"]).write(&certs, "wildcard");
+    ca.issue(&["payments.internal"]).write(&certs, "payments");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tls.example.toml");
+    std::fs::copy(example, dir.path().join("config/tls.example.toml")).unwrap();
+    // The example's paths are relative to the working directory, as documented.
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config", "config/tls.example.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
