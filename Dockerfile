@@ -45,8 +45,9 @@ VOLUME ["/var/lib/switchyard"]
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 
-# 8080: proxy, 9901: admin (/healthz, /readyz).
-EXPOSE 8080 9901
+# 8080: proxy, 8443: HTTPS when [proxy.tls] listens there (docs/tls.md; mount the
+# certificates and send SIGHUP or let the file poll pick up renewals), 9901: admin.
+EXPOSE 8080 8443 9901
 # SIGTERM starts the graceful shutdown: /readyz turns 503, serve for shutdown_delay,
 # drain in-flight requests up to shutdown_timeout, exit 0.
 STOPSIGNAL SIGTERM
