@@ -606,46 +606,42 @@ async fn accept_loop(
                     })
                     .await;
                     let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
+                        Ok(Ok(stream)) => Some(stream),
                         Ok(Err(e)) => {
-                            metrics
-                                .tls_handshake_failures
-                                .with_label_values(&["error"])
-                                .inc();
                             tracing::debug!(%peer, "TLS handshake failed: {e}");
-                            drop(watcher);
-                            open.dec();
-                            drop(permit);
-                            return;
+                            failed_handshake(&metrics, "error")
                         }
                         Err(_) => {
-                            metrics
-                                .tls_handshake_failures
-                                .with_label_values(&["timeout"])
-                                .inc();
                             tracing::debug!(%peer, "TLS handshake timed out");
-                            drop(watcher);
-                            open.dec();
-                            drop(permit);
-                            return;
+                            failed_handshake(&metrics, "timeout")
                         }
                     };
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let served = if h2 { Served::Http2 } else { Served::Http1 };
-                    let conn = Connection {
-                        proxy,
-                        peer,
-                        tls: true,
-                        redirect_to_port: None,
-                        metrics,
-                    };
-                    conn.serve(&builders, served, stream, watcher).await;
+                    if let Some(stream) = stream {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let served = if h2 { Served::Http2 } else { Served::Http1 };
+                        let conn = Connection {
+                            proxy,
+                            peer,
+                            tls: true,
+                            redirect_to_port: None,
+                            metrics,
+                        };
+                        conn.serve(&builders, served, stream, watcher).await;
+                    }
                 }
             }
             open.dec();
             drop(permit);
         });
     }
+}
+
+fn failed_handshake<T>(metrics: &Metrics, reason: &str) -> Option<T> {
+    metrics
+        .tls_handshake_failures
+        .with_label_values(&[reason])
+        .inc();
+    None
 }
 
 /// One client connection after accept (and TLS handshake).
