@@ -39,3 +39,72 @@ nginx_temp_paths() {
     scgi_temp_path $dir/scgi;
 EOF
 }
+
+# nginx in front of UP1 and UP2 on 127.0.0.1:$1, one worker. $2: more lines for the
+# server block (after `listen 127.0.0.1:$1`, so `$2` may start with " ssl http2;").
+# $3: more lines for the location.
+start_nginx() {
+    local port=$1 server_lines=$2 location_lines=$3
+    mkdir -p "$WORK/nginx"
+    cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    # The default (1000) closes each connection after 1000 requests: clients have to
+    # reconnect (h2load counts failures); the other proxies have no such limit.
+    keepalive_requests 1000000;
+$(nginx_temp_paths "$WORK/nginx")
+    upstream app {
+        server 127.0.0.1:$UP1;
+        server 127.0.0.1:$UP2;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$port$server_lines
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+$location_lines
+        }
+    }
+}
+EOF
+    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" & PIDS+=($!)
+    wait_port "$port"
+}
+
+# HAProxy in front of UP1 and UP2 on 127.0.0.1:$1, one thread. $2: more `bind`
+# options; $3: more frontend lines.
+start_haproxy() {
+    local port=$1 bind_options=$2 frontend_lines=$3
+    cat >"$WORK/haproxy.cfg" <<HAPROXY
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$port $bind_options
+    option forwardfor
+$frontend_lines
+    default_backend app
+backend app
+    balance leastconn
+    server up1 127.0.0.1:$UP1
+    server up2 127.0.0.1:$UP2
+HAPROXY
+    haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
+    wait_port "$port"
+}

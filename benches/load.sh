@@ -74,35 +74,7 @@ if [[ "${OBSERVABILITY:-0}" == 1 ]]; then
 fi
 
 if command -v nginx >/dev/null; then
-    mkdir -p "$WORK/nginx"
-    cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-$(nginx_temp_paths "$WORK/nginx")
-    upstream app {
-        server 127.0.0.1:$UP1;
-        server 127.0.0.1:$UP2;
-        keepalive 128;
-    }
-    server {
-        listen 127.0.0.1:$NGX;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
-    }
-}
-EOF
-    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" & PIDS+=($!)
-    wait_port "$NGX"
+    start_nginx "$NGX" ";" ""
     TARGETS+=(nginx)
     URL[nginx]="http://127.0.0.1:$NGX/"
 else
@@ -110,28 +82,7 @@ else
 fi
 
 if command -v haproxy >/dev/null; then
-    cat >"$WORK/haproxy.cfg" <<HAPROXY
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    option http-keep-alive
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:$HAP
-    option forwardfor
-    default_backend app
-backend app
-    balance leastconn
-    server up1 127.0.0.1:$UP1
-    server up2 127.0.0.1:$UP2
-HAPROXY
-    haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
-    wait_port "$HAP"
+    start_haproxy "$HAP" "" ""
     TARGETS+=(haproxy)
     URL[haproxy]="http://127.0.0.1:$HAP/"
 else

@@ -66,43 +66,11 @@ TARGETS=(switchyard)
 declare -A PORT=([switchyard]=$SY_TLS)
 
 if command -v nginx >/dev/null; then
-    mkdir -p "$WORK/nginx"
-    cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    # The default (1000) closes each connection after 1000 requests, which h2load
-    # counts as failures; the other proxies have no such limit.
-    keepalive_requests 1000000;
-$(nginx_temp_paths "$WORK/nginx")
-    upstream app {
-        server 127.0.0.1:$UP1;
-        server 127.0.0.1:$UP2;
-        keepalive 128;
-    }
-    server {
-        listen 127.0.0.1:$NGX ssl http2;
+    start_nginx "$NGX" " ssl http2;
         ssl_certificate $WORK/cert.pem;
         ssl_certificate_key $WORK/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
-        http2_max_concurrent_streams 100;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto https;
-        }
-    }
-}
-EOF
-    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" & PIDS+=($!)
-    wait_port "$NGX"
+        http2_max_concurrent_streams 100;" "            proxy_set_header X-Forwarded-Proto https;"
     TARGETS+=(nginx)
     PORT[nginx]=$NGX
 else
@@ -110,29 +78,8 @@ else
 fi
 
 if command -v haproxy >/dev/null; then
-    cat >"$WORK/haproxy.cfg" <<HAPROXY
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    option http-keep-alive
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:$HAP ssl crt $WORK/bundle.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2
-    option forwardfor
-    http-request set-header X-Forwarded-Proto https
-    default_backend app
-backend app
-    balance leastconn
-    server up1 127.0.0.1:$UP1
-    server up2 127.0.0.1:$UP2
-HAPROXY
-    haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
-    wait_port "$HAP"
+    start_haproxy "$HAP" "ssl crt $WORK/bundle.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2" \
+        "    http-request set-header X-Forwarded-Proto https"
     TARGETS+=(haproxy)
     PORT[haproxy]=$HAP
 else
