@@ -1205,11 +1205,7 @@ impl Validator<'_> {
             (None, None) => None,
         };
         if let Some(auth) = &client_auth {
-            let probe = std::sync::Arc::new(
-                crate::tls::Certificates::load(certificates.clone())
-                    .map_err(|e| self.error(TABLE, "certificates", e.to_string()))?,
-            );
-            crate::tls::server_config(probe, tls.min_version, Some(auth))
+            crate::tls::client_verifier(auth)
                 .map_err(|e| self.error(TABLE, "client_ca_file", e.to_string()))?;
         }
         let handshake_timeout = self.positive(TABLE, "handshake_timeout", tls.handshake_timeout)?;

@@ -260,29 +260,32 @@ pub fn server_config(
     min_version: MinVersion,
     client_auth: Option<&ClientAuth>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(min_version.versions())
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let builder = match client_auth {
         None => builder.with_no_client_auth(),
-        Some(auth) => {
-            let roots = Arc::new(root_store(&auth.ca_file)?);
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
-            let verifier = if auth.optional {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            let verifier = verifier
-                .build()
-                .map_err(|e| invalid(&auth.ca_file, e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth)?),
     };
     let mut config = builder.with_cert_resolver(certificates);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Verifies client certificates against `auth.ca_file`.
+pub fn client_verifier(
+    auth: &ClientAuth,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(root_store(&auth.ca_file)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    let verifier = if auth.optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    };
+    verifier
+        .build()
+        .map_err(|e| invalid(&auth.ca_file, e.to_string()))
 }
 
 fn root_store(ca_file: &Path) -> Result<RootCertStore, TlsError> {

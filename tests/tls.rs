@@ -419,6 +419,10 @@ fn tls_listener_settings_that_cannot_work_are_refused() {
         ("max_handshakes = 0", "proxy.tls.max_handshakes"),
         ("handshake_timeout = \"0s\"", "proxy.tls.handshake_timeout"),
         ("min_version = \"1.1\"", "proxy.tls"),
+        (
+            "client_ca_file = \"/nonexistent/clients.pem\"",
+            "proxy.tls.client_ca_file",
+        ),
     ] {
         let text = config_text(
             &tls_table(std::slice::from_ref(&pair), extra),
