@@ -127,6 +127,11 @@ struct RawProxy {
     http2_max_concurrent_streams: u32,
     #[serde(with = "humantime_serde")]
     http2_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    client_body_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    send_timeout: Duration,
+    max_backends_per_pool: usize,
     tls: Option<RawTls>,
 }
 
@@ -194,6 +199,9 @@ impl Default for RawProxy {
             h2c: false,
             http2_max_concurrent_streams: 100,
             http2_idle_timeout: Duration::from_secs(180),
+            client_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            max_backends_per_pool: 1000,
             tls: None,
         }
     }
@@ -457,6 +465,12 @@ pub struct ProxyConfig {
     /// An HTTP/2 client connection with no stream in progress for this long is closed
     /// (GOAWAY); HTTP/1 connections have `client_header_timeout` for that.
     pub http2_idle_timeout: Duration,
+    /// Longest wait for the next piece of a request body the client is sending.
+    pub client_body_timeout: Duration,
+    /// Longest wait for the client to take more of the response.
+    pub send_timeout: Duration,
+    /// The most backends one pool may have, from the config or the membership API.
+    pub max_backends_per_pool: usize,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -777,63 +791,61 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let p = raw.proxy;
+        const TABLE: &str = "proxy";
         let proxy = ProxyConfig {
-            listen: self.addr("proxy", "listen", &p.listen)?,
-            workers: p.workers,
-            connect_timeout: self.positive("proxy", "connect_timeout", p.connect_timeout)?,
-            upstream_header_timeout: self.positive(
-                "proxy",
+            listen: self.addr(TABLE, "listen", &p.listen)?,
+            workers: self.within(TABLE, "workers", p.workers, 0..=MAX_WORKERS)?,
+            connect_timeout: self.timeout(TABLE, "connect_timeout", p.connect_timeout)?,
+            upstream_header_timeout: self.timeout(
+                TABLE,
                 "upstream_header_timeout",
                 p.upstream_header_timeout,
             )?,
-            client_header_timeout: self.positive(
-                "proxy",
+            client_header_timeout: self.timeout(
+                TABLE,
                 "client_header_timeout",
                 p.client_header_timeout,
             )?,
-            upstream_idle_timeout: self.positive(
-                "proxy",
+            upstream_idle_timeout: self.timeout(
+                TABLE,
                 "upstream_idle_timeout",
                 p.upstream_idle_timeout,
             )?,
-            connect_attempts: match p.connect_attempts {
-                1..=16 => p.connect_attempts,
-                _ => {
-                    return Err(self.error("proxy", "connect_attempts", "must be between 1 and 16"))
-                }
-            },
-            max_header_size: match p.max_header_size.0 {
-                8192..=1_048_576 => p.max_header_size.0 as usize,
-                _ => {
-                    return Err(self.error(
-                        "proxy",
-                        "max_header_size",
-                        "must be between 8KiB and 1MiB",
-                    ))
-                }
-            },
+            connect_attempts: self.within(TABLE, "connect_attempts", p.connect_attempts, 1..=16)?,
+            max_header_size: self.within(
+                TABLE,
+                "max_header_size",
+                p.max_header_size.0,
+                8192..=1_048_576,
+            )? as usize,
             max_request_body: p.max_request_body.map(|b| b.0),
-            max_connections: match p.max_connections {
-                0 => return Err(self.error("proxy", "max_connections", "must be at least 1")),
-                n => n,
-            },
-            shutdown_delay: p.shutdown_delay,
-            shutdown_timeout: p.shutdown_timeout,
+            max_connections: self.within(
+                TABLE,
+                "max_connections",
+                p.max_connections,
+                1..=MAX_CONNECTIONS,
+            )?,
+            shutdown_delay: self.at_most_a_day(TABLE, "shutdown_delay", p.shutdown_delay)?,
+            shutdown_timeout: self.at_most_a_day(TABLE, "shutdown_timeout", p.shutdown_timeout)?,
             h2c: p.h2c,
-            http2_max_concurrent_streams: match p.http2_max_concurrent_streams {
-                1..=10_000 => p.http2_max_concurrent_streams,
-                _ => {
-                    return Err(self.error(
-                        "proxy",
-                        "http2_max_concurrent_streams",
-                        "must be between 1 and 10000",
-                    ))
-                }
-            },
-            http2_idle_timeout: self.positive(
-                "proxy",
-                "http2_idle_timeout",
-                p.http2_idle_timeout,
+            http2_max_concurrent_streams: self.within(
+                TABLE,
+                "http2_max_concurrent_streams",
+                p.http2_max_concurrent_streams,
+                1..=10_000,
+            )?,
+            http2_idle_timeout: self.timeout(TABLE, "http2_idle_timeout", p.http2_idle_timeout)?,
+            client_body_timeout: self.timeout(
+                TABLE,
+                "client_body_timeout",
+                p.client_body_timeout,
+            )?,
+            send_timeout: self.timeout(TABLE, "send_timeout", p.send_timeout)?,
+            max_backends_per_pool: self.within(
+                TABLE,
+                "max_backends_per_pool",
+                p.max_backends_per_pool,
+                1..=MAX_BACKENDS_PER_POOL,
             )?,
             tls: match p.tls {
                 None => None,
@@ -897,7 +909,7 @@ impl Validator<'_> {
         }
         let mut pools = Vec::with_capacity(raw.pools.len());
         for (name, pool) in raw.pools {
-            pools.push(self.pool(name, pool)?);
+            pools.push(self.pool(name, pool, proxy.max_backends_per_pool)?);
         }
 
         if raw.services.is_empty() {
@@ -976,6 +988,46 @@ impl Validator<'_> {
         })
     }
 
+    /// A number within `range`, or an error that names the range.
+    fn within<T>(
+        &self,
+        table: &str,
+        key: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + fmt::Display + Copy,
+    {
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.error(
+                table,
+                key,
+                format!(
+                    "must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                ),
+            ))
+        }
+    }
+
+    /// A duration that may be zero, up to a day: longer is a typo, not a setting.
+    fn at_most_a_day(&self, table: &str, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d > MAX_DURATION {
+            return Err(self.error(table, key, "must be at most 24h"));
+        }
+        Ok(d)
+    }
+
+    /// A timeout: above zero, at most a day.
+    fn timeout(&self, table: &str, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        self.positive(table, key, d)?;
+        self.at_most_a_day(table, key, d)
+    }
+
     fn positive(&self, table: &str, key: &str, d: Duration) -> Result<Duration, ConfigError> {
         if d.is_zero() {
             Err(self.error(table, key, "must be greater than zero"))
@@ -984,12 +1036,27 @@ impl Validator<'_> {
         }
     }
 
-    fn pool(&self, name: String, pool: RawPool) -> Result<PoolConfig, ConfigError> {
+    fn pool(
+        &self,
+        name: String,
+        pool: RawPool,
+        max_backends: usize,
+    ) -> Result<PoolConfig, ConfigError> {
         let table = format!("pools.{name}");
         check_name(&name).map_err(|m| self.error(&table, "", m))?;
         let upstream = self.upstream(&table, &pool)?;
         if pool.backends.is_empty() {
             return Err(self.error(&table, "backends", "a pool needs at least one backend"));
+        }
+        if pool.backends.len() > max_backends {
+            return Err(self.error(
+                &table,
+                "backends",
+                format!(
+                    "{} backends is more than proxy.max_backends_per_pool ({max_backends})",
+                    pool.backends.len()
+                ),
+            ));
         }
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
         let mut seen = HashSet::new();
@@ -1018,8 +1085,8 @@ impl Validator<'_> {
                 if !h.path.starts_with('/') {
                     return Err(self.error(&table, "path", "must start with `/`"));
                 }
-                self.positive(&table, "interval", h.interval)?;
-                self.positive(&table, "timeout", h.timeout)?;
+                self.timeout(&table, "interval", h.interval)?;
+                self.timeout(&table, "timeout", h.timeout)?;
                 if h.timeout >= h.interval {
                     return Err(self.error(
                         &table,
@@ -1035,9 +1102,7 @@ impl Validator<'_> {
                     ("healthy_threshold", h.healthy_threshold),
                     ("unhealthy_threshold", h.unhealthy_threshold),
                 ] {
-                    if value < 1 {
-                        return Err(self.error(&table, key, "must be at least 1"));
-                    }
+                    self.within(&table, key, value, 1..=100)?;
                 }
                 if let Some(bad) = h.expected_status.iter().find(|c| !(100..=599).contains(*c)) {
                     return Err(self.error(
@@ -1209,9 +1274,12 @@ impl Validator<'_> {
                 .map_err(|e| self.error(TABLE, "client_ca_file", e.to_string()))?;
         }
         let handshake_timeout = self.positive(TABLE, "handshake_timeout", tls.handshake_timeout)?;
-        if tls.max_handshakes == 0 {
-            return Err(self.error(TABLE, "max_handshakes", "must be at least 1"));
-        }
+        self.within(
+            TABLE,
+            "max_handshakes",
+            tls.max_handshakes,
+            1..=MAX_CONNECTIONS,
+        )?;
         Ok(TlsListenerConfig {
             listen,
             certificates,
@@ -1241,6 +1309,13 @@ impl Validator<'_> {
         })
     }
 }
+
+/// Upper bounds that no real deployment reaches: past them a value is a typo, and taken
+/// literally it would exhaust threads, memory or file descriptors.
+const MAX_WORKERS: usize = 1024;
+const MAX_CONNECTIONS: usize = 1_000_000;
+pub const MAX_BACKENDS_PER_POOL: usize = 100_000;
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 fn check_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
@@ -1340,6 +1415,35 @@ active = "blue"
         assert_eq!(err(&src).key, "pools.blue.health.unhealthy_threshold");
         let src = format!("{MINIMAL}\n[pools.blue.health]\nhealthy_threshold = 0\n");
         assert_eq!(err(&src).key, "pools.blue.health.healthy_threshold");
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_the_range() {
+        for (key, value, expected) in [
+            ("workers", "100000", "between 0 and 1024"),
+            ("max_connections", "0", "between 1 and 1000000"),
+            ("max_connections", "100000000", "between 1 and 1000000"),
+            ("send_timeout", "\"100d\"", "at most 24h"),
+            ("client_body_timeout", "\"0s\"", "greater than zero"),
+            ("shutdown_timeout", "\"48h\"", "at most 24h"),
+            ("max_backends_per_pool", "0", "between 1 and 100000"),
+        ] {
+            let e = err(&format!("[proxy]\n{key} = {value}\n{MINIMAL}"));
+            assert_eq!(e.key, format!("proxy.{key}"), "{key} = {value}");
+            assert!(e.message.contains(expected), "{key} = {value}: {e}");
+        }
+        let e = err(&format!(
+            "{MINIMAL}\n[pools.blue.health]\nunhealthy_threshold = 1000000\n"
+        ));
+        assert_eq!(e.key, "pools.blue.health.unhealthy_threshold");
+    }
+
+    #[test]
+    fn a_pool_over_max_backends_per_pool_is_refused() {
+        let src = "[proxy]\nmax_backends_per_pool = 2\n[pools.blue]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\n[services.app]\nactive = \"blue\"\n";
+        let e = err(src);
+        assert_eq!(e.key, "pools.blue.backends");
+        assert!(e.message.contains("max_backends_per_pool (2)"), "{e}");
     }
 
     #[test]
