@@ -74,7 +74,45 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .merge(metrics)
         .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(errors_as_json))
         .with_state(shared)
+}
+
+/// Largest admin request body: a full pool of `max_backends_per_pool` weighted
+/// backends fits many times over.
+const MAX_BODY: usize = 1 << 20;
+
+/// axum's own rejections (a body over the limit, a path that does not decode, a
+/// wrong content type) answer in plain text; every error of this API is
+/// `{"error", "code"}`, so those are rewritten here, with the same status.
+async fn errors_as_json(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -82,7 +120,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared.control.metrics().render();
+    // Rendering walks every series: at thousands of backends, milliseconds that must
+    // not be taken from a worker serving requests.
+    let metrics = Arc::clone(shared.control.metrics());
+    let body = tokio::task::spawn_blocking(move || metrics.render())
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
@@ -622,7 +665,7 @@ mod tests {
         );
         let config = Config::parse(&src, std::path::Path::new("t.toml")).unwrap();
         Arc::new(Shared {
-            control: Arc::new(Control::start(config)),
+            control: Arc::new(Control::start(config).unwrap()),
             ready: AtomicBool::new(true),
             token: token.map(String::from),
             metrics_require_token: false,

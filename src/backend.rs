@@ -88,7 +88,7 @@ impl Backend {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     pub fn health(&self) -> Health {
@@ -130,18 +130,29 @@ impl Backend {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Marks the backend unhealthy until at least `duration` from now (passive ejection).
+    /// Takes the backend out for `duration` from now (passive ejection). Kept apart from
+    /// `health`, which only the active checks write, so neither overwrites the other.
     pub fn eject_for(&self, duration: Duration) {
         let until = self.now_ms() + duration.as_millis() as u64;
         self.ejected_until_ms.store(until, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.health
-            .store(Health::Unhealthy as u8, Ordering::Relaxed);
     }
 
-    /// Is a passive ejection still holding the backend out?
+    /// Is a passive ejection still holding the backend out? Reads no clock for a
+    /// backend that was never ejected, or whose ejection has been seen to end.
     pub fn is_ejected(&self) -> bool {
-        self.now_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if self.now_ms() < until {
+            return true;
+        }
+        // Over: later reads take the fast path (unless a new ejection came meanwhile).
+        let _ =
+            self.ejected_until_ms
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     pub fn weight(&self) -> u32 {
@@ -182,7 +193,7 @@ impl Backend {
     }
 
     pub fn set_admin_state(&self, state: AdminState) {
-        let previous = self.admin.swap(state as u8, Ordering::Relaxed);
+        let previous = self.admin.swap(state as u8, Ordering::SeqCst);
         if state == AdminState::Active
             && previous != AdminState::Active as u8
             && self.health() == Health::Healthy
@@ -196,13 +207,29 @@ impl Backend {
     /// May this backend take a new request? Health not yet known counts as usable, so a
     /// proxy without health checks still serves.
     pub fn is_available(&self) -> bool {
-        self.admin.load(Ordering::Relaxed) == AdminState::Active as u8
+        self.is_in_rotation()
             && self.health.load(Ordering::Relaxed) != Health::Unhealthy as u8
+            && !self.is_ejected()
+    }
+
+    /// Neither draining nor disabled.
+    pub fn is_in_rotation(&self) -> bool {
+        self.admin.load(Ordering::Relaxed) == AdminState::Active as u8
+    }
+
+    /// Counts a request as in flight on this backend, if it is still in rotation once
+    /// counted. Counting first, then reading the admin state (both sequentially
+    /// consistent, as are the drain's store and `in_flight`'s load) means a drain
+    /// either sees this request in flight or this request sees the drain: a
+    /// `wait-drained` that saw 0 can never be followed by a request sent here.
+    pub fn track_if_in_rotation(self: &Arc<Self>) -> Option<InFlight> {
+        let guard = self.track();
+        (self.admin.load(Ordering::SeqCst) == AdminState::Active as u8).then_some(guard)
     }
 
     /// Counts a request (or an upgraded tunnel) as in flight until the guard is dropped.
     pub fn track(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {
             backend: Arc::clone(self),
         }
@@ -288,10 +315,30 @@ mod tests {
         assert_eq!(b.record_failure(), 2);
         b.record_success();
         assert_eq!(b.record_failure(), 1);
+        b.set_health(Health::Healthy);
         b.eject_for(Duration::from_secs(60));
         assert!(b.is_ejected());
-        assert_eq!(b.health(), Health::Unhealthy);
+        assert_eq!(b.health(), Health::Healthy, "the checks' view is kept");
         assert!(!b.is_available());
+        b.set_health(Health::Healthy);
+        assert!(b.is_ejected(), "a passing check does not end an ejection");
+        b.eject_for(Duration::ZERO);
+        assert!(!b.is_ejected());
+        assert!(b.is_available());
+    }
+
+    #[test]
+    fn a_drained_backend_refuses_to_count_a_new_request() {
+        let b = Arc::new(Backend::new(
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            Duration::from_secs(1),
+        ));
+        assert!(b.track_if_in_rotation().is_some());
+        assert_eq!(b.in_flight(), 0, "the guard was dropped");
+        b.set_admin_state(AdminState::Draining);
+        assert!(b.track_if_in_rotation().is_none());
+        assert_eq!(b.in_flight(), 0, "nothing left counted");
     }
 
     #[test]

@@ -121,18 +121,25 @@ fn weighted_draw(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<u
 
 fn pick_round_robin(pool: &Pool, exclude: &[usize], eligible: Eligible) -> Option<usize> {
     let cycle = &pool.rr_cycle;
-    if cycle.is_empty() {
+    if cycle.len() == 0 {
         return None;
     }
-    let start = pool.rr_next.fetch_add(1, Ordering::Relaxed);
+    let start = pool.rr_next.fetch_add(1, Ordering::Relaxed) as u64;
     let ramp = pool.settings.slow_start;
     let turn = |i: &usize| usable(pool, *i, exclude, eligible);
-    let mut order = (0..cycle.len()).map(|step| cycle[(start + step) % cycle.len()] as usize);
-    // A ramping backend lets some of its turns pass to the next one.
-    order
+    // The next turns of the cycle; a ramping backend lets some of its turns pass.
+    let turns = (pool.backends.len() as u64).min(cycle.len());
+    let mut order = (0..turns).filter_map(|step| cycle.turn(start + step));
+    if let Some(found) = order
         .clone()
         .find(|i| turn(i) && ramp_admits(&pool.backends[*i], ramp))
         .or_else(|| order.find(turn))
+    {
+        return Some(found);
+    }
+    // Those turns all went to backends that are out: any usable one, in index order.
+    let n = pool.backends.len();
+    (0..n).map(|k| (start as usize + k) % n).find(turn)
 }
 
 /// Slow start: admit a ramping backend with probability equal to its ramp fraction.

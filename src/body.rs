@@ -11,17 +11,28 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::InFlight;
 use crate::client::Sender;
+use crate::idle_timer::IdleTimer;
 
-/// The client's request body on its way upstream, cut off at `max_request_body`.
+/// The client's request body on its way upstream, cut off at `max_request_body`, and
+/// at `client_body_timeout` when the client stops sending it.
 pub struct RequestBody {
     inner: Option<Incoming>,
     remaining: u64,
     on_end: Option<oneshot::Sender<()>>,
+    stall: Option<Stall>,
+}
+
+/// `client_body_timeout` for one body, and what to count when it fires.
+struct Stall {
+    clock: IdleTimer,
+    timed_out: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +43,28 @@ pub enum RequestBodyError {
     TooLarge(u64),
     #[error("reading the client's request body failed: {0}")]
     Client(#[from] hyper::Error),
+    #[error("the client sent nothing of its request body for {0:?} (client_body_timeout)")]
+    TimedOut(Duration),
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+    /// `timed_out` is counted when `idle_timeout` passes with nothing from the client.
+    pub fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        idle_timeout: Duration,
+        timed_out: &IntCounter,
+    ) -> RequestBody {
+        // A bodiless request (most of them) gets no clock at all.
+        let stall = (!inner.is_end_stream()).then(|| Stall {
+            clock: IdleTimer::new(idle_timeout),
+            timed_out: timed_out.clone(),
+        });
         RequestBody {
             inner: Some(inner),
             remaining: limit.unwrap_or(u64::MAX),
             on_end: None,
+            stall,
         }
     }
 
@@ -48,6 +73,7 @@ impl RequestBody {
             inner: None,
             remaining: 0,
             on_end: None,
+            stall: None,
         }
     }
 
@@ -94,6 +120,9 @@ impl Body for RequestBody {
                     }
                     this.remaining -= len;
                 }
+                if let Some(stall) = &mut this.stall {
+                    stall.clock.progress();
+                }
                 if inner.is_end_stream() {
                     this.ended();
                 }
@@ -107,7 +136,19 @@ impl Body for RequestBody {
                 this.ended();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let Some(stall) = &mut this.stall else {
+                    return Poll::Pending;
+                };
+                if !stall.clock.expired(cx) {
+                    return Poll::Pending;
+                }
+                stall.timed_out.inc();
+                let timeout = stall.clock.timeout();
+                this.inner = None;
+                this.ended();
+                Poll::Ready(Some(Err(RequestBodyError::TimedOut(timeout))))
+            }
         }
     }
 

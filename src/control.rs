@@ -42,8 +42,20 @@ pub enum ControlError {
         "{in_flight} requests still in flight on {backends}; they stay draining and in the pool"
     )]
     DrainTimeout { in_flight: u64, backends: String },
+    #[error("pool `{pool}` may have at most {limit} backends (proxy.max_backends_per_pool), got {given}")]
+    TooManyBackends {
+        pool: String,
+        limit: usize,
+        given: usize,
+    },
     #[error("{0}")]
     Persist(#[from] state::StateError),
+    #[error("{done} (generation {generation}), but the rest of the change failed: {source}; call again to finish it")]
+    PartlyApplied {
+        done: String,
+        generation: u64,
+        source: state::StateError,
+    },
 }
 
 impl ControlError {
@@ -57,7 +69,8 @@ impl ControlError {
             | ControlError::NoHealthyBackend(_)
             | ControlError::Conflict(_) => 409,
             ControlError::DrainTimeout { .. } => 408,
-            ControlError::Persist(_) => 500,
+            ControlError::TooManyBackends { .. } => 413,
+            ControlError::Persist(_) | ControlError::PartlyApplied { .. } => 500,
         }
     }
 
@@ -71,7 +84,8 @@ impl ControlError {
             ControlError::NoHealthyBackend(_) => "no_healthy_backend",
             ControlError::Conflict(_) => "conflict",
             ControlError::DrainTimeout { .. } => "timeout",
-            ControlError::Persist(_) => "persist_failed",
+            ControlError::TooManyBackends { .. } => "too_many_backends",
+            ControlError::Persist(_) | ControlError::PartlyApplied { .. } => "persist_failed",
         }
     }
 }
@@ -97,6 +111,15 @@ pub struct StateView {
     pub generation: u64,
     pub services: Vec<ServiceView>,
     pub pools: Vec<PoolView>,
+    pub state_file: StateFileView,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StateFileView {
+    pub path: String,
+    /// Set when the file found at start was corrupt and the state restarted from the
+    /// config.
+    pub corrupt_at_start: Option<state::CorruptFile>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +159,9 @@ pub struct BackendView {
     pub weight: u32,
     pub health: &'static str,
     pub state: &'static str,
+    /// Taken out by passive ejection (failures of real traffic) until its time runs out;
+    /// `health` is what the active checks say.
+    pub ejected: bool,
     pub in_flight: u64,
     pub generation: u64,
 }
@@ -148,7 +174,7 @@ pub struct HistoryView {
 }
 
 pub struct Control {
-    config: Config,
+    config: Arc<Config>,
     table: Arc<ArcSwap<RoutingTable>>,
     state: Mutex<TrafficState>,
     state_path: PathBuf,
@@ -160,15 +186,30 @@ pub struct Control {
     request_metrics: bool,
     /// The committed generation, readable without the writer lock (for scrapes).
     generation: Arc<AtomicU64>,
+    corrupt_at_start: Option<state::CorruptFile>,
 }
 
 impl Control {
     /// Restores the saved traffic state (warning about what no longer fits the config)
-    /// and builds the first routing table.
-    pub fn start(config: Config) -> Control {
-        let (state, warnings) = state::load(&config.state.path, &config);
+    /// and builds the first routing table. A state file that exists but cannot be read
+    /// stops the start: serving would overwrite it.
+    pub fn start(config: Config) -> Result<Control, ControlError> {
+        let state::Loaded {
+            state,
+            warnings,
+            corrupt,
+        } = state::load(&config.state.path, &config)?;
         for warning in warnings {
             tracing::warn!("{warning}");
+        }
+        if let Some(corrupt) = &corrupt {
+            tracing::error!(
+                path = %config.state.path.display(),
+                moved_to = ?corrupt.moved_to,
+                generation = corrupt.restarted_at_generation,
+                "the state file is corrupt ({}); starting from the config with a generation no earlier state had",
+                corrupt.error
+            );
         }
         let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
             &config, &state, None, None,
@@ -182,23 +223,27 @@ impl Control {
                 generation: generation.load(Ordering::Relaxed),
             }))
         };
+        if corrupt.is_some() {
+            metrics.state_file_corrupt.inc();
+        }
         let request_metrics = config.metrics.enabled;
         if request_metrics {
             let with_metrics =
                 RoutingTable::build(&config, &state, Some(&table.load()), Some(&metrics));
             table.store(Arc::new(with_metrics));
         }
-        Control {
+        Ok(Control {
             state_path: config.state.path.clone(),
             probe_timeout: config.proxy.connect_timeout.min(Duration::from_secs(1)),
             table,
             state: Mutex::new(state),
-            config,
+            config: Arc::new(config),
             health_tasks: std::sync::Mutex::new(HashMap::new()),
             metrics,
             request_metrics,
             generation,
-        }
+            corrupt_at_start: corrupt,
+        })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -314,6 +359,10 @@ impl Control {
                         .collect(),
                 })
                 .collect(),
+            state_file: StateFileView {
+                path: self.state_path.display().to_string(),
+                corrupt_at_start: self.corrupt_at_start.clone(),
+            },
         }
     }
 
@@ -513,6 +562,14 @@ impl Control {
                 "a pool needs at least one backend".into(),
             ));
         }
+        let limit = self.config.proxy.max_backends_per_pool;
+        if members.len() > limit {
+            return Err(ControlError::TooManyBackends {
+                pool: pool.to_string(),
+                limit,
+                given: members.len(),
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         let mut normalized = Vec::with_capacity(members.len());
         for member in members {
@@ -615,7 +672,20 @@ impl Control {
             }
         }
         next.members.insert(pool.to_string(), keep);
-        self.commit(&mut state, next, None).await?;
+        let joined_generation = state.generation;
+        self.commit(&mut state, next, None)
+            .await
+            .map_err(|e| match e {
+                ControlError::Persist(source) => ControlError::PartlyApplied {
+                    done: format!(
+                        "the new backends of pool `{pool}` joined and {} drained",
+                        leaving.join(", ")
+                    ),
+                    generation: joined_generation,
+                    source,
+                },
+                other => other,
+            })?;
         drop(state);
         self.pool_view(pool).await
     }
@@ -755,9 +825,8 @@ impl Control {
             }
         }
         self.save(next.clone()).await?;
-        let metrics = self.request_metrics.then_some(&*self.metrics);
-        let table = RoutingTable::build(&self.config, &next, Some(&self.table.load()), metrics);
-        self.table.store(Arc::new(table));
+        let table = self.build_table(&next).await;
+        self.table.store(table);
         self.sync_health_checks();
         if let Some((service, kind)) = record {
             if let Some(traffic) = next.services.get(service) {
@@ -784,6 +853,22 @@ impl Control {
         self.generation.store(next.generation, Ordering::Relaxed);
         *current = next;
         Ok(())
+    }
+
+    /// Builds the routing table for `state` on a blocking thread: at thousands of
+    /// backends it takes milliseconds, which must not be taken from a worker that
+    /// serves requests (with `workers = 1`, the only one).
+    async fn build_table(&self, state: &TrafficState) -> Arc<RoutingTable> {
+        let config = Arc::clone(&self.config);
+        let state = state.clone();
+        let previous = self.table.load_full();
+        let metrics = self.request_metrics.then(|| Arc::clone(&self.metrics));
+        let built = tokio::task::spawn_blocking(move || {
+            RoutingTable::build(&config, &state, Some(&previous), metrics.as_deref())
+        })
+        .await;
+        // Build cannot fail; a panic in it is a bug, passed on as it is.
+        Arc::new(built.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
     }
 
     fn pool(&self, name: &str) -> Result<Arc<Pool>, ControlError> {
@@ -865,6 +950,7 @@ fn backend_view(pool: &Pool, backend: &Backend, generation: u64) -> BackendView 
         weight: backend.weight(),
         health: backend.health().as_str(),
         state: backend.admin_state().as_str(),
+        ejected: backend.is_ejected(),
         in_flight: backend.in_flight(),
         generation,
     }

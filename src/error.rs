@@ -28,6 +28,10 @@ pub enum ProxyError {
     BadRequest,
     /// `max_connections` reached.
     Overloaded,
+    /// The Host is missing (HTTP/1.1), repeated, or not a host name.
+    InvalidHost,
+    /// The client stopped sending its request body for `client_body_timeout`.
+    ClientBodyTimeout,
 }
 
 impl ProxyError {
@@ -43,7 +47,8 @@ impl ProxyError {
             ProxyError::UpstreamError => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest | ProxyError::InvalidHost => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -58,6 +63,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "request-body-too-large",
             ProxyError::BadRequest => "bad-request",
             ProxyError::Overloaded => "too-many-connections",
+            ProxyError::InvalidHost => "invalid-host",
+            ProxyError::ClientBodyTimeout => "client-body-timeout",
         }
     }
 
@@ -71,6 +78,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "request body too large\n",
             ProxyError::BadRequest => "request cannot be proxied\n",
             ProxyError::Overloaded => "too many connections\n",
+            ProxyError::InvalidHost => {
+                "the request's host is missing, repeated or not a host name\n"
+            }
+            ProxyError::ClientBodyTimeout => "the request body stopped arriving\n",
         }
     }
 
@@ -117,6 +128,8 @@ mod tests {
         assert_eq!(ProxyError::UpstreamError.status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
         assert_eq!(ProxyError::BodyTooLarge.status(), 413);
+        assert_eq!(ProxyError::InvalidHost.status(), 400);
+        assert_eq!(ProxyError::ClientBodyTimeout.status(), 408);
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .collect();
         headers.remove(header::CONNECTION);
         for name in listed {
-            if keep_upgrade && name == "upgrade" {
+            // `Connection: host` would take away what the request is routed by.
+            if (keep_upgrade && name == "upgrade") || name == "host" {
                 continue;
             }
             headers.remove(name.as_str());
@@ -70,6 +71,87 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Why a request's host was refused (each is a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHost {
+    /// HTTP/1.1 and HTTP/2 requests must name a host (RFC 9112 §3.2).
+    Missing,
+    /// More than one `Host` header: which one a backend reads is anyone's guess.
+    Repeated,
+    /// Not a host name, IP literal or port (spaces, `@`, `/`, quotes ...).
+    Invalid,
+}
+
+/// The host a request is for, checked, without its port or a trailing dot: what the
+/// request is routed by. The URI's authority (HTTP/2 `:authority`, or an absolute-form
+/// request target) wins over the `Host` header, as RFC 9112 §3.2.2 requires of a
+/// proxy; `prepare` then forwards that same authority as `Host`. An HTTP/1.0 request
+/// may have no host at all (empty: only a `*` service matches it).
+pub fn request_host<B>(req: &http::Request<B>) -> Result<&str, BadHost> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header_value = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadHost::Repeated);
+    }
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => match header_value {
+            Some(value) => value.to_str().map_err(|_| BadHost::Invalid)?,
+            None if req.version() == Version::HTTP_10 || req.version() == Version::HTTP_09 => {
+                return Ok("")
+            }
+            None => return Err(BadHost::Missing),
+        },
+    };
+    host_of_authority(authority)
+}
+
+/// `authority` (host and optional port, RFC 3986 without userinfo) checked, and its
+/// host returned without the port and without one trailing dot.
+pub fn host_of_authority(authority: &str) -> Result<&str, BadHost> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let (inside, after) = rest.split_once(']').ok_or(BadHost::Invalid)?;
+            let ipv6 = !inside.is_empty()
+                && inside
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            if !ipv6 {
+                return Err(BadHost::Invalid);
+            }
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or(BadHost::Invalid)?),
+            };
+            (inside, port)
+        }
+        None => {
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            };
+            let host = host.strip_suffix('.').unwrap_or(host);
+            let name = !host.is_empty()
+                && !host.starts_with('.')
+                && !host.contains("..")
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+            if !name {
+                return Err(BadHost::Invalid);
+            }
+            (host, port)
+        }
+    };
+    if let Some(port) = port {
+        let digits = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+        if !digits || port.parse::<u32>().is_ok_and(|p| p > 65535) {
+            return Err(BadHost::Invalid);
+        }
+    }
+    Ok(host)
 }
 
 /// Is this request asking to switch protocols (WebSocket and the like)?
@@ -261,5 +343,81 @@ mod tests {
             Version::HTTP_10,
         );
         assert_eq!(h.get("via").unwrap(), "1.1 edge, 1.0 switchyard");
+    }
+    fn host_of(req: http::request::Builder) -> Result<String, BadHost> {
+        let req = req.body(()).unwrap();
+        request_host(&req).map(str::to_string)
+    }
+
+    #[test]
+    fn the_host_comes_from_the_single_host_header_without_port_or_trailing_dot() {
+        let get = || http::Request::get("/x");
+        assert_eq!(
+            host_of(get().header("host", "app.example:8080")).unwrap(),
+            "app.example"
+        );
+        assert_eq!(
+            host_of(get().header("host", "internal.example.")).unwrap(),
+            "internal.example"
+        );
+        assert_eq!(host_of(get().header("host", "[::1]:80")).unwrap(), "::1");
+        assert_eq!(
+            host_of(get().header("host", "10.0.0.1")).unwrap(),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            host_of(get()),
+            Err(BadHost::Missing),
+            "HTTP/1.1 needs a host"
+        );
+        assert_eq!(host_of(get().version(Version::HTTP_10)).unwrap(), "");
+        let two = get()
+            .header("host", "a.example")
+            .header("host", "b.example");
+        assert_eq!(host_of(two), Err(BadHost::Repeated));
+    }
+
+    #[test]
+    fn hosts_that_are_not_host_names_are_refused() {
+        for bad in [
+            "a b/c@d\"<>",
+            "user@evil.example",
+            "evil.example/x",
+            "",
+            ".",
+            "a..b",
+            ".a",
+            "a:99999",
+            "a:8o",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            "a\\b",
+        ] {
+            let req = http::Request::get("/").header("host", bad);
+            assert_eq!(host_of(req), Err(BadHost::Invalid), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_uri_authority_wins_over_the_host_header() {
+        let req = http::Request::get("http://public.example/x").header("host", "internal.example");
+        assert_eq!(host_of(req).unwrap(), "public.example");
+        let req = http::Request::get("http://user@evil.example/x");
+        assert_eq!(host_of(req), Err(BadHost::Invalid));
+    }
+
+    #[test]
+    fn connection_cannot_name_the_host_away() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "app.example");
+        assert!(!h.contains_key("x-secret"));
     }
 }

@@ -68,13 +68,6 @@ impl HealthCounter {
             next
         })
     }
-
-    /// Something else (passive ejection) marked the backend unhealthy: start counting
-    /// successes from zero.
-    pub fn force_unhealthy(&mut self) {
-        self.state = Health::Unhealthy;
-        self.successes = 0;
-    }
 }
 
 /// Checks `backend` until the task is aborted: one check right away (after a random
@@ -96,36 +89,17 @@ pub async fn check_loop(
         } else {
             failures.inc()
         }
-        if backend.health() == Health::Unhealthy && counter.state() == Health::Healthy {
-            counter.force_unhealthy();
-        }
         if let Some(next) = counter.record(outcome.is_ok()) {
-            apply_transition(&pool, &backend, next, &outcome, &mut counter);
-        } else if counter.state() == Health::Healthy
-            && backend.health() != Health::Healthy
-            && !backend.is_ejected()
-        {
-            // An ejection ran out while the checks kept passing.
-            backend.set_health(Health::Healthy);
-            tracing::info!(%pool, backend = %backend.name, "backend healthy again after its ejection time");
+            apply_transition(&pool, &backend, next, &outcome);
         }
         tokio::time::sleep(jittered(config.interval, config.jitter)).await;
     }
 }
 
-fn apply_transition(
-    pool: &str,
-    backend: &Backend,
-    next: Health,
-    outcome: &Result<(), String>,
-    counter: &mut HealthCounter,
-) {
+/// The active checks' verdict changed. Passive ejection is kept apart (see
+/// `Backend::eject_for`): a passing check neither ends an ejection nor is hidden by one.
+fn apply_transition(pool: &str, backend: &Backend, next: Health, outcome: &Result<(), String>) {
     match next {
-        Health::Healthy if backend.is_ejected() => {
-            // Passing again, but the ejection time has not run out: stay out until it
-            // has; the next passing check after that brings the backend back.
-            counter.force_unhealthy();
-        }
         Health::Healthy => {
             let previous = backend.set_health(Health::Healthy);
             tracing::info!(%pool, backend = %backend.name, ?previous, "backend healthy");
@@ -208,7 +182,9 @@ pub async fn check_once(
 /// Passive health: called with the outcome of every forwarded request. A streak of
 /// `consecutive_failures` (connect failures, 5xx) ejects the backend for
 /// `ejection_time`, unless that would take more than `max_ejection_percent` of the
-/// pool out.
+/// pool out. One ejection decision at a time per pool, so two backends failing at
+/// once cannot both pass the percentage check; a request that finds another decision
+/// under way leaves it (its streak goes on, and the next failure decides).
 pub fn report(pool: &Pool, backend: &Backend, ok: bool) {
     if ok {
         backend.record_success();
@@ -219,20 +195,19 @@ pub fn report(pool: &Pool, backend: &Backend, ok: bool) {
     {
         return;
     }
-    if backend.health() == Health::Unhealthy {
+    if backend.is_ejected() {
         return;
     }
+    let Some(_turn) = pool.settings.ejection_turn() else {
+        return;
+    };
     let total = pool.backends.len();
-    let out = pool
-        .backends
-        .iter()
-        .filter(|b| b.health() == Health::Unhealthy)
-        .count();
+    let out = pool.backends.iter().filter(|b| b.is_ejected()).count();
     if (out + 1) * 100 > passive.max_ejection_percent as usize * total {
         backend.warn_rate_limited(
             "not ejecting after consecutive failures",
             &format_args!(
-                "{out} of {total} backends of pool `{}` are already out (max_ejection_percent = {})",
+                "{out} of {total} backends of pool `{}` are already ejected (max_ejection_percent = {})",
                 pool.name, passive.max_ejection_percent
             ),
         );
@@ -287,16 +262,6 @@ mod tests {
     fn unhealthy_turns_healthy_after_exactly_the_threshold_of_successes() {
         let mut c = HealthCounter::new(2, 1);
         c.record(false);
-        assert_eq!(c.record(true), None);
-        assert_eq!(c.record(true), Some(Health::Healthy));
-    }
-
-    #[test]
-    fn a_forced_ejection_needs_the_full_threshold_to_come_back() {
-        let mut c = HealthCounter::new(3, 1);
-        c.record(true);
-        c.force_unhealthy();
-        assert_eq!(c.record(true), None);
         assert_eq!(c.record(true), None);
         assert_eq!(c.record(true), Some(Health::Healthy));
     }

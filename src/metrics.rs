@@ -19,6 +19,13 @@ const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// The `timeout` label values of `switchyard_client_timeouts_total`: the config keys.
+pub const CLIENT_TIMEOUTS: [&str; 3] = [
+    "client_header_timeout",
+    "client_body_timeout",
+    "send_timeout",
+];
+
 const CONNECT_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
 ];
@@ -37,6 +44,11 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub tls_certificate_expiry: GaugeVec,
     pub http2_reset_floods: IntCounter,
+    pub state_file_corrupt: IntCounter,
+    /// Client connections and requests cut off by one of the client timeouts, by the
+    /// config key that did it.
+    client_timeouts: IntCounterVec,
+    connections_refused: IntCounterVec,
     /// Requests that matched no service.
     unrouted: Arc<CodeCounters>,
 }
@@ -127,9 +139,30 @@ impl Metrics {
             "switchyard_http2_reset_flood_connections_closed_total",
             "HTTP/2 client connections closed because the client cancelled most of its streams before an answer (the rapid-reset pattern).",
         ));
+        let state_file_corrupt = must(IntCounter::new(
+            "switchyard_state_file_corrupt_total",
+            "State files found corrupt at start: moved aside, and the traffic state restarted from the config.",
+        ));
+        let client_timeouts = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_client_timeouts_total",
+                "Client connections closed, and requests cut off, because the client was too slow, by the timeout that fired (client_header_timeout: no complete first request; client_body_timeout: the request body stalled; send_timeout: the client stopped reading the response).",
+            ),
+            &["timeout"],
+        ));
+        let connections_refused = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_connections_refused_total",
+                "Client connections refused because max_connections were open, by listener.",
+            ),
+            &["listener"],
+        ));
         // Present from the start at 0, so `increase()` and alerts see the first one.
         for result in ["success", "failure"] {
             tls_reloads.with_label_values(&[result]);
+        }
+        for timeout in CLIENT_TIMEOUTS {
+            client_timeouts.with_label_values(&[timeout]);
         }
         for reason in ["timeout", "error"] {
             tls_handshake_failures.with_label_values(&[reason]);
@@ -157,6 +190,9 @@ impl Metrics {
             Box::new(tls_handshake_failures.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(http2_reset_floods.clone()),
+            Box::new(state_file_corrupt.clone()),
+            Box::new(client_timeouts.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(build_info),
             Box::new(LiveCollector::new(state)),
         ] {
@@ -177,6 +213,9 @@ impl Metrics {
             tls_handshake_failures,
             tls_certificate_expiry,
             http2_reset_floods,
+            state_file_corrupt,
+            client_timeouts,
+            connections_refused,
             unrouted,
         })
     }
@@ -237,6 +276,15 @@ impl Metrics {
     pub fn connections(&self, listener: &str) -> IntGauge {
         self.connections_open.with_label_values(&[listener])
     }
+
+    pub fn connections_refused(&self, listener: &str) -> IntCounter {
+        self.connections_refused.with_label_values(&[listener])
+    }
+
+    /// The counter for one of `CLIENT_TIMEOUTS`.
+    pub fn client_timeout(&self, timeout: &str) -> IntCounter {
+        self.client_timeouts.with_label_values(&[timeout])
+    }
 }
 
 /// Per (service, pool): what a request records once its backend is known.
@@ -258,13 +306,14 @@ impl RouteMetrics {
     }
 }
 
-/// `switchyard_requests_total` children for one label set, one slot per status code,
-/// each resolved the first time that code is seen; afterwards an increment is one
-/// atomic load and one atomic add.
+/// `switchyard_requests_total` children for one label set. A status class (2xx, 4xx,
+/// ...) gets its hundred slots when its first code is seen, and each slot its child
+/// then: a route costs a few words until it has traffic, so tables with thousands of
+/// backends stay small. Afterwards an increment is two atomic loads and one atomic add.
 pub struct CodeCounters {
     family: IntCounterVec,
     labels: [String; 3],
-    slots: Box<[OnceLock<IntCounter>]>,
+    classes: [OnceLock<Box<[OnceLock<IntCounter>; 100]>>; 6],
 }
 
 impl CodeCounters {
@@ -272,20 +321,22 @@ impl CodeCounters {
         CodeCounters {
             family,
             labels: labels.map(String::from),
-            slots: (0..600).map(|_| OnceLock::new()).collect(),
+            classes: Default::default(),
         }
     }
 
     pub fn inc(&self, code: u16) {
-        let index = usize::from(code).min(self.slots.len() - 1);
-        self.slots[index]
+        // An upstream may send 600-999, which the http crate accepts: counted as 599.
+        let code = code.min(599);
+        let (class, slot) = (usize::from(code / 100), usize::from(code % 100));
+        self.classes[class].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())))
+            [slot]
             .get_or_init(|| {
-                let code = index.to_string();
                 self.family.with_label_values(&[
                     &self.labels[0],
                     &self.labels[1],
                     &self.labels[2],
-                    &code,
+                    &code.to_string(),
                 ])
             })
             .inc();
@@ -304,6 +355,7 @@ struct LiveCollector {
     state: Arc<dyn Fn() -> LiveState + Send + Sync>,
     in_flight: IntGaugeVec,
     healthy: IntGaugeVec,
+    ejected: IntGaugeVec,
     backend_state: IntGaugeVec,
     canary_weight: GaugeVec,
     active_pool: IntGaugeVec,
@@ -322,6 +374,10 @@ impl LiveCollector {
             )),
             healthy: must(IntGaugeVec::new(
                 Opts::new("switchyard_backend_healthy", "1 when the backend is healthy, 0 when unhealthy or not checked yet."),
+                &["pool", "backend"],
+            )),
+            ejected: must(IntGaugeVec::new(
+                Opts::new("switchyard_backend_ejected", "1 while passive ejection (failures of real traffic) keeps the backend out, whatever its active health checks say."),
                 &["pool", "backend"],
             )),
             backend_state: must(IntGaugeVec::new(
@@ -350,6 +406,7 @@ impl Collector for LiveCollector {
         let mut descs = Vec::new();
         descs.extend(self.in_flight.desc());
         descs.extend(self.healthy.desc());
+        descs.extend(self.ejected.desc());
         descs.extend(self.backend_state.desc());
         descs.extend(self.canary_weight.desc());
         descs.extend(self.active_pool.desc());
@@ -365,6 +422,7 @@ impl Collector for LiveCollector {
         let live = (self.state)();
         self.in_flight.reset();
         self.healthy.reset();
+        self.ejected.reset();
         self.backend_state.reset();
         self.canary_weight.reset();
         self.active_pool.reset();
@@ -377,6 +435,9 @@ impl Collector for LiveCollector {
                 self.healthy
                     .with_label_values(&labels)
                     .set(i64::from(backend.health() == Health::Healthy));
+                self.ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(backend.is_ejected()));
                 let current = backend.admin_state();
                 for state in [
                     AdminState::Active,
@@ -412,6 +473,7 @@ impl Collector for LiveCollector {
         let mut families = Vec::new();
         families.extend(self.in_flight.collect());
         families.extend(self.healthy.collect());
+        families.extend(self.ejected.collect());
         families.extend(self.backend_state.collect());
         families.extend(self.canary_weight.collect());
         families.extend(self.active_pool.collect());

@@ -23,7 +23,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::routing::{self, Pool, RoutingTable};
+use crate::routing::{Pool, RoutingTable};
 use crate::split::Reason;
 
 /// Most backends one request may try; `connect_attempts` is capped to this.
@@ -36,6 +36,7 @@ pub struct ProxySettings {
     pub upstream_header_timeout: Duration,
     pub connect_attempts: u32,
     pub max_request_body: Option<u64>,
+    pub client_body_timeout: Duration,
 }
 
 pub struct Proxy {
@@ -45,6 +46,8 @@ pub struct Proxy {
     pub metrics: Option<Arc<Metrics>>,
     /// `None` when the access log is off.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Counted whatever `[metrics] enabled` says: it is about clients, not routes.
+    pub client_body_timeouts: prometheus::IntCounter,
 }
 
 /// How one attempt on one backend ended, when it did not produce a response.
@@ -181,10 +184,11 @@ impl Proxy {
                 return Err(ProxyError::BodyTooLarge);
             }
         }
+        let host = headers::request_host(&req).map_err(|_| ProxyError::InvalidHost)?;
         let pool = {
             let table = self.table.load();
             let service = table
-                .route(routing::request_host(&req), req.uri().path())
+                .route(host, req.uri().path())
                 .ok_or(ProxyError::NoRoute)?;
             let choice = service.choose(req.headers());
             trace.service = Some(Arc::clone(&service.name));
@@ -203,7 +207,12 @@ impl Proxy {
 
         let (mut parts, body) = req.into_parts();
         prepare_upstream_request(&mut parts, client, tls, upgrade, upstream)?;
-        let body = RequestBody::new(body, self.settings.max_request_body);
+        let body = RequestBody::new(
+            body,
+            self.settings.max_request_body,
+            self.settings.client_body_timeout,
+            &self.client_body_timeouts,
+        );
         let replay = (self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
             && is_idempotent(&parts.method))
@@ -228,24 +237,33 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
         let attempts = (self.settings.connect_attempts as usize).min(MAX_ATTEMPTS);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        // Backends this request will not go to again: tried, or drained under it.
+        let mut excluded = [usize::MAX; MAX_ATTEMPTS];
+        let mut skipped = 0;
         let mut request = Some(request);
         let mut failure = ProxyError::NoHealthyBackend;
         let connect_metric = trace.route.as_ref().map(|r| r.connect.clone());
-        for attempt in 0..attempts {
-            let Some(index) = balancer::pick(pool, &tried[..attempt]) else {
+        let mut attempt = 0;
+        while attempt < attempts && skipped < MAX_ATTEMPTS {
+            let Some(index) = balancer::pick(pool, &excluded[..skipped]) else {
                 break;
             };
-            tried[attempt] = index;
-            trace.retries = attempt as u32;
+            excluded[skipped] = index;
+            skipped += 1;
             let backend = &pool.backends[index];
+            // Counted before the last look at its admin state, so a drain that waits for
+            // in-flight 0 cannot miss this request (see `track_if_in_rotation`).
+            let Some(in_flight) = backend.track_if_in_rotation() else {
+                continue;
+            };
+            trace.retries = attempt as u32;
+            attempt += 1;
             let Some(req) = request
                 .take()
                 .or_else(|| replay.as_ref().map(Replay::request))
             else {
                 break;
             };
-            let in_flight = backend.track();
             match self
                 .send_to(
                     backend,
@@ -261,6 +279,8 @@ impl Proxy {
                     return Ok((response, sender, in_flight));
                 }
                 Err(AttemptError::NotSent(req, error)) => {
+                    // Not reached: the answer (503) is counted under no backend.
+                    trace.backend = None;
                     health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream connect failed", &error);
                     request = Some(*req);
@@ -271,8 +291,12 @@ impl Proxy {
                         return Err(match body_error {
                             RequestBodyError::TooLarge(_) => ProxyError::BodyTooLarge,
                             RequestBodyError::Client(_) => ProxyError::BadRequest,
+                            RequestBodyError::TimedOut(_) => ProxyError::ClientBodyTimeout,
                         });
                     }
+                    // The backend that broke the exchange is the one the 502 is counted
+                    // and logged under.
+                    trace.backend = Some(index);
                     health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream request failed", &error);
                     failure = ProxyError::UpstreamError;
@@ -281,6 +305,7 @@ impl Proxy {
                     }
                 }
                 Err(AttemptError::TimedOut) => {
+                    trace.backend = Some(index);
                     health::report(pool, backend, false);
                     backend.warn_rate_limited(
                         "upstream timed out",
@@ -419,19 +444,13 @@ fn prepare_upstream_request(
     upgrade: bool,
     upstream: &Upstream,
 ) -> Result<(), ProxyError> {
-    let original_host = match parts.headers.get(HOST) {
-        Some(host) => Some(host.clone()),
-        None => match parts.uri.authority() {
-            // HTTP/2 and absolute-form requests carry the host in the URI.
-            Some(authority) => {
-                let host = HeaderValue::from_str(authority.as_str())
-                    .map_err(|_| ProxyError::BadRequest)?;
-                parts.headers.insert(HOST, host.clone());
-                Some(host)
-            }
-            None => None,
-        },
-    };
+    // Routed by the URI's authority when there is one (HTTP/2, absolute-form), so that
+    // is the Host the backend gets too (RFC 9112 §3.2.2), whatever Host came with it.
+    if let Some(authority) = parts.uri.authority() {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadRequest)?;
+        parts.headers.insert(HOST, host);
+    }
+    let original_host = parts.headers.get(HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     // The proxy answers `Expect: 100-continue` itself when it starts reading the body.
     parts.headers.remove(EXPECT);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,8 +120,7 @@ pub struct Pool {
     pub settings: Arc<PoolSettings>,
     /// Running sum of weights, for weighted random draws.
     pub(crate) cumulative_weight: Vec<u64>,
-    /// One weighted round-robin cycle of backend indices, interleaved smoothly.
-    pub(crate) rr_cycle: Vec<u32>,
+    pub(crate) rr_cycle: WeightedCycle,
     pub(crate) rr_next: AtomicUsize,
 }
 
@@ -134,6 +133,18 @@ pub struct PoolSettings {
     pub panic_mode: PanicMode,
     pub slow_start: Option<Duration>,
     pub upstream: crate::client::Upstream,
+    /// Held while one request decides on a passive ejection. Here, not in `Pool`, so
+    /// it is the same flag in every table built from these settings.
+    pub(crate) ejecting: Arc<AtomicBool>,
+}
+
+/// The right to decide one passive ejection in a pool; given back when dropped.
+pub struct EjectionTurn<'a>(&'a AtomicBool);
+
+impl Drop for EjectionTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl PoolSettings {
@@ -145,7 +156,16 @@ impl PoolSettings {
             panic_mode: pool.panic_mode,
             slow_start: pool.slow_start,
             upstream: pool.upstream.clone(),
+            ejecting: Arc::default(),
         }
+    }
+
+    /// `None` while another request is deciding (it never waits).
+    pub fn ejection_turn(&self) -> Option<EjectionTurn<'_>> {
+        self.ejecting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| EjectionTurn(&self.ejecting))
     }
 }
 
@@ -162,6 +182,7 @@ impl Default for PoolSettings {
             panic_mode: PanicMode::FailOpen,
             slow_start: None,
             upstream: crate::client::Upstream::default(),
+            ejecting: Arc::default(),
         }
     }
 }
@@ -178,9 +199,9 @@ impl Pool {
             })
             .collect();
         let rr_cycle = if balance == Balance::RoundRobin {
-            smooth_weighted_cycle(&backends.iter().map(|b| b.weight()).collect::<Vec<_>>())
+            WeightedCycle::new(&backends.iter().map(|b| b.weight()).collect::<Vec<_>>())
         } else {
-            Vec::new()
+            WeightedCycle::default()
         };
         Pool {
             name: name.into(),
@@ -202,28 +223,60 @@ impl Pool {
     }
 }
 
-/// nginx's smooth weighted round robin, run for one full cycle at table-build time, so
-/// the request path only needs an atomic counter. Weights are divided by their common
-/// divisor first to keep the cycle short.
-fn smooth_weighted_cycle(weights: &[u32]) -> Vec<u32> {
-    let divisor = weights.iter().copied().fold(0, gcd).max(1);
-    let weights: Vec<i64> = weights.iter().map(|w| i64::from(w / divisor)).collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut cycle = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        for (c, w) in current.iter_mut().zip(&weights) {
-            *c += w;
+/// One weighted round-robin cycle, described rather than listed: interleaved weighted
+/// round robin (as LVS does it), where round `r` visits, in order of weight, every
+/// backend whose weight is above `r`. So a backend of weight `w` gets `w` turns a
+/// cycle, equal weights take strict turns, and building costs O(n log n + max weight)
+/// whatever the total weight; finding a turn is a binary search over the rounds.
+/// Weights are divided by their common divisor first to keep the cycle short.
+#[derive(Debug, Default)]
+pub(crate) struct WeightedCycle {
+    /// Backend indices, heaviest first (ties in index order): round `r` is a prefix.
+    by_weight: Vec<u32>,
+    /// Turns in rounds `0..=r`, for each round `r`.
+    round_ends: Vec<u64>,
+}
+
+impl WeightedCycle {
+    fn new(weights: &[u32]) -> WeightedCycle {
+        let divisor = weights.iter().copied().fold(0, gcd).max(1);
+        let reduced: Vec<u32> = weights.iter().map(|w| w / divisor).collect();
+        let mut by_weight: Vec<u32> = (0..weights.len() as u32).collect();
+        by_weight.sort_by_key(|&i| std::cmp::Reverse(reduced[i as usize]));
+        let rounds = reduced.iter().copied().max().unwrap_or(0);
+        let mut round_ends = Vec::with_capacity(rounds as usize);
+        // Backends whose weight is above the round, walked down from the lightest.
+        let mut in_round = by_weight.len();
+        let mut total = 0u64;
+        for round in 0..rounds {
+            while in_round > 0 && reduced[by_weight[in_round - 1] as usize] <= round {
+                in_round -= 1;
+            }
+            total += in_round as u64;
+            round_ends.push(total);
         }
-        let (best, _) = current
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
-            .unwrap_or((0, &0));
-        current[best] -= total;
-        cycle.push(best as u32);
+        WeightedCycle {
+            by_weight,
+            round_ends,
+        }
     }
-    cycle
+
+    pub(crate) fn len(&self) -> u64 {
+        self.round_ends.last().copied().unwrap_or(0)
+    }
+
+    /// The backend whose turn is `position` (taken modulo the cycle's length).
+    pub(crate) fn turn(&self, position: u64) -> Option<usize> {
+        let len = self.len();
+        if len == 0 {
+            return None;
+        }
+        let position = position % len;
+        let round = self.round_ends.partition_point(|&end| end <= position);
+        let round_start = round.checked_sub(1).map_or(0, |r| self.round_ends[r]);
+        let index = self.by_weight.get((position - round_start) as usize)?;
+        Some(*index as usize)
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -351,32 +404,6 @@ impl RoutingTable {
     }
 }
 
-/// The request's host without port, from the URI authority (HTTP/2, absolute-form) or
-/// the Host header.
-pub fn request_host<B>(req: &http::Request<B>) -> &str {
-    if let Some(host) = req.uri().host() {
-        return host;
-    }
-    let Some(value) = req.headers().get(http::header::HOST) else {
-        return "";
-    };
-    let Ok(text) = value.to_str() else {
-        return "";
-    };
-    strip_port(text)
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest.split(']').next().unwrap_or("");
-    }
-    match host.rfind(':') {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-        _ => host,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,16 +470,37 @@ active = "shop"
         ));
     }
 
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
+    fn whole_cycle(weights: &[u32]) -> Vec<usize> {
+        let cycle = WeightedCycle::new(weights);
+        (0..cycle.len()).map(|p| cycle.turn(p).unwrap()).collect()
     }
 
     #[test]
-    fn smooth_cycle_interleaves_by_weight() {
-        assert_eq!(smooth_weighted_cycle(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
-        assert_eq!(smooth_weighted_cycle(&[2, 2]), vec![0, 1]);
+    fn a_cycle_gives_each_backend_its_weight_in_turns() {
+        assert_eq!(whole_cycle(&[5, 1, 1]), vec![0, 1, 2, 0, 0, 0, 0]);
+        assert_eq!(whole_cycle(&[1, 3, 2]), vec![1, 2, 0, 1, 2, 1]);
+        assert_eq!(whole_cycle(&[2, 2]), vec![0, 1], "common divisor taken out");
+        assert_eq!(
+            whole_cycle(&[1, 1, 1]),
+            vec![0, 1, 2],
+            "equal weights take turns"
+        );
+        assert!(WeightedCycle::new(&[]).turn(0).is_none());
+        let cycle = WeightedCycle::new(&[1, 3, 2]);
+        assert_eq!(cycle.turn(6), cycle.turn(0), "positions wrap around");
+    }
+
+    #[test]
+    fn a_cycle_of_a_thousand_heavy_backends_is_built_without_listing_it() {
+        let weights: Vec<u32> = (1..=1000).collect();
+        let cycle = WeightedCycle::new(&weights);
+        assert_eq!(cycle.len(), 1000 * 1001 / 2);
+        let mut turns = vec![0u64; weights.len()];
+        for position in 0..cycle.len() {
+            turns[cycle.turn(position).unwrap()] += 1;
+        }
+        for (index, weight) in weights.iter().enumerate() {
+            assert_eq!(turns[index], u64::from(*weight));
+        }
     }
 }

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use crate::accesslog::AccessLog;
 use crate::admin;
 use crate::body::ProxyBody;
+use crate::client_io::SendTimeout;
 use crate::config::Config;
 use crate::control::Control;
 use crate::error::ProxyError;
@@ -167,7 +168,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         .zip(config.proxy.tls.as_ref())
         .map(|((l, _, _), t)| local_addr(l, t.listen));
 
-    let control = Arc::new(Control::start(config.clone()));
+    let control = Arc::new(Control::start(config.clone())?);
     control.persist_now().await?;
     control.sync_health_checks();
     let shared = Arc::new(Shared {
@@ -204,7 +205,9 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             upstream_header_timeout: config.proxy.upstream_header_timeout,
             connect_attempts: config.proxy.connect_attempts,
             max_request_body: config.proxy.max_request_body,
+            client_body_timeout: config.proxy.client_body_timeout,
         },
+        client_body_timeouts: control.metrics().client_timeout("client_body_timeout"),
         metrics: config
             .metrics
             .enabled
@@ -325,6 +328,7 @@ async fn lifecycle(
                 }),
         },
         open: metrics.connections("http"),
+        refused: metrics.connections_refused("http"),
     };
     accept_tasks.push(tokio::spawn(accept_loop(
         proxy_listener,
@@ -347,6 +351,7 @@ async fn lifecycle(
             Listener {
                 kind,
                 open: metrics.connections("https"),
+                refused: metrics.connections_refused("https"),
             },
             Arc::clone(&proxy),
             Arc::clone(&connection_limit),
@@ -440,6 +445,11 @@ struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     http2_idle_timeout: Duration,
+    /// A connection with no request started by then is closed (`client_header_timeout`):
+    /// it covers what hyper's header timer does not, protocol detection (h2c) and an
+    /// HTTP/2 client that never opens a stream.
+    first_request_timeout: Duration,
+    send_timeout: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -488,6 +498,8 @@ impl Builders {
             http1,
             http2,
             http2_idle_timeout: settings.http2_idle_timeout,
+            first_request_timeout: settings.client_header_timeout,
+            send_timeout: settings.send_timeout,
         }
     }
 }
@@ -518,7 +530,14 @@ impl ConnTracker {
 struct Listener {
     kind: ListenerKind,
     open: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
 }
+
+/// Connections over `max_connections` that are answered with a 503 at leisure (their
+/// request read first, so the close does not reset the answer away). Past this many at
+/// once, the rest are answered and closed on the spot: a flood costs no tasks, timers
+/// or file descriptors held.
+const MAX_REFUSALS: usize = 64;
 
 #[derive(Clone)]
 enum ListenerKind {
@@ -549,6 +568,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
+    let overloaded = bytes::Bytes::from(ProxyError::Overloaded.raw_http1());
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -565,8 +586,20 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            config.refused.inc();
             if matches!(config.kind, ListenerKind::Plain { .. }) {
-                tokio::spawn(refuse(stream, ProxyError::Overloaded));
+                match Arc::clone(&refusals).try_acquire_owned() {
+                    Ok(slot) => {
+                        let answer = overloaded.clone();
+                        tokio::spawn(async move {
+                            refuse(stream, &answer).await;
+                            drop(slot);
+                        });
+                    }
+                    // A flood: answer with what fits in the socket buffer, close, and
+                    // hold nothing.
+                    Err(_) => refuse_now(stream, &overloaded),
+                }
             }
             // A TLS client cannot read a plain answer: closing is all there is.
             continue;
@@ -667,6 +700,8 @@ struct StreamCounts {
     active: AtomicU32,
     /// When `active` last fell to zero (or the connection opened), in `clock_ms`.
     idle_since: AtomicU64,
+    /// A request (HTTP/1) or stream (HTTP/2) has reached the proxy on this connection.
+    started: AtomicBool,
 }
 
 /// Milliseconds on a process-wide monotonic clock, cheap enough to read per stream.
@@ -788,7 +823,11 @@ impl Connection {
                     })
                 };
                 if let Some(port) = this.redirect_to_port {
+                    counts.started.store(true, Ordering::Relaxed);
                     return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
+                }
+                if !counts.started.load(Ordering::Relaxed) {
+                    counts.started.store(true, Ordering::Relaxed);
                 }
                 let mut guard = CancelGuard(None);
                 let mut active = None;
@@ -802,7 +841,11 @@ impl Connection {
                 Ok(wrap(response, active))
             }
         });
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(SendTimeout::new(
+            stream,
+            builders.send_timeout,
+            metrics.client_timeout("send_timeout"),
+        ));
         // One driver for three connection types that share no trait with a
         // `graceful_shutdown` method.
         macro_rules! drive_to_end {
@@ -811,11 +854,12 @@ impl Connection {
                     $conn,
                     |c| c.graceful_shutdown(),
                     stop,
-                    (
-                        &counts,
-                        builders.http2_idle_timeout,
-                        matches!(served, Served::Http2),
-                    ),
+                    Deadlines {
+                        counts: &counts,
+                        idle_timeout: builders.http2_idle_timeout,
+                        http2: matches!(served, Served::Http2),
+                        first_request_timeout: builders.first_request_timeout,
+                    },
                     &metrics,
                     peer,
                 )
@@ -838,22 +882,52 @@ impl Connection {
     }
 }
 
+/// What ends a connection that is not asked to.
+struct Deadlines<'a> {
+    counts: &'a StreamCounts,
+    idle_timeout: Duration,
+    http2: bool,
+    first_request_timeout: Duration,
+}
+
+/// Returns if no request has started on the connection `timeout` after it opened.
+async fn no_request_within(counts: &StreamCounts, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    if counts.started.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Runs one connection to its end: asked to stop, it finishes what it has in hand
-/// (graceful shutdown); flooding with cancelled streams, it is dropped on the spot.
+/// (graceful shutdown); flooding with cancelled streams, or silent since it opened, it
+/// is dropped on the spot.
 async fn drive<C, E>(
     conn: C,
     graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
     mut stop: watch::Receiver<bool>,
-    (counts, idle_timeout, http2): (&StreamCounts, Duration, bool),
+    deadlines: Deadlines<'_>,
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Result<(), E>
 where
     C: std::future::Future<Output = Result<(), E>>,
 {
+    let Deadlines {
+        counts,
+        idle_timeout,
+        http2,
+        first_request_timeout,
+    } = deadlines;
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => ended,
+        () = no_request_within(counts, first_request_timeout) => {
+            // Nothing was asked, so nothing is lost: no graceful goodbye for a client
+            // that may never read one.
+            metrics.client_timeout("client_header_timeout").inc();
+            tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
+            Ok(())
+        }
         () = async { drop(stop.wait_for(|s| *s).await) } => {
             graceful_shutdown(conn.as_mut());
             conn.await
@@ -878,10 +952,10 @@ where
 
 /// `redirect_http`: the same host and path on HTTPS, 308 so the method and body stay.
 fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
-    let host = crate::routing::request_host(req);
-    if host.is_empty() {
-        return ProxyError::BadRequest.response();
-    }
+    let host = match crate::headers::request_host(req) {
+        Ok(host) if !host.is_empty() => host,
+        _ => return ProxyError::InvalidHost.response(),
+    };
     // An IPv6 literal lost its brackets with the port.
     let host: std::borrow::Cow<str> = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]").into()
@@ -927,10 +1001,18 @@ fn record_reload(metrics: &Metrics, result: &Result<Arc<CertStore>, crate::tls::
 /// Answers a connection the proxy will not serve with a complete HTTP response. The
 /// request is read first (briefly), so closing does not reset the connection before the
 /// client has read the answer.
-async fn refuse(mut stream: TcpStream, error: ProxyError) {
+async fn refuse(mut stream: TcpStream, answer: &[u8]) {
     let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
-    let _ = stream.write_all(&error.raw_http1()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.write_all(answer)).await;
     let _ = stream.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+}
+
+/// As `refuse`, without waiting for anything: what has arrived of the request is read,
+/// the answer written if the socket takes it, and the connection closed.
+fn refuse_now(stream: TcpStream, answer: &[u8]) {
+    let mut buf = [0u8; 4096];
+    let _ = stream.try_read(&mut buf);
+    let _ = stream.try_write(answer);
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -292,48 +292,106 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot read the state file {path}: {source} (fix it or remove it; it is not overwritten)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// Loads the state file for `config`. A missing file gives the config's state; an
-/// unreadable or corrupt one is moved aside to `<path>.corrupt-<unix time>` and the
-/// config's state is used. Returns the state and the warnings to log.
-pub fn load(path: &Path, config: &Config) -> (TrafficState, Vec<String>) {
+/// A state file that could not be parsed, and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CorruptFile {
+    pub error: String,
+    /// Where the file was moved; `None` if it could not be moved.
+    pub moved_to: Option<PathBuf>,
+    /// The generation the state restarted from, above any the file can have had.
+    pub restarted_at_generation: u64,
+}
+
+/// What `load` found.
+#[derive(Debug)]
+pub struct Loaded {
+    pub state: TrafficState,
+    /// What was dropped because it no longer fits the config.
+    pub warnings: Vec<String>,
+    pub corrupt: Option<CorruptFile>,
+}
+
+/// Loads the state file for `config`. A missing file gives the config's state; a
+/// corrupt one is moved aside to `<path>.corrupt-<unix time>` and the config's state is
+/// used, with a generation that no earlier state can have had, so an `If-Match` from
+/// before can never match. A file that exists but cannot be read (permissions, I/O
+/// error) is an error: starting would overwrite what may be a good state.
+pub fn load(path: &Path, config: &Config) -> Result<Loaded, StateError> {
     let text = match std::fs::read(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return (TrafficState::from_config(config), vec![])
+            return Ok(Loaded {
+                state: TrafficState::from_config(config),
+                warnings: vec![],
+                corrupt: None,
+            })
         }
-        Err(e) => {
-            return (
-                TrafficState::from_config(config),
-                vec![format!(
-                    "cannot read state file {}: {e}; starting from the config",
-                    path.display()
-                )],
-            )
+        Err(source) => {
+            return Err(StateError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
         }
     };
     match serde_json::from_slice::<TrafficState>(&text) {
-        Ok(saved) => saved.reconcile(config),
+        Ok(saved) => {
+            let (state, warnings) = saved.reconcile(config);
+            Ok(Loaded {
+                state,
+                warnings,
+                corrupt: None,
+            })
+        }
         Err(e) => {
-            let stamp = SystemTime::now()
+            let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
-            let moved = match std::fs::rename(path, &aside) {
-                Ok(()) => format!("moved to {}", aside.display()),
-                Err(re) => format!("could not be moved aside ({re})"),
+                .unwrap_or_default();
+            let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), now.as_secs()));
+            let moved_to = std::fs::rename(path, &aside).ok().map(|()| aside);
+            let mut state = TrafficState::from_config(config);
+            state.generation = generation_after_corruption(&text, now);
+            let corrupt = CorruptFile {
+                error: e.to_string(),
+                moved_to,
+                restarted_at_generation: state.generation,
             };
-            (
-                TrafficState::from_config(config),
-                vec![format!(
-                    "state file {} is corrupt ({e}); it was {moved}; starting from the config",
-                    path.display()
-                )],
-            )
+            Ok(Loaded {
+                state,
+                warnings: vec![],
+                corrupt: Some(corrupt),
+            })
         }
     }
+}
+
+/// A generation above any the corrupt file can have had: one past what can still be
+/// read of its `"generation"` field, and never below the current Unix time in
+/// milliseconds. Generations count changes from 0, so no file reaches that figure
+/// without a thousand changes a second since the last corruption.
+fn generation_after_corruption(text: &[u8], now: Duration) -> u64 {
+    let salvaged = salvage_generation(text).map_or(0, |g| g.saturating_add(1));
+    salvaged.max(now.as_millis() as u64)
+}
+
+/// The number after the first `"generation":` in a damaged file, if it is readable.
+fn salvage_generation(text: &[u8]) -> Option<u64> {
+    let key = b"\"generation\"";
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &text[at..];
+    let rest = &rest[rest
+        .iter()
+        .position(|b| !b.is_ascii_whitespace() && *b != b':')?..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 /// Writes `state` durably: a temporary file beside the target, fsync, rename over the
@@ -377,7 +435,9 @@ mod tests {
     #[test]
     fn a_missing_file_gives_the_configs_state() {
         let dir = tempfile::tempdir().unwrap();
-        let (state, warnings) = load(&dir.path().join("none.json"), &config());
+        let Loaded {
+            state, warnings, ..
+        } = load(&dir.path().join("none.json"), &config()).unwrap();
         assert!(warnings.is_empty());
         assert_eq!(state.services["app"].active, "blue");
         assert_eq!(state.generation, 0);
@@ -399,9 +459,9 @@ mod tests {
             .or_default()
             .insert("127.0.0.1:1".into(), BackendMode::Draining);
         save(&path, &state).unwrap();
-        let (loaded, warnings) = load(&path, &config());
-        assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(loaded, state);
+        let loaded = load(&path, &config()).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(loaded.state, state);
         assert!(!dir.path().join("state.json.tmp").exists());
     }
 
@@ -464,22 +524,56 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_file_is_moved_aside() {
+    fn a_corrupt_file_is_moved_aside_and_its_generation_never_comes_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        std::fs::write(&path, b"{ not json").unwrap();
-        let (state, warnings) = load(&path, &config());
-        assert_eq!(state.services["app"].active, "blue");
-        assert_eq!(warnings.len(), 1);
+        let huge = u64::MAX / 4;
+        std::fs::write(&path, format!("{{\n  \"generation\": {huge},\n  \"servi")).unwrap();
+        let loaded = load(&path, &config()).unwrap();
+        assert_eq!(loaded.state.services["app"].active, "blue");
+        let corrupt = loaded.corrupt.expect("reported as corrupt");
+        assert_eq!(loaded.state.generation, huge + 1, "past the salvaged one");
+        assert_eq!(corrupt.restarted_at_generation, huge + 1);
         assert!(!path.exists());
-        let aside: Vec<_> = std::fs::read_dir(dir.path())
+        let aside = corrupt.moved_to.expect("moved aside");
+        assert!(aside
+            .file_name()
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+            .to_string_lossy()
+            .starts_with("state.json.corrupt-"));
+        assert!(aside.exists());
+
+        std::fs::write(&path, b"{ not json").unwrap();
+        let loaded = load(&path, &config()).unwrap();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let generation = loaded.state.generation;
         assert!(
-            aside.iter().any(|n| n.starts_with("state.json.corrupt-")),
-            "{aside:?}"
+            generation > 1_700_000_000_000 && generation <= now_ms,
+            "nothing to salvage: the Unix time in ms, got {generation}"
         );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_an_error_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: unreadable as a file, even for root.
+        let path = dir.path().join("state.json");
+        std::fs::create_dir(&path).unwrap();
+        let error = load(&path, &config()).unwrap_err();
+        assert!(matches!(error, StateError::Read { .. }), "{error}");
+        assert!(error.to_string().contains("state.json"), "{error}");
+        assert!(path.is_dir());
+    }
+
+    #[test]
+    fn generations_are_salvaged_from_damaged_text() {
+        assert_eq!(salvage_generation(b"{\"generation\": 42, \"x"), Some(42));
+        assert_eq!(salvage_generation(b"{\"generation\":7}"), Some(7));
+        assert_eq!(salvage_generation(b"{\"generation\": \"x\"}"), None);
+        assert_eq!(salvage_generation(b"garbage"), None);
     }
 
     #[test]

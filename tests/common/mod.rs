@@ -370,6 +370,15 @@ pub fn state_dir() -> PathBuf {
     dir
 }
 
+/// The `[state] path` of a config made by `config_text`.
+pub fn state_path_of(config: &str) -> PathBuf {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("path = \""))
+        .map(|p| p.trim_end_matches('"').into())
+        .unwrap()
+}
+
 /// As `config_text`, with extra `[admin]` keys; the state file goes to a fresh directory.
 pub fn config_with_admin(
     proxy_keys: &str,
@@ -805,4 +814,34 @@ pub fn listen_field(line: &str, name: &str) -> SocketAddr {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// Has the server side of the loopback connection `client` → `server` read everything
+/// sent to it? True once the kernel shows that socket with an empty receive queue
+/// (`/proc/net/tcp`), so a test knows a request was taken in without sleeping on it.
+/// Call it only after the bytes were written.
+pub fn server_has_read(server: SocketAddr, client: SocketAddr) -> bool {
+    fn hex(addr: SocketAddr) -> String {
+        let std::net::IpAddr::V4(ip) = addr.ip() else {
+            panic!("IPv4 loopback only: {addr}");
+        };
+        let o = ip.octets();
+        format!(
+            "{:02X}{:02X}{:02X}{:02X}:{:04X}",
+            o[3],
+            o[2],
+            o[1],
+            o[0],
+            addr.port()
+        )
+    }
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 4
+            && fields[1] == local
+            && fields[2] == remote
+            && fields[4].split(':').nth(1) == Some("00000000")
+    })
 }
