@@ -367,13 +367,23 @@ async fn shutdown_waits_for_websockets_but_not_for_admin_long_polls() {
             .await
             .unwrap();
     // A deploy script's long poll, still waiting when the proxy is told to stop.
-    let admin = proxy.admin_addr;
-    let wait = format!(
-        "/api/v1/pools/blue/backends/{}/wait-drained?timeout=5m",
+    let mut poll = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /api/v1/pools/blue/backends/{}/wait-drained?timeout=5m HTTP/1.1\r\nhost: admin\r\n\r\n",
         upstream.addr
     );
-    let _poll = tokio::spawn(async move { common::admin(admin, "GET", &wait, None, &[]).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut poll, request.as_bytes())
+        .await
+        .unwrap();
+    let poll_addr = poll.local_addr().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the long poll read by the proxy",
+        || server_has_read(proxy.admin_addr, poll_addr),
+    )
+    .await;
     proxy.signal("TERM");
     // The tunnel keeps working during the graceful shutdown...
     for i in 0..5 {
