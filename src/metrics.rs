@@ -20,7 +20,7 @@ const DURATION_BUCKETS: [f64; 15] = [
 ];
 
 /// The `timeout` label values of `switchyard_client_timeouts_total`: the config keys.
-pub const CLIENT_TIMEOUTS: [&str; 3] = [
+const CLIENT_TIMEOUTS: [&str; 3] = [
     "client_header_timeout",
     "client_body_timeout",
     "send_timeout",
@@ -45,9 +45,10 @@ pub struct Metrics {
     pub tls_certificate_expiry: GaugeVec,
     pub http2_reset_floods: IntCounter,
     pub state_file_corrupt: IntCounter,
-    /// Client connections and requests cut off by one of the client timeouts, by the
-    /// config key that did it.
-    client_timeouts: IntCounterVec,
+    /// `switchyard_client_timeouts_total` by the config key that fired, resolved once.
+    pub client_header_timeouts: IntCounter,
+    pub client_body_timeouts: IntCounter,
+    pub send_timeouts: IntCounter,
     connections_refused: IntCounterVec,
     /// Requests that matched no service.
     unrouted: Arc<CodeCounters>,
@@ -161,9 +162,8 @@ impl Metrics {
         for result in ["success", "failure"] {
             tls_reloads.with_label_values(&[result]);
         }
-        for timeout in CLIENT_TIMEOUTS {
-            client_timeouts.with_label_values(&[timeout]);
-        }
+        let [client_header_timeouts, client_body_timeouts, send_timeouts] =
+            CLIENT_TIMEOUTS.map(|timeout| client_timeouts.with_label_values(&[timeout]));
         for reason in ["timeout", "error"] {
             tls_handshake_failures.with_label_values(&[reason]);
         }
@@ -214,7 +214,9 @@ impl Metrics {
             tls_certificate_expiry,
             http2_reset_floods,
             state_file_corrupt,
-            client_timeouts,
+            client_header_timeouts,
+            client_body_timeouts,
+            send_timeouts,
             connections_refused,
             unrouted,
         })
@@ -279,11 +281,6 @@ impl Metrics {
 
     pub fn connections_refused(&self, listener: &str) -> IntCounter {
         self.connections_refused.with_label_values(&[listener])
-    }
-
-    /// The counter for one of `CLIENT_TIMEOUTS`.
-    pub fn client_timeout(&self, timeout: &str) -> IntCounter {
-        self.client_timeouts.with_label_values(&[timeout])
     }
 }
 

@@ -207,7 +207,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             max_request_body: config.proxy.max_request_body,
             client_body_timeout: config.proxy.client_body_timeout,
         },
-        client_body_timeouts: control.metrics().client_timeout("client_body_timeout"),
+        client_body_timeouts: control.metrics().client_body_timeouts.clone(),
         metrics: config
             .metrics
             .enabled
@@ -822,12 +822,11 @@ impl Connection {
                         _active: active,
                     })
                 };
-                if let Some(port) = this.redirect_to_port {
-                    counts.started.store(true, Ordering::Relaxed);
-                    return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
-                }
                 if !counts.started.load(Ordering::Relaxed) {
                     counts.started.store(true, Ordering::Relaxed);
+                }
+                if let Some(port) = this.redirect_to_port {
+                    return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
                 }
                 let mut guard = CancelGuard(None);
                 let mut active = None;
@@ -844,7 +843,7 @@ impl Connection {
         let io = TokioIo::new(SendTimeout::new(
             stream,
             builders.send_timeout,
-            metrics.client_timeout("send_timeout"),
+            metrics.send_timeouts.clone(),
         ));
         // One driver for three connection types that share no trait with a
         // `graceful_shutdown` method.
@@ -924,7 +923,7 @@ where
         () = no_request_within(counts, first_request_timeout) => {
             // Nothing was asked, so nothing is lost: no graceful goodbye for a client
             // that may never read one.
-            metrics.client_timeout("client_header_timeout").inc();
+            metrics.client_header_timeouts.inc();
             tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
             Ok(())
         }
