@@ -8,6 +8,7 @@
 #   benches/admin_burst.sh                       # this tree's release build
 #   OLD_BIN=/path/to/old/switchyard benches/admin_burst.sh   # and another binary,
 #                                                # alternating rounds, same machine
+#   BIN=/path/to/switchyard benches/admin_burst.sh   # a given binary, no build
 #   N=2000 CHANGES=300 ROUNDS=3 benches/admin_burst.sh
 #
 # Everything runs on 127.0.0.1 and stops by itself: wrk runs for DURATION, the burst
@@ -21,8 +22,12 @@ CONNECTIONS=${CONNECTIONS:-50}
 BASE=${BASE_PORT:-21000}
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
-cargo build --release --quiet
-NEW_BIN=$PWD/target/release/switchyard
+if [[ -n "${BIN:-}" ]]; then
+    NEW_BIN=$BIN
+else
+    cargo build --release --quiet
+    NEW_BIN=$PWD/target/release/switchyard
+fi
 source benches/common.sh
 
 "$NEW_BIN" stand-in --listen "127.0.0.1:$BASE" --count "$N" --name app & PIDS+=($!)
