@@ -244,8 +244,8 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
 
 /// SIGHUP reloads the TLS certificates; the rest of the configuration is read at start
 /// only, which the log says so nobody waits for a change that will not come.
-fn reload_on_hangup(shared: &std::sync::Arc<switchyard::server::Shared>) {
-    use switchyard::server::ReloadError;
+fn reload_on_hangup(shared: &std::sync::Arc<switchyard::admin::Shared>) {
+    use switchyard::admin::ReloadError;
     let shared = std::sync::Arc::clone(shared);
     tokio::spawn(async move {
         match shared.reload_tls().await {
@@ -280,7 +280,7 @@ impl Signals {
     }
 
     /// Returns at the first SIGTERM or SIGINT.
-    async fn wait(mut self, shared: &std::sync::Arc<switchyard::server::Shared>) {
+    async fn wait(mut self, shared: &std::sync::Arc<switchyard::admin::Shared>) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => tracing::info!("SIGTERM received"),

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,7 +22,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::accesslog::AccessLog;
-use crate::admin;
+use crate::admin::{self, Shared};
 use crate::body::ProxyBody;
 use crate::client_io::SendTimeout;
 use crate::config::Config;
@@ -31,8 +30,7 @@ use crate::control::Control;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings};
-use crate::routing::RoutingTable;
-use crate::tls::{CertStore, CertificateInfo, Certificates};
+use crate::tls::Certificates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,55 +44,6 @@ pub enum ServerError {
     State(#[from] crate::control::ControlError),
     #[error("proxy.tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
-}
-
-/// What the admin API and the lifecycle share with the data plane.
-pub struct Shared {
-    pub control: Arc<Control>,
-    /// False once shutdown has begun: `/readyz` answers 503.
-    pub ready: AtomicBool,
-    pub token: Option<String>,
-    pub metrics_require_token: bool,
-    /// The HTTPS listener's certificates, when there is one.
-    pub certificates: Option<Arc<Certificates>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("no [proxy.tls] listener is configured")]
-    NotConfigured,
-    #[error("{0}")]
-    Refused(#[from] crate::tls::TlsError),
-}
-
-impl Shared {
-    pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
-        self.control.table()
-    }
-
-    /// Reads the certificate files again and swaps them in for new handshakes; on any
-    /// error the certificates in use stay. Open connections are never touched.
-    pub async fn reload_tls(&self) -> Result<Vec<CertificateInfo>, ReloadError> {
-        let certificates = self
-            .certificates
-            .as_ref()
-            .ok_or(ReloadError::NotConfigured)?;
-        let certs = Arc::clone(certificates);
-        let result = tokio::task::spawn_blocking(move || certs.reload())
-            .await
-            .unwrap_or_else(|e| Err(crate::tls::TlsError::Rustls(e.to_string())));
-        self.record_reload(&result);
-        Ok(result?.info.clone())
-    }
-
-    fn record_reload(&self, result: &Result<Arc<CertStore>, crate::tls::TlsError>) {
-        record_reload(self.control.metrics(), result);
-    }
-
-    /// Ready to take traffic: not shutting down, and every backend checked once.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.control.first_round_done()
-    }
 }
 
 /// A started server. Dropping it does not stop it; call `shutdown`.
@@ -368,7 +317,7 @@ async fn lifecycle(
                     tls.reload_interval,
                     move |result| {
                         tracing::info!("certificate files changed on disk");
-                        record_reload(&metrics, result);
+                        crate::admin::record_reload(&metrics, result);
                     },
                 )));
             }
@@ -976,25 +925,6 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> 
         .headers_mut()
         .insert(http::header::LOCATION, location);
     response
-}
-
-fn record_reload(metrics: &Metrics, result: &Result<Arc<CertStore>, crate::tls::TlsError>) {
-    match result {
-        Ok(store) => {
-            metrics.tls_reloads.with_label_values(&["success"]).inc();
-            metrics.set_certificates(&store.info);
-            tracing::info!(
-                certificates = store.info.len(),
-                "certificates reloaded; new handshakes use them"
-            );
-        }
-        Err(e) => {
-            metrics.tls_reloads.with_label_values(&["failure"]).inc();
-            tracing::error!(
-                "certificate reload refused, the previous certificates stay in use: {e}"
-            );
-        }
-    }
 }
 
 /// Answers a connection the proxy will not serve with a complete HTTP response. The

@@ -15,9 +15,12 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{CanaryRequest, ControlError};
-use crate::server::{ReloadError, Shared};
+use crate::control::{BackendView, CanaryRequest, ControlError, PoolView, ServiceView};
 use crate::state::{BackendMode, MemberSpec};
+
+mod shared;
+
+pub use shared::{record_reload, ReloadError, Shared};
 
 /// Longest `wait-drained` long poll.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -372,8 +375,7 @@ async fn pool_view(
     Path(pool): Path<String>,
 ) -> Result<Response, ApiError> {
     let view = shared.control.pool_view(&pool).await?;
-    let generation = view.backends.first().map_or(0, |b| b.generation);
-    Ok(answer(generation, &view))
+    Ok(answer(view.generation(), &view))
 }
 
 async fn set_members(
@@ -383,16 +385,20 @@ async fn set_members(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
     let timeout = drain_timeout(query)?;
-    let body: MembersBody = parse_body(&body, false)?;
-    let members = body.backends.into_iter().map(MemberSpec::from).collect();
-    let view = shared
-        .control
-        .set_members(&pool, members, timeout, expected)
-        .await?;
-    let generation = view.backends.first().map_or(0, |b| b.generation);
-    Ok(answer(generation, &view))
+    change(
+        &headers,
+        &body,
+        Body::Required,
+        |body: MembersBody, expected| async move {
+            let members = body.backends.into_iter().map(MemberSpec::from).collect();
+            Ok(shared
+                .control
+                .set_members(&pool, members, timeout, expected)
+                .await?)
+        },
+    )
+    .await
 }
 
 async fn add_member(
@@ -401,11 +407,15 @@ async fn add_member(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let member: MemberSpec = parse_body(&body, false)?;
-    let view = shared.control.add_member(&pool, member, expected).await?;
-    let generation = view.backends.first().map_or(0, |b| b.generation);
-    Ok(answer(generation, &view))
+    change(
+        &headers,
+        &body,
+        Body::Required,
+        |member: MemberSpec, expected| async move {
+            Ok(shared.control.add_member(&pool, member, expected).await?)
+        },
+    )
+    .await
 }
 
 async fn remove_member(
@@ -414,14 +424,76 @@ async fn remove_member(
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
     let timeout = drain_timeout(query)?;
-    let view = shared
-        .control
-        .remove_member(&pool, &addr, timeout, expected)
-        .await?;
-    let generation = view.backends.first().map_or(0, |b| b.generation);
-    Ok(answer(generation, &view))
+    change(
+        &headers,
+        &Bytes::new(),
+        Body::Ignored,
+        |(): (), expected| async move {
+            Ok(shared
+                .control
+                .remove_member(&pool, &addr, timeout, expected)
+                .await?)
+        },
+    )
+    .await
+}
+
+/// The generation a change's answer carries as its `ETag`.
+trait Generation {
+    fn generation(&self) -> u64;
+}
+
+impl Generation for ServiceView {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Generation for BackendView {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Generation for PoolView {
+    fn generation(&self) -> u64 {
+        self.backends.first().map_or(0, |b| b.generation)
+    }
+}
+
+/// What a change takes as its body.
+#[derive(Clone, Copy)]
+enum Body {
+    /// A JSON object.
+    Required,
+    /// A JSON object, or nothing (the type's default).
+    Optional,
+    /// Whatever is sent is not read (DELETE).
+    Ignored,
+}
+
+/// Every change has this shape: `If-Match`, the body parsed strictly, one `Control`
+/// call, and the new view with its generation as `ETag`.
+async fn change<B, V, Fut>(
+    headers: &HeaderMap,
+    body: &Bytes,
+    kind: Body,
+    call: impl FnOnce(B, Option<u64>) -> Fut,
+) -> Result<Response, ApiError>
+where
+    B: DeserializeOwned + Default,
+    V: Serialize + Generation,
+    Fut: std::future::Future<Output = Result<V, ApiError>>,
+{
+    let expected = if_match(headers)?;
+    let body = match kind {
+        Body::Required => parse_body(body, false)?,
+        Body::Optional => parse_body(body, true)?,
+        Body::Ignored => B::default(),
+    };
+    let view = call(body, expected).await?;
+    Ok(answer(view.generation(), &view))
 }
 
 /// `If-Match: 5` or `If-Match: "5"`; absent means unconditional.
@@ -485,16 +557,21 @@ async fn switch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let body: SwitchBody = parse_body(&body, false)?;
-    if body.to.is_empty() {
-        return Err(ApiError::bad_request("`to` must name a pool"));
-    }
-    let view = shared
-        .control
-        .switch(&service, &body.to, body.force, expected)
-        .await?;
-    Ok(answer(view.generation, &view))
+    change(
+        &headers,
+        &body,
+        Body::Required,
+        |body: SwitchBody, expected| async move {
+            if body.to.is_empty() {
+                return Err(ApiError::bad_request("`to` must name a pool"));
+            }
+            Ok(shared
+                .control
+                .switch(&service, &body.to, body.force, expected)
+                .await?)
+        },
+    )
+    .await
 }
 
 impl Default for CanaryRequest {
@@ -516,10 +593,15 @@ async fn set_canary(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let body: CanaryRequest = parse_body(&body, false)?;
-    let view = shared.control.set_canary(&service, body, expected).await?;
-    Ok(answer(view.generation, &view))
+    change(
+        &headers,
+        &body,
+        Body::Required,
+        |body: CanaryRequest, expected| async move {
+            Ok(shared.control.set_canary(&service, body, expected).await?)
+        },
+    )
+    .await
 }
 
 async fn abort_canary(
@@ -527,9 +609,10 @@ async fn abort_canary(
     Path(service): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let view = shared.control.abort_canary(&service, expected).await?;
-    Ok(answer(view.generation, &view))
+    change(&headers, &Bytes::new(), Body::Ignored, |(): (), expected| async move {
+        Ok(shared.control.abort_canary(&service, expected).await?)
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -545,13 +628,18 @@ async fn promote(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let body: ForceBody = parse_body(&body, true)?;
-    let view = shared
-        .control
-        .promote(&service, body.force, expected)
-        .await?;
-    Ok(answer(view.generation, &view))
+    change(
+        &headers,
+        &body,
+        Body::Optional,
+        |body: ForceBody, expected| async move {
+            Ok(shared
+                .control
+                .promote(&service, body.force, expected)
+                .await?)
+        },
+    )
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -564,27 +652,10 @@ async fn rollback(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let _: EmptyBody = parse_body(&body, true)?;
-    let view = shared.control.rollback(&service, expected).await?;
-    Ok(answer(view.generation, &view))
-}
-
-async fn backend_mode(
-    shared: &Shared,
-    pool: &str,
-    addr: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-    mode: Option<BackendMode>,
-) -> Result<Response, ApiError> {
-    let expected = if_match(headers)?;
-    let _: EmptyBody = parse_body(body, true)?;
-    let view = shared
-        .control
-        .set_backend_mode(pool, addr, mode, expected)
-        .await?;
-    Ok(answer(view.generation, &view))
+    change(&headers, &body, Body::Optional, |_: EmptyBody, expected| async move {
+        Ok(shared.control.rollback(&service, expected).await?)
+    })
+    .await
 }
 
 /// `drain`, `disable` and `enable` differ only in the mode they set.
@@ -596,7 +667,18 @@ macro_rules! backend_mode_handler {
             headers: HeaderMap,
             body: Bytes,
         ) -> Result<Response, ApiError> {
-            backend_mode(&shared, &pool, &addr, &headers, &body, $mode).await
+            change(
+                &headers,
+                &body,
+                Body::Optional,
+                |_: EmptyBody, expected| async move {
+                    Ok(shared
+                        .control
+                        .set_backend_mode(&pool, &addr, $mode, expected)
+                        .await?)
+                },
+            )
+            .await
         }
     };
 }
