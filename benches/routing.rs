@@ -119,12 +119,9 @@ fn metrics(c: &mut Criterion) {
         None,
         None,
     ));
-    let live = Arc::clone(&table);
-    let metrics = Metrics::new(Arc::new(move || LiveState {
-        table: Arc::clone(&live),
-        generation: 0,
-    }));
-    let route = metrics.route("web", &table.pools[0]);
+    let metrics = Metrics::new(Arc::new(LiveState::default));
+    let pool = &table.pools[0];
+    let route = metrics.route("web", &pool.name, pool.backends.iter().map(|b| &*b.name));
     c.bench_function("record_request_metrics", |b| {
         b.iter(|| {
             route.codes(black_box(Some(1))).inc(black_box(200));

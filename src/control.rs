@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use crate::backend::{AdminState, Backend, Health};
 use crate::config::Config;
 use crate::health;
-use crate::metrics::{LiveState, Metrics};
+use crate::metrics::{BackendSample, LiveState, Metrics, ServiceSample};
 use crate::routing::{self, Pool, RoutingTable};
 use crate::state::{
     self, BackendMode, CanarySpec, MatchSpec, MemberSpec, ServiceTraffic, TrafficState,
@@ -218,9 +218,8 @@ impl Control {
         let metrics = {
             let table = Arc::clone(&table);
             let generation = Arc::clone(&generation);
-            Metrics::new(Arc::new(move || LiveState {
-                table: table.load_full(),
-                generation: generation.load(Ordering::Relaxed),
+            Metrics::new(Arc::new(move || {
+                live_state(&table.load(), generation.load(Ordering::Relaxed))
             }))
         };
         if corrupt.is_some() {
@@ -940,6 +939,40 @@ impl Control {
             }),
             generation: state.generation,
         })
+    }
+}
+
+/// What the metrics scrape shows of `table` and its backends now.
+fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
+    LiveState {
+        generation,
+        pools: table.pools.iter().map(|p| Arc::clone(&p.name)).collect(),
+        backends: table
+            .pools
+            .iter()
+            .flat_map(|pool| {
+                pool.backends.iter().map(|b| BackendSample {
+                    pool: Arc::clone(&pool.name),
+                    backend: Arc::clone(&b.name),
+                    in_flight: b.in_flight(),
+                    healthy: b.health() == Health::Healthy,
+                    ejected: b.is_ejected(),
+                    state: b.admin_state(),
+                })
+            })
+            .collect(),
+        services: table
+            .services
+            .iter()
+            .map(|s| ServiceSample {
+                name: Arc::clone(&s.name),
+                active_pool: Arc::clone(&s.active.name),
+                canary: s
+                    .canary
+                    .as_ref()
+                    .map(|c| (Arc::clone(&c.pool.name), f64::from(c.split.weight) / 100.0)),
+            })
+            .collect(),
     }
 }
 

@@ -11,8 +11,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::backend::{AdminState, Health};
-use crate::routing::{Pool, RoutingTable};
+use crate::backend::AdminState;
 
 /// Request durations from 0.5 ms to 10 s.
 const DURATION_BUCKETS: [f64; 15] = [
@@ -229,18 +228,23 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// The children one (service, pool) pair uses on the request path.
-    pub fn route(&self, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
+    /// The children one (service, pool) pair uses on the request path; `backends` are
+    /// the pool's backend names, in the pool's order.
+    pub fn route<'a>(
+        &self,
+        service: &str,
+        pool: &str,
+        backends: impl IntoIterator<Item = &'a str>,
+    ) -> Arc<RouteMetrics> {
         Arc::new(RouteMetrics {
-            duration: self.duration.with_label_values(&[service, &pool.name]),
-            retries: self.retries.with_label_values(&[service, &pool.name]),
-            connect: self.connect.with_label_values(&[&pool.name]),
-            backends: pool
-                .backends
-                .iter()
-                .map(|b| CodeCounters::new(self.requests.clone(), [service, &pool.name, &b.name]))
+            duration: self.duration.with_label_values(&[service, pool]),
+            retries: self.retries.with_label_values(&[service, pool]),
+            connect: self.connect.with_label_values(&[pool]),
+            backends: backends
+                .into_iter()
+                .map(|b| CodeCounters::new(self.requests.clone(), [service, pool, b]))
                 .collect(),
-            no_backend: CodeCounters::new(self.requests.clone(), [service, &pool.name, ""]),
+            no_backend: CodeCounters::new(self.requests.clone(), [service, pool, ""]),
         })
     }
 
@@ -340,10 +344,32 @@ impl CodeCounters {
     }
 }
 
-/// What the scrape reads from the live routing state.
+/// What the scrape reads from the live traffic state, as plain data: the control plane
+/// fills it from the routing table and the backends' atomics at scrape time.
+#[derive(Debug, Default)]
 pub struct LiveState {
-    pub table: Arc<RoutingTable>,
     pub generation: u64,
+    pub pools: Vec<Arc<str>>,
+    pub backends: Vec<BackendSample>,
+    pub services: Vec<ServiceSample>,
+}
+
+#[derive(Debug)]
+pub struct BackendSample {
+    pub pool: Arc<str>,
+    pub backend: Arc<str>,
+    pub in_flight: u64,
+    pub healthy: bool,
+    pub ejected: bool,
+    pub state: AdminState,
+}
+
+#[derive(Debug)]
+pub struct ServiceSample {
+    pub name: Arc<str>,
+    pub active_pool: Arc<str>,
+    /// The canary pool and its weight in percent.
+    pub canary: Option<(Arc<str>, f64)>,
 }
 
 /// Gauges computed at scrape time from the routing table and backend atomics, so the
@@ -423,44 +449,35 @@ impl Collector for LiveCollector {
         self.backend_state.reset();
         self.canary_weight.reset();
         self.active_pool.reset();
-        for pool in &live.table.pools {
-            for backend in &pool.backends {
-                let labels = [pool.name.as_ref(), backend.name.as_ref()];
-                self.in_flight
-                    .with_label_values(&labels)
-                    .set(backend.in_flight() as i64);
-                self.healthy
-                    .with_label_values(&labels)
-                    .set(i64::from(backend.health() == Health::Healthy));
-                self.ejected
-                    .with_label_values(&labels)
-                    .set(i64::from(backend.is_ejected()));
-                let current = backend.admin_state();
-                for state in [
-                    AdminState::Active,
-                    AdminState::Draining,
-                    AdminState::Disabled,
-                ] {
-                    self.backend_state
-                        .with_label_values(&[
-                            pool.name.as_ref(),
-                            backend.name.as_ref(),
-                            state.as_str(),
-                        ])
-                        .set(i64::from(state == current));
-                }
+        for b in &live.backends {
+            let labels = [b.pool.as_ref(), b.backend.as_ref()];
+            self.in_flight
+                .with_label_values(&labels)
+                .set(b.in_flight as i64);
+            self.healthy
+                .with_label_values(&labels)
+                .set(i64::from(b.healthy));
+            self.ejected
+                .with_label_values(&labels)
+                .set(i64::from(b.ejected));
+            for state in [
+                AdminState::Active,
+                AdminState::Draining,
+                AdminState::Disabled,
+            ] {
+                self.backend_state
+                    .with_label_values(&[b.pool.as_ref(), b.backend.as_ref(), state.as_str()])
+                    .set(i64::from(state == b.state));
             }
         }
-        for service in &live.table.services {
-            for pool in &live.table.pools {
-                let labels = [service.name.as_ref(), pool.name.as_ref()];
+        for service in &live.services {
+            for pool in &live.pools {
+                let labels = [service.name.as_ref(), pool.as_ref()];
                 self.active_pool
                     .with_label_values(&labels)
-                    .set(i64::from(Arc::ptr_eq(pool, &service.active)));
+                    .set(i64::from(service.active_pool == *pool));
                 let weight = match &service.canary {
-                    Some(canary) if Arc::ptr_eq(&canary.pool, pool) => {
-                        f64::from(canary.split.weight) / 100.0
-                    }
+                    Some((canary, weight)) if canary == pool => *weight,
                     _ => 0.0,
                 };
                 self.canary_weight.with_label_values(&labels).set(weight);

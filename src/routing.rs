@@ -287,6 +287,10 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
+fn route_metrics(metrics: &Metrics, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
+    metrics.route(service, &pool.name, pool.backends.iter().map(|b| &*b.name))
+}
+
 impl RoutingTable {
     /// Builds a table from `config` and the traffic `state` (active pools, canaries,
     /// backend modes), reusing the backend objects of `previous` where the pool and
@@ -350,7 +354,7 @@ impl RoutingTable {
                     Some(Canary {
                         pool: Arc::clone(pool),
                         split,
-                        metrics: metrics.map(|m| m.route(&s.name, pool)),
+                        metrics: metrics.map(|m| route_metrics(m, &s.name, pool)),
                     })
                 });
                 Some(Service {
@@ -359,7 +363,7 @@ impl RoutingTable {
                     path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
                     canary,
-                    metrics: metrics.map(|m| m.route(&s.name, active)),
+                    metrics: metrics.map(|m| route_metrics(m, &s.name, active)),
                 })
             })
             .collect();
