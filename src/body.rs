@@ -10,14 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 
-use crate::accesslog::{AccessLog, AccessRecord};
-use crate::backend::InFlight;
-use crate::client::Sender;
 use crate::idle_timer::IdleTimer;
 
 /// The client's request body on its way upstream, cut off at `max_request_body`, and
@@ -164,105 +160,61 @@ impl Body for RequestBody {
 }
 
 /// What the client receives: an upstream response streamed through, or a short body the
-/// proxy made itself (errors, rejections).
-pub enum ProxyBody {
+/// proxy made itself (errors, rejections). `E` hears how the upstream body went (see
+/// `Ending`): the forwarding code decides what that means for its connection.
+pub enum ProxyBody<E> {
     Upstream {
         inner: Incoming,
-        /// Until the body ends; a bodiless answer keeps it (already completed) until
-        /// hyper drops the body, so the in-flight count and the log last as long.
-        finish: Option<Finish>,
+        /// Until the body ends; a bodiless answer keeps it (already told) until hyper
+        /// drops the body, so whatever it holds lasts as long.
+        ending: Option<E>,
     },
     Full(Option<Bytes>),
 }
 
-/// What happens when an upstream response body has been passed on whole: the connection
-/// goes back to the backend's pool and the request stops counting as in flight. Dropped
-/// early (client gone, upstream error), the connection closes instead. Either way the
-/// access log line, if any, is sent then, with the bytes passed on.
-pub struct Finish {
-    sender: Option<Sender>,
-    in_flight: InFlight,
-    log: Option<Box<PendingLog>>,
-    bytes: u64,
+/// Told, as an upstream response body is passed on, how it goes.
+pub trait Ending {
+    /// A data frame of `bytes` was passed on.
+    fn passed(&mut self, bytes: u64);
+    /// The body was passed on whole.
+    fn ended(&mut self);
+    /// The upstream broke off in the middle of the body.
+    fn broken(&mut self);
 }
 
-/// An access log record waiting for its response body to end.
-pub struct PendingLog {
-    pub record: AccessRecord,
-    pub sink: Arc<AccessLog>,
-    pub started: Instant,
-}
-
-impl PendingLog {
-    pub fn send(mut self, bytes: u64) {
-        self.record.bytes = bytes;
-        self.record.duration = self.started.elapsed();
-        self.sink.log(self.record);
-    }
-}
-
-impl Finish {
-    pub fn new(sender: Sender, in_flight: InFlight) -> Finish {
-        Finish {
-            sender: Some(sender),
-            in_flight,
-            log: None,
-            bytes: 0,
-        }
-    }
-
-    fn complete(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.in_flight.backend().conns.checkin(sender);
-        }
-    }
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        if let Some(log) = self.log.take() {
-            log.send(self.bytes);
-        }
-    }
-}
-
-impl ProxyBody {
-    pub fn upstream(inner: Incoming, mut finish: Finish) -> ProxyBody {
+impl<E: Ending> ProxyBody<E> {
+    pub fn upstream(inner: Incoming, mut ending: E) -> ProxyBody<E> {
         if inner.is_end_stream() {
-            // HEAD, 204, 304: hyper may never poll an empty body, so finish now.
-            finish.complete();
+            // HEAD, 204, 304: hyper may never poll an empty body, so it ends now.
+            ending.ended();
         }
         ProxyBody::Upstream {
             inner,
-            finish: Some(finish),
+            ending: Some(ending),
         }
-    }
-
-    /// Hands the access log record to the upstream body, to be sent when it ends; gives
-    /// it back when this body is the proxy's own (log it now).
-    pub fn log_on_finish(&mut self, log: Box<PendingLog>) -> Result<(), Box<PendingLog>> {
-        match self {
-            ProxyBody::Upstream {
-                finish: Some(finish),
-                ..
-            } => {
-                finish.log = Some(log);
-                Ok(())
-            }
-            _ => Err(log),
-        }
-    }
-
-    pub fn text(text: &'static str) -> ProxyBody {
-        ProxyBody::Full(Some(Bytes::from_static(text.as_bytes())))
-    }
-
-    pub fn empty() -> ProxyBody {
-        ProxyBody::Full(None)
     }
 }
 
-impl Body for ProxyBody {
+impl<E> ProxyBody<E> {
+    pub fn text(text: &'static str) -> ProxyBody<E> {
+        ProxyBody::Full(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    pub fn empty() -> ProxyBody<E> {
+        ProxyBody::Full(None)
+    }
+
+    /// The ending of an upstream body not yet ended or dropped; `None` for the proxy's
+    /// own bodies.
+    pub fn ending_mut(&mut self) -> Option<&mut E> {
+        match self {
+            ProxyBody::Upstream { ending, .. } => ending.as_mut(),
+            ProxyBody::Full(_) => None,
+        }
+    }
+}
+
+impl<E: Ending + Unpin> Body for ProxyBody<E> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -272,34 +224,30 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream {
-                inner,
-                finish: done,
-            } => {
+            ProxyBody::Upstream { inner, ending } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {
-                        if let Some(mut finish) = done.take() {
-                            finish.complete();
+                        if let Some(mut ending) = ending.take() {
+                            ending.ended();
                         }
                     }
                     Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(finish), Some(data)) = (done.as_mut(), frame.data_ref()) {
-                            finish.bytes += data.len() as u64;
+                        if let (Some(ending), Some(data)) = (ending.as_mut(), frame.data_ref()) {
+                            ending.passed(data.len() as u64);
                         }
                         if inner.is_end_stream() {
-                            if let Some(mut finish) = done.take() {
-                                finish.complete();
+                            if let Some(mut ending) = ending.take() {
+                                ending.ended();
                             }
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {
-                        // The upstream connection broke mid-body: do not pool it.
-                        if let Some(mut finish) = done.take() {
-                            finish.sender = None;
+                        if let Some(mut ending) = ending.take() {
+                            ending.broken();
                         }
                     }
-                    _ => {}
+                    Poll::Pending => {}
                 }
                 polled
             }

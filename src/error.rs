@@ -85,7 +85,7 @@ impl ProxyError {
         }
     }
 
-    pub fn response(self) -> Response<ProxyBody> {
+    pub fn response<E>(self) -> Response<ProxyBody<E>> {
         let mut response = Response::new(ProxyBody::text(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn responses_carry_the_error_header() {
-        let r = ProxyError::UpstreamTimeout.response();
+        let r = ProxyError::UpstreamTimeout.response::<()>();
         assert_eq!(r.headers()["x-switchyard-error"], "upstream-timeout");
     }
 

@@ -17,7 +17,7 @@ use prometheus::Histogram;
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::{Backend, InFlight};
 use crate::balancer;
-use crate::body::{Finish, PendingLog, ProxyBody, RequestBody, RequestBodyError};
+use crate::body::{Ending, ProxyBody, RequestBody, RequestBodyError};
 use crate::client::{ConnectError, Sender, Upstream};
 use crate::error::ProxyError;
 use crate::headers;
@@ -25,6 +25,9 @@ use crate::health;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{Pool, RoutingTable};
 use crate::split::Reason;
+
+/// The response body a client gets from the proxy.
+pub type ResponseBody = ProxyBody<Exchange>;
 
 /// Most backends one request may try; `connect_attempts` is capped to this.
 const MAX_ATTEMPTS: usize = balancer::MAX_EXCLUDED;
@@ -93,7 +96,7 @@ impl Proxy {
         req: Request<Incoming>,
         client: SocketAddr,
         tls: bool,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let head = self
             .access_log
@@ -155,12 +158,13 @@ impl Proxy {
                 started,
             });
             // Upstream bodies log when they end (with their size); the rest now.
-            if let Err(pending) = response.body_mut().log_on_finish(pending) {
-                pending.send(
+            match response.body_mut().ending_mut() {
+                Some(exchange) => exchange.log = Some(pending),
+                None => pending.send(
                     http_body::Body::size_hint(response.body())
                         .exact()
                         .unwrap_or(0),
-                );
+                ),
             }
         }
         response
@@ -172,7 +176,7 @@ impl Proxy {
         client: SocketAddr,
         tls: bool,
         trace: &mut Trace,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest);
         }
@@ -395,7 +399,7 @@ impl Proxy {
         sender: Sender,
         in_flight: InFlight,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 // A 101 nobody asked for cannot be passed on.
@@ -410,8 +414,65 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        let finish = Finish::new(sender, in_flight);
-        Response::from_parts(parts, ProxyBody::upstream(body, finish))
+        let exchange = Exchange {
+            sender: Some(sender),
+            in_flight,
+            log: None,
+            bytes: 0,
+        };
+        Response::from_parts(parts, ProxyBody::upstream(body, exchange))
+    }
+}
+
+/// One exchange with a backend, from its response headers until its body has been passed
+/// on: whole, the connection goes back to the backend's pool; broken off or dropped
+/// early (client gone), the connection closes. Either way the request stops counting as
+/// in flight and its access log line, if any, is sent then, with the bytes passed on.
+pub struct Exchange {
+    sender: Option<Sender>,
+    in_flight: InFlight,
+    log: Option<Box<PendingLog>>,
+    bytes: u64,
+}
+
+impl Ending for Exchange {
+    fn passed(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+
+    fn ended(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.in_flight.backend().conns.checkin(sender);
+        }
+    }
+
+    fn broken(&mut self) {
+        // The connection broke mid-body: never pooled.
+        self.sender = None;
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.send(self.bytes);
+        }
+        // `in_flight` goes with it, and an unfinished `sender` closes its connection.
+    }
+}
+
+/// An access log record waiting for its response body to end.
+struct PendingLog {
+    record: AccessRecord,
+    sink: Arc<AccessLog>,
+    started: Instant,
+}
+
+impl PendingLog {
+    fn send(mut self, bytes: u64) {
+        self.record.bytes = bytes;
+        self.record.duration = self.started.elapsed();
+        self.sink.log(self.record);
     }
 }
 

@@ -23,13 +23,12 @@ use hyper::body::Incoming;
 
 use crate::accesslog::AccessLog;
 use crate::admin::{self, Shared};
-use crate::body::ProxyBody;
 use crate::client_io::SendTimeout;
 use crate::config::Config;
 use crate::control::Control;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxySettings};
+use crate::proxy::{Proxy, ProxySettings, ResponseBody};
 use crate::tls::Certificates;
 
 #[derive(Debug, thiserror::Error)]
@@ -684,13 +683,13 @@ impl Drop for ActiveStream {
 /// The response body as the client connection sees it: the proxy's, plus the stream's
 /// activity mark, released when hyper drops the body.
 struct ClientBody {
-    inner: ProxyBody,
+    inner: ResponseBody,
     _active: Option<ActiveStream>,
 }
 
 impl http_body::Body for ClientBody {
     type Data = bytes::Bytes;
-    type Error = <ProxyBody as http_body::Body>::Error;
+    type Error = <ResponseBody as http_body::Body>::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -765,7 +764,7 @@ impl Connection {
             let this = Arc::clone(&this);
             let counts = Arc::clone(&service_counts);
             async move {
-                let wrap = |response: Response<ProxyBody>, active| {
+                let wrap = |response: Response<ResponseBody>, active| {
                     response.map(|inner| ClientBody {
                         inner,
                         _active: active,
@@ -899,7 +898,7 @@ where
 }
 
 /// `redirect_http`: the same host and path on HTTPS, 308 so the method and body stay.
-fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
+fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ResponseBody> {
     let host = match crate::headers::request_host(req) {
         Ok(host) if !host.is_empty() => host,
         _ => return ProxyError::InvalidHost.response(),
@@ -919,7 +918,7 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> 
     let Ok(location) = http::HeaderValue::try_from(location) else {
         return ProxyError::BadRequest.response();
     };
-    let mut response = Response::new(ProxyBody::empty());
+    let mut response = Response::new(ResponseBody::empty());
     *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
     response
         .headers_mut()

@@ -377,6 +377,7 @@ async fn runtime_membership_is_capped_and_the_refusal_changes_nothing() {
     // The default max_backends_per_pool: 1000.
     let proxy = start_proxy(&config_text("", &[("blue", &[upstream.addr])], "")).await;
     let admin_addr = proxy.admin_addr;
+    wait_ready(admin_addr).await;
     let (_, before) = admin(admin_addr, "GET", "/api/v1/state", None, &[]).await;
     let many: Vec<String> = (0..1001)
         .map(|i| format!("127.0.{}.{}:80", i / 250, 1 + i % 250))
@@ -430,6 +431,8 @@ async fn a_change_that_cannot_be_saved_leaves_memory_disk_and_traffic_as_they_we
     let state_path = state_path_of(&config);
     let proxy = start_proxy(&config).await;
     let admin_addr = proxy.admin_addr;
+    // Health settled first, so the views before and after differ only by the change.
+    wait_ready(admin_addr).await;
     let saved = std::fs::read(&state_path).unwrap();
     let (_, before) = admin(admin_addr, "GET", "/api/v1/state", None, &[]).await;
     // The write goes through `<path>.tmp`: a directory there makes it fail, even as root.
