@@ -21,8 +21,26 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
-use crate::config::Protocol;
 use crate::tls::UpstreamTls;
+use serde::Deserialize;
+
+/// What a pool's backends speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge, without TLS (gRPC servers, typically).
+    H2c,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+}
+
+impl Protocol {
+    pub fn is_h2(self) -> bool {
+        self != Protocol::Http1
+    }
+}
 
 /// How a pool's backends are reached.
 #[derive(Debug, Clone, Default)]

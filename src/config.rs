@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::client::Protocol;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -261,24 +262,6 @@ struct RawPool {
     client_key_file: Option<PathBuf>,
     #[serde(default)]
     insecure_skip_verify: bool,
-}
-
-/// What a pool's backends speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge, without TLS (gRPC servers, typically).
-    H2c,
-    /// HTTP/2 over TLS, negotiated by ALPN.
-    H2,
-}
-
-impl Protocol {
-    pub fn is_h2(self) -> bool {
-        self != Protocol::Http1
-    }
 }
 
 #[derive(Debug, Deserialize)]
