@@ -148,10 +148,16 @@ impl Backend {
         if self.now_ms() < until {
             return true;
         }
-        // Over: later reads take the fast path (unless a new ejection came meanwhile).
-        let _ =
-            self.ejected_until_ms
-                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        // Over: later reads take the fast path (unless a new ejection came meanwhile),
+        // and the backend ramps up again under slow start, as after any time out.
+        if self
+            .ejected_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.healthy_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
         false
     }
 
@@ -325,6 +331,11 @@ mod tests {
         b.eject_for(Duration::ZERO);
         assert!(!b.is_ejected());
         assert!(b.is_available());
+        let ramp = Some(Duration::from_secs(30));
+        assert!(
+            b.ramp_fraction(ramp) < 0.15,
+            "back from ejection: slow start again"
+        );
     }
 
     #[test]
