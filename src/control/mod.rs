@@ -10,16 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::backend::{AdminState, Backend, Health};
+use crate::backend::{AdminState, Backend};
 use crate::config::Config;
 use crate::health;
-use crate::metrics::{BackendSample, LiveState, Metrics, ServiceSample};
+use crate::metrics::Metrics;
 use crate::routing::{self, Pool, RoutingTable};
-use crate::state::{
-    self, BackendMode, CanarySpec, MatchSpec, MemberSpec, ServiceTraffic, TrafficState,
+use crate::state::{self, BackendMode, CanarySpec, MatchSpec, ServiceTraffic, TrafficState};
+
+mod membership;
+mod supervision;
+mod views;
+
+use views::{backend_view, live_state};
+pub use views::{
+    BackendView, CanaryView, HistoryView, PoolView, ServiceView, StateFileView, StateView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,73 +110,6 @@ pub struct CanaryRequest {
     pub sticky: Option<String>,
     #[serde(default)]
     pub force: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StateView {
-    pub generation: u64,
-    pub services: Vec<ServiceView>,
-    pub pools: Vec<PoolView>,
-    pub state_file: StateFileView,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StateFileView {
-    pub path: String,
-    /// Set when the file found at start was corrupt and the state restarted from the
-    /// config.
-    pub corrupt_at_start: Option<state::CorruptFile>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    pub name: String,
-    pub hosts: Vec<String>,
-    pub path_prefix: String,
-    pub active: String,
-    pub previous_active: Option<String>,
-    pub canary: Option<CanaryView>,
-    pub generation: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CanaryView {
-    pub pool: String,
-    /// Percent.
-    pub weight: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header: Option<MatchSpec>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cookie: Option<MatchSpec>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sticky: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PoolView {
-    pub name: String,
-    pub backends: Vec<BackendView>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendView {
-    pub pool: String,
-    pub addr: String,
-    pub weight: u32,
-    pub health: &'static str,
-    pub state: &'static str,
-    /// Taken out by passive ejection (failures of real traffic) until its time runs out;
-    /// `health` is what the active checks say.
-    pub ejected: bool,
-    pub in_flight: u64,
-    pub generation: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HistoryView {
-    pub service: String,
-    pub generation: u64,
-    pub history: Vec<state::HistoryEntry>,
 }
 
 pub struct Control {
@@ -270,59 +209,6 @@ impl Control {
         Ok(())
     }
 
-    /// Starts a health-check task for every backend in the table that has none, and
-    /// stops those of backends no longer in it. Needs a tokio runtime.
-    pub fn sync_health_checks(&self) {
-        let table = self.table.load();
-        let Ok(mut tasks) = self.health_tasks.lock() else {
-            return;
-        };
-        let mut live = std::collections::HashSet::new();
-        for pool in &table.pools {
-            for backend in &pool.backends {
-                let key = Arc::as_ptr(backend) as usize;
-                live.insert(key);
-                tasks.entry(key).or_insert_with(|| {
-                    let counters = self
-                        .metrics
-                        .health_check_counters(&pool.name, &backend.name);
-                    tokio::spawn(health::check_loop(
-                        Arc::clone(&pool.name),
-                        Arc::clone(backend),
-                        pool.settings.health.clone(),
-                        pool.settings.upstream.clone(),
-                        counters,
-                    ))
-                    .abort_handle()
-                });
-            }
-        }
-        tasks.retain(|key, task| {
-            let keep = live.contains(key);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-    }
-
-    pub fn stop_health_checks(&self) {
-        if let Ok(mut tasks) = self.health_tasks.lock() {
-            for (_, task) in tasks.drain() {
-                task.abort();
-            }
-        }
-    }
-
-    /// Has every backend been checked at least once?
-    pub fn first_round_done(&self) -> bool {
-        self.table
-            .load()
-            .pools
-            .iter()
-            .all(|p| p.backends.iter().all(|b| b.health() != Health::Unknown))
-    }
-
     pub fn table(&self) -> &Arc<ArcSwap<RoutingTable>> {
         &self.table
     }
@@ -333,49 +219,6 @@ impl Control {
 
     pub async fn generation(&self) -> u64 {
         self.state.lock().await.generation
-    }
-
-    pub async fn view(&self) -> StateView {
-        let state = self.state.lock().await;
-        let table = self.table.load();
-        StateView {
-            generation: state.generation,
-            services: self
-                .config
-                .services
-                .iter()
-                .filter_map(|s| self.service_view(&state, &s.name))
-                .collect(),
-            pools: table
-                .pools
-                .iter()
-                .map(|p| PoolView {
-                    name: p.name.to_string(),
-                    backends: p
-                        .backends
-                        .iter()
-                        .map(|b| backend_view(p, b, state.generation))
-                        .collect(),
-                })
-                .collect(),
-            state_file: StateFileView {
-                path: self.state_path.display().to_string(),
-                corrupt_at_start: self.corrupt_at_start.clone(),
-            },
-        }
-    }
-
-    pub async fn history(&self, service: &str) -> Result<HistoryView, ControlError> {
-        let state = self.state.lock().await;
-        let traffic = state
-            .services
-            .get(service)
-            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
-        Ok(HistoryView {
-            service: service.to_string(),
-            generation: state.generation,
-            history: traffic.history.clone(),
-        })
     }
 
     pub async fn switch(
@@ -539,235 +382,6 @@ impl Control {
         self.backend(pool, addr).map(|(_, b)| b)
     }
 
-    /// Replaces the backends of `pool`. New backends join at once (their health is
-    /// checked like any other); backends that leave are drained first: they take no new
-    /// requests, and are removed once nothing is in flight on them, or left draining
-    /// (408) if that takes longer than `drain_timeout`.
-    pub async fn set_members(
-        &self,
-        pool: &str,
-        members: Vec<MemberSpec>,
-        drain_timeout: Duration,
-        if_match: Option<u64>,
-    ) -> Result<PoolView, ControlError> {
-        let configured = self
-            .config
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
-        if members.is_empty() {
-            return Err(ControlError::BadRequest(
-                "a pool needs at least one backend".into(),
-            ));
-        }
-        let limit = self.config.proxy.max_backends_per_pool;
-        if members.len() > limit {
-            return Err(ControlError::TooManyBackends {
-                pool: pool.to_string(),
-                limit,
-                given: members.len(),
-            });
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut normalized = Vec::with_capacity(members.len());
-        for member in members {
-            let addr: SocketAddr = member.addr.parse().map_err(|_| {
-                ControlError::BadRequest(format!(
-                    "`{}` is not an IP address with a port, such as \"127.0.0.1:8080\"",
-                    member.addr
-                ))
-            })?;
-            if !(1..=1000).contains(&member.weight) {
-                return Err(ControlError::BadRequest(format!(
-                    "weight of `{}` must be between 1 and 1000",
-                    member.addr
-                )));
-            }
-            if !seen.insert(addr) {
-                return Err(ControlError::BadRequest(format!(
-                    "`{}` is listed twice",
-                    member.addr
-                )));
-            }
-            normalized.push(MemberSpec {
-                addr: addr.to_string(),
-                weight: member.weight,
-            });
-        }
-
-        // Phase 1: the new list joins; leavers stay, draining.
-        let leaving: Vec<String> = {
-            let mut state = self.lock_current(if_match).await?;
-            let current = state.members_of(configured);
-            let leaving: Vec<String> = current
-                .iter()
-                .map(|b| b.addr.to_string())
-                .filter(|addr| !normalized.iter().any(|m| &m.addr == addr))
-                .collect();
-            let mut next = state.clone();
-            let mut list = normalized.clone();
-            for backend in &current {
-                let addr = backend.addr.to_string();
-                if leaving.contains(&addr) {
-                    list.push(MemberSpec {
-                        addr: addr.clone(),
-                        weight: backend.weight,
-                    });
-                    next.backends
-                        .entry(pool.to_string())
-                        .or_default()
-                        .insert(addr, BackendMode::Draining);
-                }
-            }
-            next.members.insert(pool.to_string(), list);
-            self.commit(&mut state, next, None).await?;
-            leaving
-        };
-        if leaving.is_empty() {
-            return self.pool_view(pool).await;
-        }
-
-        // Wait, without holding the writer lock, for the leavers to finish.
-        let leavers: Vec<Arc<Backend>> = leaving
-            .iter()
-            .filter_map(|addr| self.find_backend(pool, addr).ok())
-            .collect();
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        loop {
-            let busy: u64 = leavers.iter().map(|b| b.in_flight()).sum();
-            if busy == 0 {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ControlError::DrainTimeout {
-                    in_flight: busy,
-                    backends: leaving.join(", "),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-
-        // Phase 2: remove them (unless someone re-enabled one meanwhile).
-        let mut state = self.state.lock().await;
-        let mut next = state.clone();
-        let current = next.members_of(configured);
-        let keep: Vec<MemberSpec> = current
-            .iter()
-            .filter(|b| {
-                let addr = b.addr.to_string();
-                !(leaving.contains(&addr)
-                    && next.backend_mode(pool, &addr) == Some(BackendMode::Draining))
-            })
-            .map(|b| MemberSpec {
-                addr: b.addr.to_string(),
-                weight: b.weight,
-            })
-            .collect();
-        if let Some(modes) = next.backends.get_mut(pool) {
-            modes.retain(|addr, _| keep.iter().any(|m| &m.addr == addr));
-            if modes.is_empty() {
-                next.backends.remove(pool);
-            }
-        }
-        next.members.insert(pool.to_string(), keep);
-        let joined_generation = state.generation;
-        self.commit(&mut state, next, None)
-            .await
-            .map_err(|e| match e {
-                ControlError::Persist(source) => ControlError::PartlyApplied {
-                    done: format!(
-                        "the new backends of pool `{pool}` joined and {} drained",
-                        leaving.join(", ")
-                    ),
-                    generation: joined_generation,
-                    source,
-                },
-                other => other,
-            })?;
-        drop(state);
-        self.pool_view(pool).await
-    }
-
-    /// Adds one backend to `pool`.
-    pub async fn add_member(
-        &self,
-        pool: &str,
-        member: MemberSpec,
-        if_match: Option<u64>,
-    ) -> Result<PoolView, ControlError> {
-        let mut list = self.members(pool).await?;
-        let addr: Option<SocketAddr> = member.addr.parse().ok();
-        if list
-            .iter()
-            .any(|m| m.addr.parse::<SocketAddr>().ok() == addr && addr.is_some())
-        {
-            return Err(ControlError::Conflict(format!(
-                "pool `{pool}` already has backend `{}`",
-                member.addr
-            )));
-        }
-        list.push(member);
-        self.set_members(pool, list, Duration::ZERO, if_match).await
-    }
-
-    /// Drains and removes one backend of `pool`.
-    pub async fn remove_member(
-        &self,
-        pool: &str,
-        addr: &str,
-        drain_timeout: Duration,
-        if_match: Option<u64>,
-    ) -> Result<PoolView, ControlError> {
-        let backend = self.find_backend(pool, addr)?;
-        let list: Vec<MemberSpec> = self
-            .members(pool)
-            .await?
-            .into_iter()
-            .filter(|m| m.addr.parse::<SocketAddr>().ok() != Some(backend.addr))
-            .collect();
-        if list.is_empty() {
-            return Err(ControlError::Conflict(format!(
-                "`{addr}` is the last backend of pool `{pool}`; a pool needs at least one"
-            )));
-        }
-        self.set_members(pool, list, drain_timeout, if_match).await
-    }
-
-    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
-        let configured = self
-            .config
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
-        let state = self.state.lock().await;
-        Ok(state
-            .members_of(configured)
-            .into_iter()
-            .map(|b| MemberSpec {
-                addr: b.addr.to_string(),
-                weight: b.weight,
-            })
-            .collect())
-    }
-
-    pub async fn pool_view(&self, pool: &str) -> Result<PoolView, ControlError> {
-        let generation = self.state.lock().await.generation;
-        let table = self.table.load();
-        let pool_ref = table
-            .pool(pool)
-            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
-        Ok(PoolView {
-            name: pool_ref.name.to_string(),
-            backends: pool_ref
-                .backends
-                .iter()
-                .map(|b| backend_view(pool_ref, b, generation))
-                .collect(),
-        })
-    }
-
     /// Applies `change` to a copy of `service`'s traffic, commits it as a `kind` change
     /// and answers with the service's new view.
     async fn commit_service(
@@ -919,73 +533,6 @@ impl Control {
             }
         }
         Err(ControlError::NoHealthyBackend(pool.name.to_string()))
-    }
-
-    fn service_view(&self, state: &TrafficState, name: &str) -> Option<ServiceView> {
-        let configured = self.config.services.iter().find(|s| s.name == name)?;
-        let traffic = state.services.get(name)?;
-        Some(ServiceView {
-            name: name.to_string(),
-            hosts: configured.hosts.iter().map(ToString::to_string).collect(),
-            path_prefix: configured.path_prefix.clone(),
-            active: traffic.active.clone(),
-            previous_active: traffic.previous_active.clone(),
-            canary: traffic.canary.as_ref().map(|c| CanaryView {
-                pool: c.pool.clone(),
-                weight: f64::from(c.weight_bp) / 100.0,
-                header: c.header.clone(),
-                cookie: c.cookie.clone(),
-                sticky: c.sticky.clone(),
-            }),
-            generation: state.generation,
-        })
-    }
-}
-
-/// What the metrics scrape shows of `table` and its backends now.
-fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
-    LiveState {
-        generation,
-        pools: table.pools.iter().map(|p| Arc::clone(&p.name)).collect(),
-        backends: table
-            .pools
-            .iter()
-            .flat_map(|pool| {
-                pool.backends.iter().map(|b| BackendSample {
-                    pool: Arc::clone(&pool.name),
-                    backend: Arc::clone(&b.name),
-                    in_flight: b.in_flight(),
-                    healthy: b.health() == Health::Healthy,
-                    ejected: b.is_ejected(),
-                    state: b.admin_state(),
-                })
-            })
-            .collect(),
-        services: table
-            .services
-            .iter()
-            .map(|s| ServiceSample {
-                name: Arc::clone(&s.name),
-                active_pool: Arc::clone(&s.active.name),
-                canary: s
-                    .canary
-                    .as_ref()
-                    .map(|c| (Arc::clone(&c.pool.name), f64::from(c.split.weight) / 100.0)),
-            })
-            .collect(),
-    }
-}
-
-fn backend_view(pool: &Pool, backend: &Backend, generation: u64) -> BackendView {
-    BackendView {
-        pool: pool.name.to_string(),
-        addr: backend.name.to_string(),
-        weight: backend.weight(),
-        health: backend.health().as_str(),
-        state: backend.admin_state().as_str(),
-        ejected: backend.is_ejected(),
-        in_flight: backend.in_flight(),
-        generation,
     }
 }
 

@@ -1,0 +1,225 @@
+//! Runtime membership: a pool's backends changed through the admin API. Joiners are in
+//! rotation at once; leavers drain first and are removed once nothing is in flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Control, ControlError, PoolView};
+use crate::backend::Backend;
+use crate::state::{BackendMode, MemberSpec};
+
+impl Control {
+    /// Replaces the backends of `pool`. New backends join at once (their health is
+    /// checked like any other); backends that leave are drained first: they take no new
+    /// requests, and are removed once nothing is in flight on them, or left draining
+    /// (408) if that takes longer than `drain_timeout`.
+    pub async fn set_members(
+        &self,
+        pool: &str,
+        members: Vec<MemberSpec>,
+        drain_timeout: Duration,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let configured = self
+            .config
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        if members.is_empty() {
+            return Err(ControlError::BadRequest(
+                "a pool needs at least one backend".into(),
+            ));
+        }
+        let limit = self.config.proxy.max_backends_per_pool;
+        if members.len() > limit {
+            return Err(ControlError::TooManyBackends {
+                pool: pool.to_string(),
+                limit,
+                given: members.len(),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut normalized = Vec::with_capacity(members.len());
+        for member in members {
+            let addr: SocketAddr = member.addr.parse().map_err(|_| {
+                ControlError::BadRequest(format!(
+                    "`{}` is not an IP address with a port, such as \"127.0.0.1:8080\"",
+                    member.addr
+                ))
+            })?;
+            if !(1..=1000).contains(&member.weight) {
+                return Err(ControlError::BadRequest(format!(
+                    "weight of `{}` must be between 1 and 1000",
+                    member.addr
+                )));
+            }
+            if !seen.insert(addr) {
+                return Err(ControlError::BadRequest(format!(
+                    "`{}` is listed twice",
+                    member.addr
+                )));
+            }
+            normalized.push(MemberSpec {
+                addr: addr.to_string(),
+                weight: member.weight,
+            });
+        }
+
+        // Phase 1: the new list joins; leavers stay, draining.
+        let leaving: Vec<String> = {
+            let mut state = self.lock_current(if_match).await?;
+            let current = state.members_of(configured);
+            let leaving: Vec<String> = current
+                .iter()
+                .map(|b| b.addr.to_string())
+                .filter(|addr| !normalized.iter().any(|m| &m.addr == addr))
+                .collect();
+            let mut next = state.clone();
+            let mut list = normalized.clone();
+            for backend in &current {
+                let addr = backend.addr.to_string();
+                if leaving.contains(&addr) {
+                    list.push(MemberSpec {
+                        addr: addr.clone(),
+                        weight: backend.weight,
+                    });
+                    next.backends
+                        .entry(pool.to_string())
+                        .or_default()
+                        .insert(addr, BackendMode::Draining);
+                }
+            }
+            next.members.insert(pool.to_string(), list);
+            self.commit(&mut state, next, None).await?;
+            leaving
+        };
+        if leaving.is_empty() {
+            return self.pool_view(pool).await;
+        }
+
+        // Wait, without holding the writer lock, for the leavers to finish.
+        let leavers: Vec<Arc<Backend>> = leaving
+            .iter()
+            .filter_map(|addr| self.find_backend(pool, addr).ok())
+            .collect();
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        loop {
+            let busy: u64 = leavers.iter().map(|b| b.in_flight()).sum();
+            if busy == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ControlError::DrainTimeout {
+                    in_flight: busy,
+                    backends: leaving.join(", "),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Phase 2: remove them (unless someone re-enabled one meanwhile).
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        let current = next.members_of(configured);
+        let keep: Vec<MemberSpec> = current
+            .iter()
+            .filter(|b| {
+                let addr = b.addr.to_string();
+                !(leaving.contains(&addr)
+                    && next.backend_mode(pool, &addr) == Some(BackendMode::Draining))
+            })
+            .map(|b| MemberSpec {
+                addr: b.addr.to_string(),
+                weight: b.weight,
+            })
+            .collect();
+        if let Some(modes) = next.backends.get_mut(pool) {
+            modes.retain(|addr, _| keep.iter().any(|m| &m.addr == addr));
+            if modes.is_empty() {
+                next.backends.remove(pool);
+            }
+        }
+        next.members.insert(pool.to_string(), keep);
+        let joined_generation = state.generation;
+        self.commit(&mut state, next, None)
+            .await
+            .map_err(|e| match e {
+                ControlError::Persist(source) => ControlError::PartlyApplied {
+                    done: format!(
+                        "the new backends of pool `{pool}` joined and {} drained",
+                        leaving.join(", ")
+                    ),
+                    generation: joined_generation,
+                    source,
+                },
+                other => other,
+            })?;
+        drop(state);
+        self.pool_view(pool).await
+    }
+
+    /// Adds one backend to `pool`.
+    pub async fn add_member(
+        &self,
+        pool: &str,
+        member: MemberSpec,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let mut list = self.members(pool).await?;
+        let addr: Option<SocketAddr> = member.addr.parse().ok();
+        if list
+            .iter()
+            .any(|m| m.addr.parse::<SocketAddr>().ok() == addr && addr.is_some())
+        {
+            return Err(ControlError::Conflict(format!(
+                "pool `{pool}` already has backend `{}`",
+                member.addr
+            )));
+        }
+        list.push(member);
+        self.set_members(pool, list, Duration::ZERO, if_match).await
+    }
+
+    /// Drains and removes one backend of `pool`.
+    pub async fn remove_member(
+        &self,
+        pool: &str,
+        addr: &str,
+        drain_timeout: Duration,
+        if_match: Option<u64>,
+    ) -> Result<PoolView, ControlError> {
+        let backend = self.find_backend(pool, addr)?;
+        let list: Vec<MemberSpec> = self
+            .members(pool)
+            .await?
+            .into_iter()
+            .filter(|m| m.addr.parse::<SocketAddr>().ok() != Some(backend.addr))
+            .collect();
+        if list.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "`{addr}` is the last backend of pool `{pool}`; a pool needs at least one"
+            )));
+        }
+        self.set_members(pool, list, drain_timeout, if_match).await
+    }
+
+    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
+        let configured = self
+            .config
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        let state = self.state.lock().await;
+        Ok(state
+            .members_of(configured)
+            .into_iter()
+            .map(|b| MemberSpec {
+                addr: b.addr.to_string(),
+                weight: b.weight,
+            })
+            .collect())
+    }
+}
