@@ -1,0 +1,389 @@
+//! One client connection once accepted: the hyper builders for each protocol, the
+//! service that hands requests to the proxy, HTTP/2 stream accounting (idle time,
+//! rapid-reset floods), the first-request deadline and the HTTPS redirect.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+
+use crate::client_io::SendTimeout;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ResponseBody};
+
+/// The three ways a client connection is served: both HTTP versions by detection
+/// (plain port with h2c on), or exactly one (chosen by ALPN on TLS; HTTP/1.1 on a plain
+/// port without h2c).
+pub(super) struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http2_idle_timeout: Duration,
+    /// A connection with no request started by then is closed (`client_header_timeout`):
+    /// it covers what hyper's header timer does not, protocol detection (h2c) and an
+    /// HTTP/2 client that never opens a stream.
+    first_request_timeout: Duration,
+    send_timeout: Duration,
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Served {
+    Detect,
+    Http1,
+    Http2,
+}
+
+impl Builders {
+    pub(super) fn new(settings: &crate::config::ProxyConfig) -> Builders {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.client_header_timeout)
+            .max_buf_size(settings.max_header_size.max(8192))
+            .keep_alive(true);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.client_header_timeout)
+            .max_buf_size(settings.max_header_size.max(8192))
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        macro_rules! http2_settings {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(settings.max_header_size as u32)
+                    .max_concurrent_streams(settings.http2_max_concurrent_streams)
+                    // Streams the client resets before the proxy has even seen them, and
+                    // streams the proxy had to reset for protocol errors: past these the
+                    // connection is closed (h2's defenses against reset floods).
+                    .max_pending_accept_reset_streams(Some(20))
+                    .max_local_error_reset_streams(Some(256))
+                    // Idle HTTP/2 connections are pinged and closed when the peer is
+                    // gone, the counterpart of the HTTP/1 header-read timer.
+                    .keep_alive_interval(settings.client_header_timeout)
+                    .keep_alive_timeout(Duration::from_secs(20))
+            };
+        }
+        http2_settings!(auto.http2());
+        http2_settings!(http2);
+        Builders {
+            auto,
+            http1,
+            http2,
+            http2_idle_timeout: settings.http2_idle_timeout,
+            first_request_timeout: settings.client_header_timeout,
+            send_timeout: settings.send_timeout,
+        }
+    }
+}
+
+/// One client connection after accept (and TLS handshake).
+pub(super) struct Connection {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) peer: SocketAddr,
+    pub(super) tls: bool,
+    pub(super) redirect_to_port: Option<u16>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// A client that cancels at least this many streams before their answer, and more
+/// than half of all it opened, is closed (Envoy's premature-reset rule): each
+/// cancelled stream may have cost an upstream request.
+const RESET_FLOOD_MIN_CANCELLED: u32 = 200;
+
+#[derive(Default)]
+struct StreamCounts {
+    opened: AtomicU32,
+    cancelled: AtomicU32,
+    flood: tokio::sync::Notify,
+    /// HTTP/2 streams whose answer has not been passed on whole yet.
+    active: AtomicU32,
+    /// When `active` last fell to zero (or the connection opened), in `clock_ms`.
+    idle_since: AtomicU64,
+    /// A request (HTTP/1) or stream (HTTP/2) has reached the proxy on this connection.
+    started: AtomicBool,
+}
+
+/// Milliseconds on a process-wide monotonic clock, cheap enough to read per stream.
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// One HTTP/2 stream in progress, from its request to the end (or drop) of its
+/// response body: while any is, the connection is not idle.
+struct ActiveStream(Arc<StreamCounts>);
+
+impl ActiveStream {
+    fn start(counts: Arc<StreamCounts>) -> ActiveStream {
+        counts.active.fetch_add(1, Ordering::Relaxed);
+        ActiveStream(counts)
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(clock_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The response body as the client connection sees it: the proxy's, plus the stream's
+/// activity mark, released when hyper drops the body.
+struct ClientBody {
+    inner: ResponseBody,
+    _active: Option<ActiveStream>,
+}
+
+impl http_body::Body for ClientBody {
+    type Data = bytes::Bytes;
+    type Error = <ResponseBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Returns once the connection has carried HTTP/2 and had no stream in progress for
+/// `timeout`: HTTP/2 has no header-read timer to close an idle connection, and a
+/// client that answers pings could otherwise hold its connection slot forever.
+async fn idle_for(counts: &StreamCounts, timeout: Duration, http2: bool) {
+    let timeout_ms = timeout.as_millis() as u64;
+    loop {
+        let idle_since = counts.idle_since.load(Ordering::Relaxed);
+        let due = idle_since + timeout_ms;
+        let now = clock_ms();
+        if now < due {
+            tokio::time::sleep(Duration::from_millis(due - now)).await;
+            continue;
+        }
+        let carried_http2 = http2 || counts.opened.load(Ordering::Relaxed) > 0;
+        if carried_http2 && counts.active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // Busy, or HTTP/1 (its own timer applies): look again a timeout later.
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+/// Counts an HTTP/2 stream as cancelled unless it is disarmed (the answer was ready).
+struct CancelGuard(Option<Arc<StreamCounts>>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(counts) = self.0.take() {
+            let cancelled = counts.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            let opened = counts.opened.load(Ordering::Relaxed);
+            if cancelled >= RESET_FLOOD_MIN_CANCELLED && cancelled * 2 > opened {
+                counts.flood.notify_one();
+            }
+        }
+    }
+}
+
+impl Connection {
+    pub(super) async fn serve<S>(
+        self,
+        builders: &Builders,
+        served: Served,
+        stream: S,
+        stop: watch::Receiver<bool>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let counts = Arc::new(StreamCounts::default());
+        counts.idle_since.store(clock_ms(), Ordering::Relaxed);
+        let metrics = Arc::clone(&self.metrics);
+        let this = Arc::new(self);
+        let service_counts = Arc::clone(&counts);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let this = Arc::clone(&this);
+            let counts = Arc::clone(&service_counts);
+            async move {
+                let wrap = |response: Response<ResponseBody>, active| {
+                    response.map(|inner| ClientBody {
+                        inner,
+                        _active: active,
+                    })
+                };
+                if !counts.started.load(Ordering::Relaxed) {
+                    counts.started.store(true, Ordering::Relaxed);
+                }
+                if let Some(port) = this.redirect_to_port {
+                    return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
+                }
+                let mut guard = CancelGuard(None);
+                let mut active = None;
+                if req.version() == Version::HTTP_2 {
+                    counts.opened.fetch_add(1, Ordering::Relaxed);
+                    active = Some(ActiveStream::start(Arc::clone(&counts)));
+                    guard.0 = Some(counts);
+                }
+                let response = this.proxy.handle(req, this.peer, this.tls).await;
+                guard.0 = None;
+                Ok(wrap(response, active))
+            }
+        });
+        let io = TokioIo::new(SendTimeout::new(
+            stream,
+            builders.send_timeout,
+            metrics.send_timeouts.clone(),
+        ));
+        // One driver for three connection types that share no trait with a
+        // `graceful_shutdown` method.
+        macro_rules! drive_to_end {
+            ($conn:expr) => {
+                drive(
+                    $conn,
+                    |c| c.graceful_shutdown(),
+                    stop,
+                    Deadlines {
+                        counts: &counts,
+                        idle_timeout: builders.http2_idle_timeout,
+                        http2: matches!(served, Served::Http2),
+                        first_request_timeout: builders.first_request_timeout,
+                    },
+                    &metrics,
+                    peer,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+        }
+        let ended = match served {
+            Served::Detect => {
+                drive_to_end!(builders.auto.serve_connection_with_upgrades(io, service))
+            }
+            Served::Http1 => {
+                drive_to_end!(builders.http1.serve_connection(io, service).with_upgrades())
+            }
+            Served::Http2 => drive_to_end!(builders.http2.serve_connection(io, service)),
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, "client connection ended: {e}");
+        }
+    }
+}
+
+/// What ends a connection that is not asked to.
+struct Deadlines<'a> {
+    counts: &'a StreamCounts,
+    idle_timeout: Duration,
+    http2: bool,
+    first_request_timeout: Duration,
+}
+
+/// Returns if no request has started on the connection `timeout` after it opened.
+async fn no_request_within(counts: &StreamCounts, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    if counts.started.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs one connection to its end: asked to stop, it finishes what it has in hand
+/// (graceful shutdown); flooding with cancelled streams, or silent since it opened, it
+/// is dropped on the spot.
+async fn drive<C, E>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+    deadlines: Deadlines<'_>,
+    metrics: &Metrics,
+    peer: SocketAddr,
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let Deadlines {
+        counts,
+        idle_timeout,
+        http2,
+        first_request_timeout,
+    } = deadlines;
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = no_request_within(counts, first_request_timeout) => {
+            // Nothing was asked, so nothing is lost: no graceful goodbye for a client
+            // that may never read one.
+            metrics.client_header_timeouts.inc();
+            tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
+            Ok(())
+        }
+        () = async { drop(stop.wait_for(|s| *s).await) } => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+        () = idle_for(counts, idle_timeout, http2) => {
+            tracing::debug!(%peer, "closing an idle HTTP/2 connection");
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+        () = counts.flood.notified() => {
+            metrics.http2_reset_floods.inc();
+            tracing::warn!(
+                %peer,
+                opened = counts.opened.load(Ordering::Relaxed),
+                cancelled = counts.cancelled.load(Ordering::Relaxed),
+                "closing an HTTP/2 connection that cancels most of its streams (rapid reset)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `redirect_http`: the same host and path on HTTPS, 308 so the method and body stay.
+fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ResponseBody> {
+    let host = match crate::headers::request_host(req) {
+        Ok(host) if !host.is_empty() => host,
+        _ => return ProxyError::InvalidHost.response(),
+    };
+    // An IPv6 literal lost its brackets with the port.
+    let host: std::borrow::Cow<str> = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]").into()
+    } else {
+        host.into()
+    };
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let Ok(location) = http::HeaderValue::try_from(location) else {
+        return ProxyError::BadRequest.response();
+    };
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    response
+        .headers_mut()
+        .insert(http::header::LOCATION, location);
+    response
+}

@@ -1,0 +1,185 @@
+//! The accept loop of one listener: the connection limit (and what a refused client
+//! gets), the TLS handshake with its slots and timeout, then the connection handed to
+//! `downstream`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::downstream::{Builders, Connection, Served};
+use super::ConnTracker;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+
+pub(super) struct Listener {
+    pub(super) kind: ListenerKind,
+    pub(super) open: prometheus::IntGauge,
+    pub(super) refused: prometheus::IntCounter,
+}
+
+/// Connections over `max_connections` that are answered with a 503 at leisure (their
+/// request read first, so the close does not reset the answer away). Past this many at
+/// once, the rest are answered and closed on the spot: a flood costs no tasks, timers
+/// or file descriptors held.
+const MAX_REFUSALS: usize = 64;
+
+#[derive(Clone)]
+pub(super) enum ListenerKind {
+    Plain {
+        h2c: bool,
+        /// Every request is answered with a redirect to HTTPS on this port.
+        redirect_to_port: Option<u16>,
+    },
+    Tls {
+        acceptor: tokio_rustls::TlsAcceptor,
+        handshake_timeout: Duration,
+        /// Handshakes are the expensive part of a TLS connection: only this many at
+        /// once, the rest wait (within their handshake timeout).
+        handshakes: Arc<Semaphore>,
+    },
+}
+
+/// Accepts until told to stop. Connections are watched by `tracker`, so the shutdown
+/// can wait for them.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    config: Listener,
+    proxy: Arc<Proxy>,
+    limit: Arc<Semaphore>,
+    builders: Arc<Builders>,
+    tracker: Arc<ConnTracker>,
+    mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) {
+    let overloaded = bytes::Bytes::from(ProxyError::Overloaded.raw_http1());
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            config.refused.inc();
+            if matches!(config.kind, ListenerKind::Plain { .. }) {
+                match Arc::clone(&refusals).try_acquire_owned() {
+                    Ok(slot) => {
+                        let answer = overloaded.clone();
+                        tokio::spawn(async move {
+                            refuse(stream, &answer).await;
+                            drop(slot);
+                        });
+                    }
+                    // A flood: answer with what fits in the socket buffer, close, and
+                    // hold nothing.
+                    Err(_) => refuse_now(stream, &overloaded),
+                }
+            }
+            // A TLS client cannot read a plain answer: closing is all there is.
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        config.open.inc();
+        let open = config.open.clone();
+        let watcher = tracker.watcher();
+        let proxy = Arc::clone(&proxy);
+        let builders = Arc::clone(&builders);
+        let metrics = Arc::clone(&metrics);
+        let kind = config.kind.clone();
+        tokio::spawn(async move {
+            match kind {
+                ListenerKind::Plain {
+                    h2c,
+                    redirect_to_port,
+                } => {
+                    let served = if h2c { Served::Detect } else { Served::Http1 };
+                    let conn = Connection {
+                        proxy,
+                        peer,
+                        tls: false,
+                        redirect_to_port,
+                        metrics,
+                    };
+                    conn.serve(&builders, served, stream, watcher).await;
+                }
+                ListenerKind::Tls {
+                    acceptor,
+                    handshake_timeout,
+                    handshakes,
+                } => {
+                    let handshake = tokio::time::timeout(handshake_timeout, async {
+                        let _slot = handshakes.acquire().await;
+                        acceptor.accept(stream).await
+                    })
+                    .await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => Some(stream),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            failed_handshake(&metrics, "error")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            failed_handshake(&metrics, "timeout")
+                        }
+                    };
+                    if let Some(stream) = stream {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let served = if h2 { Served::Http2 } else { Served::Http1 };
+                        let conn = Connection {
+                            proxy,
+                            peer,
+                            tls: true,
+                            redirect_to_port: None,
+                            metrics,
+                        };
+                        conn.serve(&builders, served, stream, watcher).await;
+                    }
+                }
+            }
+            open.dec();
+            drop(permit);
+        });
+    }
+}
+
+fn failed_handshake<T>(metrics: &Metrics, reason: &str) -> Option<T> {
+    metrics
+        .tls_handshake_failures
+        .with_label_values(&[reason])
+        .inc();
+    None
+}
+
+/// Answers a connection the proxy will not serve with a complete HTTP response. The
+/// request is read first (briefly), so closing does not reset the connection before the
+/// client has read the answer.
+async fn refuse(mut stream: TcpStream, answer: &[u8]) {
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.write_all(answer)).await;
+    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+}
+
+/// As `refuse`, without waiting for anything: what has arrived of the request is read,
+/// the answer written if the socket takes it, and the connection closed.
+fn refuse_now(stream: TcpStream, answer: &[u8]) {
+    let mut buf = [0u8; 4096];
+    let _ = stream.try_read(&mut buf);
+    let _ = stream.try_write(answer);
+}
