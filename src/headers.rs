@@ -87,7 +87,7 @@ pub enum BadHost {
 /// The host a request is for, checked, without its port or a trailing dot: what the
 /// request is routed by. The URI's authority (HTTP/2 `:authority`, or an absolute-form
 /// request target) wins over the `Host` header, as RFC 9112 §3.2.2 requires of a
-/// proxy; `prepare` then forwards that same authority as `Host`. An HTTP/1.0 request
+/// proxy, and the proxy forwards that same authority as `Host`. An HTTP/1.0 request
 /// may have no host at all (empty: only a `*` service matches it).
 pub fn request_host<B>(req: &http::Request<B>) -> Result<&str, BadHost> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
@@ -110,7 +110,7 @@ pub fn request_host<B>(req: &http::Request<B>) -> Result<&str, BadHost> {
 
 /// `authority` (host and optional port, RFC 3986 without userinfo) checked, and its
 /// host returned without the port and without one trailing dot.
-pub fn host_of_authority(authority: &str) -> Result<&str, BadHost> {
+fn host_of_authority(authority: &str) -> Result<&str, BadHost> {
     let (host, port) = match authority.strip_prefix('[') {
         Some(rest) => {
             let (inside, after) = rest.split_once(']').ok_or(BadHost::Invalid)?;
