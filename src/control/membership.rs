@@ -21,12 +21,7 @@ impl Control {
         drain_timeout: Duration,
         if_match: Option<u64>,
     ) -> Result<PoolView, ControlError> {
-        let configured = self
-            .config
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+        let configured = self.configured_pool(pool)?;
         if members.is_empty() {
             return Err(ControlError::BadRequest(
                 "a pool needs at least one backend".into(),
@@ -205,13 +200,16 @@ impl Control {
         self.set_members(pool, list, drain_timeout, if_match).await
     }
 
-    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
-        let configured = self
-            .config
+    fn configured_pool(&self, pool: &str) -> Result<&crate::config::PoolConfig, ControlError> {
+        self.config
             .pools
             .iter()
             .find(|p| p.name == pool)
-            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))?;
+            .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))
+    }
+
+    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
+        let configured = self.configured_pool(pool)?;
         let state = self.state.lock().await;
         Ok(state
             .members_of(configured)

@@ -69,33 +69,14 @@ impl Running {
 
 /// Binds both listeners and starts serving on the current tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
-    let proxy_listener = TcpListener::bind(config.proxy.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "proxy.listen",
-            addr: config.proxy.listen,
-            source,
-        })?;
-    let admin_listener = TcpListener::bind(config.admin.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "admin.listen",
-            addr: config.admin.listen,
-            source,
-        })?;
+    let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
+    let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
     let tls = match &config.proxy.tls {
         None => None,
         Some(tls) => {
-            let listener =
-                TcpListener::bind(tls.listen)
-                    .await
-                    .map_err(|source| ServerError::Bind {
-                        what: "proxy.tls.listen",
-                        addr: tls.listen,
-                        source,
-                    })?;
+            let listener = bind("proxy.tls.listen", tls.listen).await?;
             let certificates = Arc::new(Certificates::load(tls.certificates.clone())?);
             let server_config = crate::tls::server_config(
                 Arc::clone(&certificates),
@@ -185,6 +166,13 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         stop,
         task,
     })
+}
+
+/// Binds the listener of config key `what`, naming it if that fails.
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
