@@ -43,19 +43,29 @@ pub(super) enum ListenerKind {
     },
 }
 
+/// What every listener's accept loop shares: the proxy, the one connection limit, the
+/// builders, the connection tracker, the stop signal and the metrics.
+#[derive(Clone)]
+pub(super) struct Accepting {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) limit: Arc<Semaphore>,
+    pub(super) builders: Arc<Builders>,
+    pub(super) tracker: Arc<ConnTracker>,
+    pub(super) stop: watch::Receiver<bool>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
 /// Accepts until told to stop. Connections are watched by `tracker`, so the shutdown
 /// can wait for them.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn accept_loop(
-    listener: TcpListener,
-    config: Listener,
-    proxy: Arc<Proxy>,
-    limit: Arc<Semaphore>,
-    builders: Arc<Builders>,
-    tracker: Arc<ConnTracker>,
-    mut stop: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
-) {
+pub(super) async fn accept_loop(listener: TcpListener, config: Listener, accepting: Accepting) {
+    let Accepting {
+        proxy,
+        limit,
+        builders,
+        tracker,
+        mut stop,
+        metrics,
+    } = accepting;
     let overloaded = bytes::Bytes::from(ProxyError::Overloaded.raw_http1());
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {

@@ -23,7 +23,7 @@ mod downstream;
 mod listener;
 
 use downstream::Builders;
-use listener::{accept_loop, Listener, ListenerKind};
+use listener::{accept_loop, Accepting, Listener, ListenerKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -260,15 +260,18 @@ async fn lifecycle(
         open: metrics.connections("http"),
         refused: metrics.connections_refused("http"),
     };
+    let accepting = Accepting {
+        proxy: Arc::clone(&proxy),
+        limit: connection_limit,
+        builders,
+        tracker: Arc::clone(&tracker),
+        stop: stop_accepting,
+        metrics: Arc::clone(&metrics),
+    };
     accept_tasks.push(tokio::spawn(accept_loop(
         proxy_listener,
         plain,
-        Arc::clone(&proxy),
-        Arc::clone(&connection_limit),
-        Arc::clone(&builders),
-        Arc::clone(&tracker),
-        stop_accepting.clone(),
-        Arc::clone(&metrics),
+        accepting.clone(),
     )));
     if let (Some((listener, server_config)), Some(tls)) = (tls_listener, &config.proxy.tls) {
         let kind = ListenerKind::Tls {
@@ -283,12 +286,7 @@ async fn lifecycle(
                 open: metrics.connections("https"),
                 refused: metrics.connections_refused("https"),
             },
-            Arc::clone(&proxy),
-            Arc::clone(&connection_limit),
-            Arc::clone(&builders),
-            Arc::clone(&tracker),
-            stop_accepting.clone(),
-            Arc::clone(&metrics),
+            accepting,
         )));
         if let Some(certificates) = &shared.certificates {
             if !tls.reload_interval.is_zero() {
