@@ -34,6 +34,7 @@ fn routing(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
     let table = ArcSwap::from_pointee(RoutingTable::build(
         &config,
+        &Default::default(),
         &TrafficState::from_config(&config),
         None,
         None,
@@ -115,6 +116,7 @@ fn metrics(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
     let table = Arc::new(RoutingTable::build(
         &config,
+        &Default::default(),
         &TrafficState::from_config(&config),
         None,
         None,

@@ -21,35 +21,36 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
-use crate::tls::UpstreamTls;
-use serde::Deserialize;
+use crate::config::{Protocol, UpstreamConfig};
+use crate::tls::{UpstreamTls, UpstreamTlsError};
 
-/// What a pool's backends speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge, without TLS (gRPC servers, typically).
-    H2c,
-    /// HTTP/2 over TLS, negotiated by ALPN.
-    H2,
-}
-
-impl Protocol {
-    pub fn is_h2(self) -> bool {
-        self != Protocol::Http1
-    }
-}
-
-/// How a pool's backends are reached.
+/// How a pool's backends are reached: the runtime side of `UpstreamConfig`.
 #[derive(Debug, Clone, Default)]
 pub struct Upstream {
     pub protocol: Protocol,
     pub tls: Option<Arc<UpstreamTls>>,
 }
 
+/// Each pool's `Upstream`, by pool name.
+pub type Upstreams = std::collections::HashMap<String, Upstream>;
+
 impl Upstream {
+    /// Reads the CA and client certificate files the pool names and builds its TLS
+    /// client; the error says which pool key it is about.
+    pub fn from_config(config: &UpstreamConfig) -> Result<Upstream, UpstreamTlsError> {
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => Some(Arc::new(crate::tls::upstream_tls(
+                tls,
+                config.protocol.is_h2(),
+            )?)),
+        };
+        Ok(Upstream {
+            protocol: config.protocol,
+            tls,
+        })
+    }
+
     pub fn scheme(&self) -> http::uri::Scheme {
         if self.tls.is_some() {
             http::uri::Scheme::HTTPS

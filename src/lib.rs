@@ -23,6 +23,7 @@ pub mod random;
 pub mod rehearsal;
 pub mod routing;
 pub mod server;
+pub mod setup;
 pub mod split;
 pub mod state;
 pub mod tls;

@@ -196,6 +196,9 @@ fn deploy_demo(backends: usize, requests_per_phase: u64) -> anyhow::Result<()> {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // The files the config names are read as start reads them: a certificate that does
+    // not load fails here, not at start.
+    let config = switchyard::setup::Setup::new(config)?.config;
     println!(
         "{}: ok ({} pools, {} services)",
         path.display(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::backend::{AdminState, Backend};
+use crate::client::{Upstream, Upstreams};
 use crate::config::{
     Balance, Config, HealthConfig, HostMatch, PanicMode, PassiveConfig, PoolConfig,
 };
@@ -132,7 +133,7 @@ pub struct PoolSettings {
     pub passive: PassiveConfig,
     pub panic_mode: PanicMode,
     pub slow_start: Option<Duration>,
-    pub upstream: crate::client::Upstream,
+    pub upstream: Upstream,
     /// Held while one request decides on a passive ejection. Here, not in `Pool`, so
     /// it is the same flag in every table built from these settings.
     pub(crate) ejecting: Arc<AtomicBool>,
@@ -148,14 +149,14 @@ impl Drop for EjectionTurn<'_> {
 }
 
 impl PoolSettings {
-    pub fn from_config(pool: &PoolConfig) -> PoolSettings {
+    pub fn from_config(pool: &PoolConfig, upstream: Upstream) -> PoolSettings {
         PoolSettings {
             balance: pool.balance,
             health: pool.health.clone(),
             passive: pool.passive.clone(),
             panic_mode: pool.panic_mode,
             slow_start: pool.slow_start,
-            upstream: pool.upstream.clone(),
+            upstream,
             ejecting: Arc::default(),
         }
     }
@@ -181,7 +182,7 @@ impl Default for PoolSettings {
             },
             panic_mode: PanicMode::FailOpen,
             slow_start: None,
-            upstream: crate::client::Upstream::default(),
+            upstream: Upstream::default(),
             ejecting: Arc::default(),
         }
     }
@@ -296,8 +297,11 @@ impl RoutingTable {
     /// backend modes), reusing the backend objects of `previous` where the pool and
     /// address match, so counters and idle connections survive the swap. Backends' admin
     /// states are set from `state`. A saved canary that does not validate is left out.
+    /// `upstreams` holds each pool's connection settings (`Setup` makes one per pool; a
+    /// pool missing from it gets plain HTTP/1.1).
     pub fn build(
         config: &Config,
+        upstreams: &Upstreams,
         state: &TrafficState,
         previous: Option<&RoutingTable>,
         metrics: Option<&Metrics>,
@@ -337,7 +341,10 @@ impl RoutingTable {
                 let settings = previous_settings
                     .get(pool.name.as_str())
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(PoolSettings::from_config(pool)));
+                    .unwrap_or_else(|| {
+                        let upstream = upstreams.get(&pool.name).cloned().unwrap_or_default();
+                        Arc::new(PoolSettings::from_config(pool, upstream))
+                    });
                 Arc::new(Pool::new(&pool.name, backends, settings))
             })
             .collect();
@@ -415,7 +422,13 @@ mod tests {
 
     fn table(src: &str) -> RoutingTable {
         let config = Config::parse(src, Path::new("t.toml")).unwrap();
-        RoutingTable::build(&config, &TrafficState::from_config(&config), None, None)
+        RoutingTable::build(
+            &config,
+            &Upstreams::new(),
+            &TrafficState::from_config(&config),
+            None,
+            None,
+        )
     }
 
     const TWO_SERVICES: &str = r#"
@@ -466,8 +479,8 @@ active = "shop"
     fn rebuilding_keeps_backend_objects() {
         let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
         let state = TrafficState::from_config(&config);
-        let first = RoutingTable::build(&config, &state, None, None);
-        let second = RoutingTable::build(&config, &state, Some(&first), None);
+        let first = RoutingTable::build(&config, &Upstreams::new(), &state, None, None);
+        let second = RoutingTable::build(&config, &Upstreams::new(), &state, Some(&first), None);
         assert!(Arc::ptr_eq(
             &first.pools[0].backends[0],
             &second.pools[0].backends[0]

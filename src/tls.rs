@@ -19,6 +19,8 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
+use crate::config::{CertificatePaths, ClientAuth, MinVersion, UpstreamTlsConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
@@ -43,32 +45,14 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A certificate and key pair as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificatePaths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Lowest TLS version the listener accepts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-pub enum MinVersion {
-    #[default]
-    #[serde(rename = "1.2")]
-    Tls12,
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
-impl MinVersion {
-    fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
-        static BOTH: [&rustls::SupportedProtocolVersion; 2] =
-            [&rustls::version::TLS13, &rustls::version::TLS12];
-        static ONLY_13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
-        match self {
-            MinVersion::Tls12 => &BOTH,
-            MinVersion::Tls13 => &ONLY_13,
-        }
+/// The protocol versions from `min_version` up.
+fn protocol_versions(min: MinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static ONLY_13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match min {
+        MinVersion::Tls12 => &BOTH,
+        MinVersion::Tls13 => &ONLY_13,
     }
 }
 
@@ -247,25 +231,19 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// How the listener treats client certificates.
-#[derive(Debug, Clone)]
-pub struct ClientAuth {
-    pub ca_file: PathBuf,
-    /// Clients without a certificate are let through (those with one are verified).
-    pub optional: bool,
-}
-
+/// The listener's rustls config; `client_verifier` from [`client_verifier`] when the
+/// listener asks for client certificates.
 pub fn server_config(
     certificates: Arc<Certificates>,
     min_version: MinVersion,
-    client_auth: Option<&ClientAuth>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(min_version.versions())
+        .with_protocol_versions(protocol_versions(min_version))
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let builder = match client_auth {
+    let builder = match client_verifier {
         None => builder.with_no_client_auth(),
-        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth)?),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
     };
     let mut config = builder.with_cert_resolver(certificates);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -308,29 +286,36 @@ pub struct UpstreamTls {
     pub unverified: bool,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamTlsSettings {
-    pub ca_file: Option<PathBuf>,
-    pub server_name: Option<String>,
-    pub client_cert_file: Option<PathBuf>,
-    pub client_key_file: Option<PathBuf>,
-    pub insecure_skip_verify: bool,
-    /// ALPN to offer: `h2` for HTTP/2 pools, `http/1.1` otherwise.
-    pub h2: bool,
-}
-
-/// Which part of the settings an error is about, for the config error's key.
-#[derive(Debug)]
+/// What an upstream TLS setting could not be made of; `key` is the pool key it is about.
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {
+    #[error("{0}")]
     CaFile(TlsError),
+    #[error("{0}")]
     ServerName(String),
+    #[error("{0}")]
     ClientCert(TlsError),
 }
 
-pub fn upstream_tls(settings: &UpstreamTlsSettings) -> Result<UpstreamTls, UpstreamTlsError> {
+impl UpstreamTlsError {
+    pub fn key(&self) -> &'static str {
+        match self {
+            UpstreamTlsError::CaFile(_) => "ca_file",
+            UpstreamTlsError::ServerName(_) => "server_name",
+            UpstreamTlsError::ClientCert(_) => "client_cert_file",
+        }
+    }
+}
+
+/// Reads the files `settings` names and builds the client config; `h2` offers ALPN
+/// `h2`, else `http/1.1`.
+pub fn upstream_tls(
+    settings: &UpstreamTlsConfig,
+    h2: bool,
+) -> Result<UpstreamTls, UpstreamTlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(MinVersion::Tls12.versions())
+        .with_protocol_versions(protocol_versions(MinVersion::Tls12))
         .map_err(|e| UpstreamTlsError::CaFile(TlsError::Rustls(e.to_string())))?;
     let builder = if settings.insecure_skip_verify {
         builder
@@ -368,7 +353,7 @@ pub fn upstream_tls(settings: &UpstreamTlsSettings) -> Result<UpstreamTls, Upstr
             )))
         }
     };
-    config.alpn_protocols = if settings.h2 {
+    config.alpn_protocols = if h2 {
         vec![b"h2".to_vec()]
     } else {
         vec![b"http/1.1".to_vec()]

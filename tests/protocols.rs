@@ -382,8 +382,7 @@ fn upstream_tls_settings_are_checked_when_the_config_is_loaded() {
         ("protocol = \"h3\"", "pools.rpc"),
     ] {
         let text = single_pool("", &[backend], keys);
-        let error =
-            switchyard::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+        let error = check(&text).unwrap_err();
         assert!(error.key.starts_with(key), "{keys}: {error}");
     }
 }

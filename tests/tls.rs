@@ -429,7 +429,7 @@ fn tls_listener_settings_that_cannot_work_are_refused() {
             &[("blue", &backend)],
             "",
         );
-        let error = switchyard::config::Config::parse(&text, std::path::Path::new("t.toml"))
+        let error = check(&text)
             .err()
             .unwrap_or_else(|| panic!("{extra} was accepted"));
         assert!(error.key.starts_with(key), "{extra}: {error}");
@@ -445,8 +445,7 @@ fn tls_listener_settings_that_cannot_work_are_refused() {
         "[admin]\nlisten = \"127.0.0.1:0\"",
         "[admin]\nlisten = \"127.0.0.1:19443\"",
     );
-    let error =
-        switchyard::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+    let error = check(&text).unwrap_err();
     assert_eq!(error.key, "admin.listen", "{error}");
 }
 
@@ -538,8 +537,7 @@ fn check_names_a_missing_or_mismatched_certificate() {
             &[("blue", &["127.0.0.1:1".parse().unwrap()])],
             "",
         );
-        let error =
-            switchyard::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+        let error = check(&text).unwrap_err();
         assert_eq!(error.key, "proxy.tls.certificates");
         assert!(error.to_string().contains(expect), "{error}");
         assert!(error.line.is_some(), "{error}");

@@ -747,7 +747,7 @@ mod tests {
         );
         let config = Config::parse(&src, std::path::Path::new("t.toml")).unwrap();
         Arc::new(Shared {
-            control: Arc::new(Control::start(config).unwrap()),
+            control: Arc::new(Control::start(config, Default::default()).unwrap()),
             ready: AtomicBool::new(true),
             token: token.map(String::from),
             metrics_require_token: false,

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 
 use crate::backend::{AdminState, Backend};
+use crate::client::Upstreams;
 use crate::config::Config;
 use crate::health;
 use crate::metrics::Metrics;
@@ -114,6 +115,8 @@ pub struct CanaryRequest {
 
 pub struct Control {
     config: Arc<Config>,
+    /// Each pool's connection settings, built by `Setup` from `config`.
+    upstreams: Arc<Upstreams>,
     table: Arc<ArcSwap<RoutingTable>>,
     state: Mutex<TrafficState>,
     state_path: PathBuf,
@@ -132,7 +135,7 @@ impl Control {
     /// Restores the saved traffic state (warning about what no longer fits the config)
     /// and builds the first routing table. A state file that exists but cannot be read
     /// stops the start: serving would overwrite it.
-    pub fn start(config: Config) -> Result<Control, ControlError> {
+    pub fn start(config: Config, upstreams: Upstreams) -> Result<Control, ControlError> {
         let state::Loaded {
             state,
             warnings,
@@ -151,7 +154,7 @@ impl Control {
             );
         }
         let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
-            &config, &state, None, None,
+            &config, &upstreams, &state, None, None,
         )));
         let generation = Arc::new(AtomicU64::new(state.generation));
         let metrics = {
@@ -166,8 +169,13 @@ impl Control {
         }
         let request_metrics = config.metrics.enabled;
         if request_metrics {
-            let with_metrics =
-                RoutingTable::build(&config, &state, Some(&table.load()), Some(&metrics));
+            let with_metrics = RoutingTable::build(
+                &config,
+                &upstreams,
+                &state,
+                Some(&table.load()),
+                Some(&metrics),
+            );
             table.store(Arc::new(with_metrics));
         }
         Ok(Control {
@@ -176,6 +184,7 @@ impl Control {
             table,
             state: Mutex::new(state),
             config: Arc::new(config),
+            upstreams: Arc::new(upstreams),
             health_tasks: std::sync::Mutex::new(HashMap::new()),
             metrics,
             request_metrics,
@@ -473,11 +482,18 @@ impl Control {
     /// serves requests (with `workers = 1`, the only one).
     async fn build_table(&self, state: &TrafficState) -> Arc<RoutingTable> {
         let config = Arc::clone(&self.config);
+        let upstreams = Arc::clone(&self.upstreams);
         let state = state.clone();
         let previous = self.table.load_full();
         let metrics = self.request_metrics.then(|| Arc::clone(&self.metrics));
         let built = tokio::task::spawn_blocking(move || {
-            RoutingTable::build(&config, &state, Some(&previous), metrics.as_deref())
+            RoutingTable::build(
+                &config,
+                &upstreams,
+                &state,
+                Some(&previous),
+                metrics.as_deref(),
+            )
         })
         .await;
         // Build cannot fail; a panic in it is a bug, passed on as it is.

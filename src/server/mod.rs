@@ -17,7 +17,7 @@ use crate::admin::{self, Shared};
 use crate::config::Config;
 use crate::control::Control;
 use crate::proxy::{Proxy, ProxySettings};
-use crate::tls::Certificates;
+use crate::setup::Setup;
 
 mod downstream;
 mod listener;
@@ -35,8 +35,9 @@ pub enum ServerError {
     },
     #[error("state.path: {0}")]
     State(#[from] crate::control::ControlError),
-    #[error("proxy.tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    /// A file the config names does not load (the same error `switchyard check` gives).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A started server. Dropping it does not stop it; call `shutdown`.
@@ -67,49 +68,59 @@ impl Running {
     }
 }
 
-/// Binds both listeners and starts serving on the current tokio runtime.
+/// Loads what `config` names, binds the listeners and starts serving on the current
+/// tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let Setup {
+        config,
+        admin_token,
+        upstreams,
+        listener_tls,
+    } = Setup::new(config)?;
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
     let admin_addr = local_addr(&admin_listener, config.admin.listen);
-    let tls = match &config.proxy.tls {
-        None => None,
-        Some(tls) => {
-            let listener = bind("proxy.tls.listen", tls.listen).await?;
-            let certificates = Arc::new(Certificates::load(tls.certificates.clone())?);
-            let server_config = crate::tls::server_config(
-                Arc::clone(&certificates),
-                tls.min_version,
-                tls.client_auth.as_ref(),
-            )?;
-            Some((listener, certificates, server_config))
+    let tls = match (&config.proxy.tls, listener_tls) {
+        (Some(settings), Some(loaded)) => {
+            let listener = bind("proxy.tls.listen", settings.listen).await?;
+            Some((listener, loaded.certificates, loaded.server_config))
         }
+        _ => None,
     };
     let tls_addr = tls
         .as_ref()
         .zip(config.proxy.tls.as_ref())
         .map(|((l, _, _), t)| local_addr(l, t.listen));
 
-    let control = Arc::new(Control::start(config.clone())?);
+    let unverified_pools: Vec<String> = config
+        .pools
+        .iter()
+        .filter(|pool| {
+            upstreams
+                .get(&pool.name)
+                .and_then(|u| u.tls.as_ref())
+                .is_some_and(|t| t.unverified)
+        })
+        .map(|pool| pool.name.clone())
+        .collect();
+    let control = Arc::new(Control::start(config.clone(), upstreams)?);
     control.persist_now().await?;
     control.sync_health_checks();
     let shared = Arc::new(Shared {
         control: Arc::clone(&control),
         ready: AtomicBool::new(true),
-        token: config.admin.token.clone(),
+        token: admin_token,
         metrics_require_token: config.admin.metrics_require_token,
         certificates: tls
             .as_ref()
             .map(|(_, certificates, _)| Arc::clone(certificates)),
     });
-    for pool in &config.pools {
-        if pool.upstream.tls.as_ref().is_some_and(|t| t.unverified) {
-            tracing::warn!(
-                pool = %pool.name,
-                "insecure_skip_verify: this pool's backend certificates are not verified; anyone on the path can pose as them"
-            );
-        }
+    for pool in unverified_pools {
+        tracing::warn!(
+            %pool,
+            "insecure_skip_verify: this pool's backend certificates are not verified; anyone on the path can pose as them"
+        );
     }
     if let Some(certificates) = &shared.certificates {
         let store = certificates.current();

@@ -357,6 +357,13 @@ pub fn config_text(proxy_keys: &str, pools: &[(&str, &[SocketAddr])], extra: &st
     config_with_admin(proxy_keys, "", pools, extra)
 }
 
+/// What `switchyard check` says of a config text: validated, and the files it names
+/// loaded.
+pub fn check(config: &str) -> Result<switchyard::setup::Setup, switchyard::config::ConfigError> {
+    let config = switchyard::config::Config::parse(config, Path::new("t.toml"))?;
+    switchyard::setup::Setup::new(config)
+}
+
 /// A fresh directory for one test's state file, never shared with another test.
 pub fn state_dir() -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
