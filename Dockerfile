@@ -23,6 +23,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY standins ./standins
 RUN cargo build --release --locked
 
 # ---- runtime ---------------------------------------------------------------------------

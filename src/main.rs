@@ -139,12 +139,12 @@ fn stand_in(
     count: u16,
     health_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let health_file = health_file.map(std::sync::Arc::new);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
+        let mut servers = Vec::new();
         for offset in 0..count.max(1) {
             let mut addr = listen;
             addr.set_port(
@@ -156,11 +156,9 @@ fn stand_in(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            let greeting = bytes::Bytes::from(format!("hello from {name} ({addr})\n"));
-            tokio::spawn(switchyard::demo::serve(
-                listener,
-                greeting,
-                health_file.clone(),
+            let identity = switchyard_standins::demo::greeter(name, addr, health_file.clone());
+            servers.push(switchyard_standins::app::AppServer::serve(
+                identity, listener,
             ));
         }
         let _ = tokio::signal::ctrl_c().await;
@@ -170,13 +168,13 @@ fn stand_in(
 
 fn deploy_demo(backends: usize, requests_per_phase: u64) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-    let options = switchyard::rehearsal::Options {
+    let options = switchyard_standins::rehearsal::Options {
         binary: std::env::current_exe().context("cannot find this binary")?,
         backends: backends.max(2),
         requests_per_phase,
     };
-    println!("rehearsing a deploy: blue and green pools of {} stand-in servers, {} keep-alive clients...", options.backends, switchyard::rehearsal::CLIENTS);
-    let report = runtime.block_on(switchyard::rehearsal::run(options))?;
+    println!("rehearsing a deploy: blue and green pools of {} stand-in servers, {} keep-alive clients...", options.backends, switchyard_standins::rehearsal::CLIENTS);
+    let report = runtime.block_on(switchyard_standins::rehearsal::run(options))?;
     println!("\n{}", report.table());
     for failure in &report.failures {
         println!("failure: {failure}");
@@ -230,13 +228,26 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
         // gracefully instead of killing the process.
         let signals = Signals::new()?;
         let stand_ins = if demo {
-            Some(switchyard::demo::start_app_servers(&config).await?)
+            Some(switchyard_standins::demo::start_app_servers(&demo_pools(&config)).await?)
         } else {
             None
         };
         let running = switchyard::server::start(config.clone()).await?;
         if stand_ins.is_some() {
-            switchyard::demo::print_guide(&config, running.proxy_addr, running.admin_addr);
+            let services: Vec<switchyard_standins::demo::Service> = config
+                .services
+                .iter()
+                .map(|s| switchyard_standins::demo::Service {
+                    name: s.name.clone(),
+                    active: s.active.clone(),
+                })
+                .collect();
+            switchyard_standins::demo::print_guide(
+                &demo_pools(&config),
+                &services,
+                running.proxy_addr,
+                running.admin_addr,
+            );
         }
         signals.wait(&running.shared).await;
         running.shutdown().await;
@@ -315,4 +326,15 @@ impl Signals {
             std::process::exit(1);
         });
     }
+}
+
+fn demo_pools(config: &Config) -> Vec<switchyard_standins::demo::Pool> {
+    config
+        .pools
+        .iter()
+        .map(|p| switchyard_standins::demo::Pool {
+            name: p.name.clone(),
+            backends: p.backends.iter().map(|b| b.addr).collect(),
+        })
+        .collect()
 }

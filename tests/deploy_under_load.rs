@@ -5,7 +5,7 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_deploy_under_load_fails_nothing_and_splits_as_asked() {
-    let report = switchyard::rehearsal::run(switchyard::rehearsal::Options {
+    let report = switchyard_standins::rehearsal::run(switchyard_standins::rehearsal::Options {
         binary: env!("CARGO_BIN_EXE_switchyard").into(),
         backends: 2,
         requests_per_phase: 3000,

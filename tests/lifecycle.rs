@@ -258,25 +258,16 @@ async fn demo_serves_the_example_config_with_stand_in_app_servers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("demo.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(binary())
+    let mut command = Command::new(binary());
+    command
         .args(["demo", "--config"])
         .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.contains("switchyard listening"))
-    })
-    .await
-    .unwrap()
-    .expect("demo did not start");
-    let addr = listen_field(&line, "proxy_addr");
+        .stdout(std::process::Stdio::piped());
+    let Switchyard {
+        mut child,
+        proxy_addr: addr,
+        ..
+    } = Switchyard::start(command, true).unwrap();
     let answer = send(&client(), get(addr, "/")).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert!(

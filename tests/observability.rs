@@ -437,27 +437,17 @@ async fn access_log_lines_are_json_and_name_the_pool_and_backend() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.toml");
     std::fs::write(&path, &config).unwrap();
-    let mut child = Command::new(binary())
+    let mut command = Command::new(binary());
+    command
         .args(["run", "--config"])
         .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-        let found = lines.by_ref().find(|l| l.contains("switchyard listening"));
-        std::thread::spawn(move || lines.for_each(drop));
-        found
-    })
-    .await
-    .unwrap()
-    .expect("proxy started");
-    let (proxy, admin_addr) = (
-        listen_field(&line, "proxy_addr"),
-        listen_field(&line, "admin_addr"),
-    );
+        .stdout(Stdio::piped());
+    let Switchyard {
+        mut child,
+        proxy_addr: proxy,
+        admin_addr,
+        ..
+    } = Switchyard::start(command, true).unwrap();
     let canary =
         json!({"pool": "green", "weight": 0, "header": {"name": "x-canary", "value": "1"}});
     assert_eq!(

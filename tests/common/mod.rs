@@ -2,351 +2,31 @@
 //! in-process or as the real binary, and a real hyper client.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
 
 pub mod tls;
 
-pub type TestBody = BoxBody<Bytes, std::io::Error>;
-
 // ------------------------------------------------------------------------------------
-// Upstream app servers.
+// Upstream app servers: the stand-ins the demo and the rehearsal use too (see the
+// `app` module of switchyard-standins for the paths they answer).
 
-/// A real HTTP app server. Paths:
-/// - `/` and anything else: 200, body = the server's name, header `x-upstream: name`
-/// - `/echo...`: 200, JSON of method, path-and-query, headers and version as seen here
-/// - `/status/N`: status N, no body
-/// - `/slow/MS`: waits MS milliseconds, then 200 with the name
-/// - `/hang`: never answers
-/// - `/download/BYTES`: streams BYTES bytes in 64 KiB chunks
-/// - `/upload`: reads the whole body, answers `sha256hex length`
-/// - `/chunked`: answers with a chunked (unknown length) body of three parts
-/// - `/ws`: WebSocket echo
-pub struct Upstream {
-    pub name: String,
-    pub addr: SocketAddr,
-    pub hits: Arc<AtomicU64>,
-    pub connections: Arc<AtomicU64>,
-    pub health: Arc<HealthEndpoint>,
-    kill: watch::Sender<bool>,
-}
-
-/// The upstream's `GET /health`: the status it answers (0 = never answers) and how
-/// many checks it has served.
-pub struct HealthEndpoint {
-    pub status: std::sync::atomic::AtomicU16,
-    pub checks: AtomicU64,
-}
-
-impl HealthEndpoint {
-    pub fn set(&self, status: u16) {
-        self.status.store(status, Ordering::SeqCst);
-    }
-
-    pub fn checks(&self) -> u64 {
-        self.checks.load(Ordering::SeqCst)
-    }
-}
-
-impl Upstream {
-    pub async fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Upstream::serve_on(name, listener)
-    }
-
-    /// Serves on an already-bound listener (for restarting on the same address).
-    pub fn serve_on(name: &str, listener: TcpListener) -> Upstream {
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicU64::new(0));
-        let connections = Arc::new(AtomicU64::new(0));
-        let health = Arc::new(HealthEndpoint {
-            status: std::sync::atomic::AtomicU16::new(200),
-            checks: AtomicU64::new(0),
-        });
-        let (kill, killed) = watch::channel(false);
-        let name_bytes = Bytes::from(name.to_string());
-        tokio::spawn(accept(
-            listener,
-            name_bytes,
-            hits.clone(),
-            connections.clone(),
-            health.clone(),
-            killed,
-        ));
-        Upstream {
-            name: name.to_string(),
-            addr,
-            hits,
-            connections,
-            health,
-            kill,
-        }
-    }
-
-    /// Stops the server at once: the listener and every open connection are dropped,
-    /// as when the process is killed.
-    pub fn kill(&self) {
-        let _ = self.kill.send(true);
-    }
-
-    pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn accept(
-    listener: TcpListener,
-    name: Bytes,
-    hits: Arc<AtomicU64>,
-    connections: Arc<AtomicU64>,
-    health: Arc<HealthEndpoint>,
-    mut killed: watch::Receiver<bool>,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = killed.wait_for(|k| *k) => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
-        let name = name.clone();
-        let hits = hits.clone();
-        let connections = connections.clone();
-        let health = health.clone();
-        let mut killed = killed.clone();
-        // Health checks (GET /health, bare TCP connects) are not counted: tests count
-        // the traffic the proxy forwarded.
-        let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                if req.uri().path() != "/health" {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    if !counted.swap(true, Ordering::SeqCst) {
-                        connections.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                let name = name.clone();
-                let health = health.clone();
-                async move {
-                    if req.uri().path() == "/health" {
-                        health.checks.fetch_add(1, Ordering::SeqCst);
-                        let status = health.status.load(Ordering::SeqCst);
-                        if status == 0 {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                        }
-                        let mut response = Response::new(empty());
-                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
-                        return Ok::<_, Infallible>(response);
-                    }
-                    Ok::<_, Infallible>(app(req, name).await)
-                }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = killed.wait_for(|k| *k) => {}
-            }
-        });
-    }
-}
-
-async fn app(mut req: Request<Incoming>, name: Bytes) -> Response<TestBody> {
-    let path = req.uri().path().to_string();
-    let named = |status: StatusCode, body: TestBody| {
-        let mut r = Response::new(body);
-        *r.status_mut() = status;
-        r.headers_mut()
-            .insert("x-upstream", http::HeaderValue::from_bytes(&name).unwrap());
-        r
-    };
-    if path.starts_with("/echo") {
-        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (k, v) in req.headers() {
-            headers
-                .entry(k.as_str().to_string())
-                .or_default()
-                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-        }
-        let echo = serde_json::json!({
-            "method": req.method().as_str(),
-            "uri": req.uri().to_string(),
-            "version": format!("{:?}", req.version()),
-            "headers": headers,
-        });
-        let mut r = named(StatusCode::OK, full(echo.to_string()));
-        r.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        r.headers_mut().append("set-cookie", "a=1".parse().unwrap());
-        r.headers_mut().append("set-cookie", "b=2".parse().unwrap());
-        r.headers_mut()
-            .insert("x-app-header", "kept".parse().unwrap());
-        return r;
-    }
-    if let Some(code) = path.strip_prefix("/status/") {
-        let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
-        return named(status, empty());
-    }
-    if let Some(ms) = path.strip_prefix("/slow/") {
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
-        return named(StatusCode::OK, full(name.clone()));
-    }
-    if path == "/hang" {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
-    if let Some(bytes) = path.strip_prefix("/download/") {
-        let total: u64 = bytes.parse().unwrap();
-        let mut r = named(StatusCode::OK, Repeat::new(total).boxed());
-        r.headers_mut().insert("content-length", total.into());
-        return r;
-    }
-    if path == "/upload" {
-        let mut hasher = Sha256::new();
-        let mut length = 0u64;
-        let body = req.body_mut();
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else {
-                return named(StatusCode::BAD_REQUEST, full("body error"));
-            };
-            if let Some(data) = frame.data_ref() {
-                hasher.update(data);
-                length += data.len() as u64;
-            }
-        }
-        return named(
-            StatusCode::OK,
-            full(format!("{} {length}", hex(&hasher.finalize()))),
-        );
-    }
-    if path == "/chunked" {
-        let parts = futures_util::stream::iter(
-            ["one,", "two,", "three"]
-                .map(|p| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(p.as_bytes())))),
-        );
-        return named(
-            StatusCode::OK,
-            BodyExt::boxed(http_body_util::StreamBody::new(parts)),
-        );
-    }
-    if path == "/ws" {
-        let key = req.headers().get("sec-websocket-key").cloned();
-        let Some(key) = key else {
-            return named(StatusCode::BAD_REQUEST, full("no key"));
-        };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            let mut ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-            while let Some(Ok(msg)) = ws.next().await {
-                if msg.is_close() {
-                    break;
-                }
-                if ws.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let mut r = named(StatusCode::SWITCHING_PROTOCOLS, empty());
-        r.headers_mut()
-            .insert("upgrade", "websocket".parse().unwrap());
-        r.headers_mut()
-            .insert("connection", "upgrade".parse().unwrap());
-        r.headers_mut()
-            .insert("sec-websocket-accept", accept.parse().unwrap());
-        return r;
-    }
-    named(StatusCode::OK, full(name.clone()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn full(data: impl Into<Bytes>) -> TestBody {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-pub fn empty() -> TestBody {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-/// A body of `remaining` bytes made on the fly, so neither side holds it in memory.
-pub struct Repeat {
-    remaining: u64,
-    chunk: Bytes,
-}
-
-impl Repeat {
-    pub fn new(total: u64) -> Repeat {
-        Repeat {
-            remaining: total,
-            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
-        }
-    }
-}
-
-impl Body for Repeat {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let n = self.remaining.min(self.chunk.len() as u64) as usize;
-        self.remaining -= n as u64;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.remaining)
-    }
-}
+// Each test file uses some of these; the others are not "unused".
+#[allow(unused_imports)]
+pub use switchyard_standins::app::{AppServer as Upstream, HealthEndpoint};
+#[allow(unused_imports)]
+pub use switchyard_standins::body::{empty, full, AnyBody as TestBody, Repeat};
+#[allow(unused_imports)]
+pub use switchyard_standins::process::Switchyard;
+#[allow(unused_imports)]
+pub use switchyard_standins::test_paths::hex;
 
 // ------------------------------------------------------------------------------------
 // The proxy under test.
@@ -430,34 +110,23 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[switchyard] {line}");
-                if !sent && line.contains("switchyard listening") {
-                    let _ = tx.send(line);
-                    sent = true;
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("switchyard did not report its listeners within 30 s");
+            .stdout(Stdio::null());
+        let Switchyard {
+            child,
+            proxy_addr,
+            admin_addr,
+            tls_addr,
+            ..
+        } = Switchyard::start(command, true).unwrap();
         ProxyProcess {
-            proxy_addr: listen_field(&line, "proxy_addr"),
-            admin_addr: listen_field(&line, "admin_addr"),
-            tls_addr: (!line.contains("tls_addr=off")).then(|| listen_field(&line, "tls_addr")),
+            proxy_addr,
+            admin_addr,
+            tls_addr,
             child,
             dir,
         }
@@ -514,17 +183,8 @@ pub fn binary() -> PathBuf {
 // ------------------------------------------------------------------------------------
 // Client side.
 
-pub type TestClient = Client<HttpConnector, TestBody>;
-
-pub fn client() -> TestClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-pub fn get(addr: SocketAddr, path: &str) -> Request<TestBody> {
-    Request::get(format!("http://{addr}{path}"))
-        .body(empty())
-        .unwrap()
-}
+#[allow(unused_imports)]
+pub use switchyard_standins::load::{client, get, HttpClient as TestClient, LoadRun, Record};
 
 pub struct Answer {
     pub status: StatusCode,
@@ -579,110 +239,6 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
 
 // ------------------------------------------------------------------------------------
 // Sustained load and the admin API.
-
-/// What one request of a load run saw.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub started: Instant,
-    pub finished: Instant,
-    pub status: u16,
-    /// `x-upstream` of the answer: which app server served it.
-    pub upstream: String,
-    pub error: Option<String>,
-}
-
-impl Record {
-    pub fn failed(&self) -> bool {
-        self.error.is_some() || self.status != 200
-    }
-}
-
-/// `workers` keep-alive clients sending GET `path` back to back until `finish`.
-pub struct LoadRun {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    sent: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<Record>>>,
-}
-
-impl LoadRun {
-    pub fn start(addr: SocketAddr, path: &str, workers: usize) -> LoadRun {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let tasks = (0..workers)
-            .map(|_| {
-                let stop = stop.clone();
-                let sent = sent.clone();
-                let path = path.to_string();
-                tokio::spawn(async move {
-                    let client = client();
-                    let mut records = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let started = Instant::now();
-                        sent.fetch_add(1, Ordering::SeqCst);
-                        let record = match client.request(get(addr, &path)).await {
-                            Ok(response) => {
-                                let status = response.status().as_u16();
-                                let upstream = response
-                                    .headers()
-                                    .get("x-upstream")
-                                    .map(|v| v.to_str().unwrap_or("").to_string())
-                                    .unwrap_or_default();
-                                let error = response
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .err()
-                                    .map(|e| e.to_string());
-                                Record {
-                                    started,
-                                    finished: Instant::now(),
-                                    status,
-                                    upstream,
-                                    error,
-                                }
-                            }
-                            Err(e) => Record {
-                                started,
-                                finished: Instant::now(),
-                                status: 0,
-                                upstream: String::new(),
-                                error: Some(format!("{e:?}")),
-                            },
-                        };
-                        records.push(record);
-                    }
-                    records
-                })
-            })
-            .collect();
-        LoadRun { stop, sent, tasks }
-    }
-
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::SeqCst)
-    }
-
-    /// Waits until at least `more` further requests have been sent.
-    pub async fn wait_for(&self, more: u64) {
-        let target = self.sent() + more;
-        eventually(
-            Duration::from_secs(60),
-            &format!("{more} more requests"),
-            || self.sent() >= target,
-        )
-        .await;
-    }
-
-    pub async fn finish(self) -> Vec<Record> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut all = Vec::new();
-        for task in self.tasks {
-            all.extend(task.await.unwrap());
-        }
-        all.sort_by_key(|r| r.started);
-        all
-    }
-}
 
 /// Fails the test listing the first failures, if any request failed.
 pub fn assert_no_failures(records: &[Record]) {
@@ -814,13 +370,8 @@ pub async fn wait_ready(admin: SocketAddr) {
 
 /// An address from switchyard's "switchyard listening proxy_addr=... admin_addr=..." line.
 pub fn listen_field(line: &str, name: &str) -> SocketAddr {
-    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    switchyard_standins::process::listen_field(line, name)
+        .unwrap_or_else(|| panic!("no {name} in `{line}`"))
 }
 
 /// Has the server side of the loopback connection `client` → `server` read everything

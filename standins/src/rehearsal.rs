@@ -7,12 +7,9 @@
 //! hidden `switchyard deploy-demo` command.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,12 +19,22 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use crate::load::{LoadRun, Record};
+use crate::process::Switchyard;
+
 /// Keep-alive client connections kept busy for the whole rehearsal.
 pub const CLIENTS: usize = 16;
 
-#[derive(Debug, thiserror::Error)]
-#[error("deploy rehearsal: {0}")]
+#[derive(Debug)]
 pub struct RehearsalError(String);
+
+impl std::fmt::Display for RehearsalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "deploy rehearsal: {}", self.0)
+    }
+}
+
+impl std::error::Error for RehearsalError {}
 
 fn fail(message: impl Into<String>) -> RehearsalError {
     RehearsalError(message.into())
@@ -94,14 +101,6 @@ impl Report {
         );
         out
     }
-}
-
-struct Sample {
-    started: Instant,
-    finished: Instant,
-    /// `Some("blue")` / `Some("green")`; `None` for a failure.
-    pool: Option<&'static str>,
-    error: Option<String>,
 }
 
 struct StandIn {
@@ -225,46 +224,25 @@ impl Rig {
         );
         let config_path = dir.join("switchyard.toml");
         std::fs::write(&config_path, config).map_err(|e| fail(e.to_string()))?;
-        let mut proxy = Command::new(&options.binary)
+        let mut command = Command::new(&options.binary);
+        command
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "warn,switchyard=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| fail(format!("cannot start switchyard: {e}")))?;
-        let stderr = proxy.stderr.take().ok_or_else(|| fail("no stderr"))?;
-        let line = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-            let found = lines.by_ref().find(|l| l.contains("switchyard listening"));
-            // Keep draining so the proxy never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            found
-        })
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .ok_or_else(|| fail("switchyard did not start"))?;
-        let field = |name: &str| -> Result<SocketAddr, RehearsalError> {
-            let start = line
-                .find(&format!("{name}="))
-                .ok_or_else(|| fail("no address in the start line"))?
-                + name.len()
-                + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse().ok())
-                .ok_or_else(|| fail("bad address in the start line"))
-        };
+            .stdout(Stdio::null());
+        let proxy = tokio::task::spawn_blocking(move || Switchyard::start(command, false))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail)?;
         let [blue, green] = pools;
         let rig = Rig {
             binary: options.binary.clone(),
-            proxy_addr: field("proxy_addr")?,
-            admin_addr: field("admin_addr")?,
+            proxy_addr: proxy.proxy_addr,
+            admin_addr: proxy.admin_addr,
             dir,
             blue,
             green,
-            proxy,
+            proxy: proxy.child,
             client: Client::builder(TokioExecutor::new()).build_http(),
         };
         rig.wait_ready().await?;
@@ -382,109 +360,6 @@ impl Rig {
     }
 }
 
-/// The load: `CLIENTS` workers, each with its own keep-alive connection.
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    workers: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
-}
-
-impl Load {
-    fn start(proxy: SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let workers = (0..CLIENTS)
-            .map(|_| {
-                let stop = Arc::clone(&stop);
-                let sent = Arc::clone(&sent);
-                tokio::spawn(async move {
-                    let client: Client<HttpConnector, Full<Bytes>> =
-                        Client::builder(TokioExecutor::new())
-                            .pool_max_idle_per_host(1)
-                            .build_http();
-                    let mut samples = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let started = Instant::now();
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        let result = async {
-                            let request = hyper::Request::get(format!("http://{proxy}/"))
-                                .body(Full::new(Bytes::new()))
-                                .map_err(|e| e.to_string())?;
-                            let response = client
-                                .request(request)
-                                .await
-                                .map_err(|e| format!("{e:?}"))?;
-                            let status = response.status();
-                            let body = response
-                                .into_body()
-                                .collect()
-                                .await
-                                .map_err(|e| e.to_string())?
-                                .to_bytes();
-                            if status != 200 {
-                                return Err(format!(
-                                    "status {status}: {}",
-                                    String::from_utf8_lossy(&body).trim()
-                                ));
-                            }
-                            if body.starts_with(b"hello from blue") {
-                                Ok("blue")
-                            } else if body.starts_with(b"hello from green") {
-                                Ok("green")
-                            } else {
-                                Err(format!(
-                                    "unexpected body {:?}",
-                                    String::from_utf8_lossy(&body)
-                                ))
-                            }
-                        }
-                        .await;
-                        let finished = Instant::now();
-                        samples.push(match result {
-                            Ok(pool) => Sample {
-                                started,
-                                finished,
-                                pool: Some(pool),
-                                error: None,
-                            },
-                            Err(e) => Sample {
-                                started,
-                                finished,
-                                pool: None,
-                                error: Some(e),
-                            },
-                        });
-                    }
-                    samples
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            sent,
-            workers,
-        }
-    }
-
-    async fn wait_for(&self, more: u64) {
-        let target = self.sent.load(Ordering::Relaxed) + more;
-        while self.sent.load(Ordering::Relaxed) < target {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for worker in self.workers {
-            if let Ok(samples) = worker.await {
-                all.extend(samples);
-            }
-        }
-        all
-    }
-}
-
 /// One step of the choreography: when its call was sent and returned, and the green
 /// share expected while it holds.
 struct Mark {
@@ -498,7 +373,7 @@ struct Mark {
 
 pub async fn run(options: Options) -> Result<Report, RehearsalError> {
     let mut rig = Rig::start(&options).await?;
-    let load = Load::start(rig.proxy_addr);
+    let load = Load(LoadRun::start(rig.proxy_addr, "/", CLIENTS));
     let per_phase = options.requests_per_phase;
     let mut marks: Vec<Mark> = Vec::new();
     let started = Instant::now();
@@ -509,7 +384,7 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
         expected_green: 0.0,
         during: true,
     });
-    load.wait_for(per_phase).await;
+    load.wait_for(per_phase).await?;
 
     macro_rules! step {
         ($name:expr, $green:expr, $during:expr, $action:expr) => {{
@@ -522,7 +397,7 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
                 expected_green: $green,
                 during: $during,
             });
-            load.wait_for(per_phase).await;
+            load.wait_for(per_phase).await?;
         }};
     }
 
@@ -569,7 +444,7 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
     step!("rolling restart of blue", 0.0, true, {
         for i in 0..rig.blue.len() {
             rig.restart(i).await?;
-            load.wait_for(per_phase / 4).await;
+            load.wait_for(per_phase / 4).await?;
         }
     });
     step!("SIGKILL of blue-1", 0.0, true, {
@@ -600,14 +475,14 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
         expected_green: 0.0,
         during: false,
     });
-    load.wait_for(per_phase / 2).await;
+    load.wait_for(per_phase / 2).await?;
     step!("blue-2 health check failing", 0.0, true, {
         let target = rig.blue.get(1).unwrap_or(&rig.blue[0]);
         std::fs::write(&target.health_file, b"fail").map_err(|e| fail(e.to_string()))?;
         rig.wait_health(target.addr, "unhealthy").await?;
     });
     let ended = Instant::now();
-    let samples = load.finish().await;
+    let samples = load.0.finish().await;
     let _ = std::fs::remove_dir_all(rig.dir.join("unused"));
     drop(rig);
 
@@ -619,7 +494,7 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
         let window_end = marks.get(i + 1).map_or(ended, |next| next.sent);
         // Requests routed after the call returned and answered before the next began;
         // failures count in the phase they started in, wherever they fall.
-        let settled: Vec<&Sample> = samples
+        let settled: Vec<&Record> = samples
             .iter()
             .filter(|s| {
                 let from = if mark.during {
@@ -627,15 +502,21 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
                 } else {
                     mark.returned
                 };
-                s.started >= from && s.finished <= window_end && s.error.is_none()
+                s.started >= from && s.finished <= window_end && !failed(s)
             })
             .collect();
-        let failed = samples
+        let failed_here = samples
             .iter()
-            .filter(|s| s.error.is_some() && s.started >= mark.sent && s.started < window_end)
+            .filter(|s| failed(s) && s.started >= mark.sent && s.started < window_end)
             .count() as u64;
-        let green = settled.iter().filter(|s| s.pool == Some("green")).count() as f64;
-        let blue = settled.iter().filter(|s| s.pool == Some("blue")).count() as f64;
+        let green = settled
+            .iter()
+            .filter(|s| pool_of(s) == Some("green"))
+            .count() as f64;
+        let blue = settled
+            .iter()
+            .filter(|s| pool_of(s) == Some("blue"))
+            .count() as f64;
         let n = settled.len().max(1) as f64;
         let p = mark.expected_green / 100.0;
         // Exact phases must be exact; split phases within 4 standard deviations + 1 point.
@@ -646,8 +527,8 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
         };
         phases.push(PhaseReport {
             name: mark.name.clone(),
-            requests: settled.len() as u64 + failed,
-            failed,
+            requests: settled.len() as u64 + failed_here,
+            failed: failed_here,
             blue: blue / n,
             green: green / n,
             expected_green: mark.expected_green,
@@ -656,13 +537,52 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
     }
     let failures: Vec<String> = samples
         .iter()
-        .filter_map(|s| s.error.clone())
+        .filter(|s| failed(s))
+        .filter_map(|s| {
+            s.failure()
+                .or_else(|| Some(format!("served by `{}`", s.upstream)))
+        })
         .take(10)
         .collect();
     Ok(Report {
         requests: samples.len() as u64,
-        failed: samples.iter().filter(|s| s.error.is_some()).count() as u64,
+        failed: samples.iter().filter(|s| failed(s)).count() as u64,
         phases,
         failures,
     })
+}
+
+/// The load of the whole rehearsal.
+struct Load(LoadRun);
+
+impl Load {
+    /// Waits for `more` requests; two minutes without them means the clients are stuck
+    /// behind the proxy, which fails the rehearsal rather than hanging it.
+    async fn wait_for(&self, more: u64) -> Result<(), RehearsalError> {
+        if self.0.sent_more(more, Duration::from_secs(120)).await {
+            Ok(())
+        } else {
+            Err(fail(format!(
+                "the clients sent fewer than {more} requests in 2 minutes"
+            )))
+        }
+    }
+}
+
+/// `blue` or `green`: the pool of the stand-in that answered (`blue-1`, `green-2` ...).
+fn pool_of(record: &Record) -> Option<&'static str> {
+    let name = record.upstream.as_str();
+    if name.starts_with("blue-") {
+        Some("blue")
+    } else if name.starts_with("green-") {
+        Some("green")
+    } else {
+        None
+    }
+}
+
+/// A failure to the clients: an error, a status other than 200, or an answer from
+/// something that is not one of the stand-ins.
+fn failed(record: &Record) -> bool {
+    record.failed() || pool_of(record).is_none()
 }
