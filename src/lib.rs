@@ -1,6 +1,11 @@
 //! switchyard: an L7 reverse-proxy load balancer for zero-downtime deployments.
 //!
-//! The per-request path starts in [`proxy`]; listeners and lifecycle live in [`server`].
+//! The per-request path starts in [`proxy`]; listeners and lifecycle live in [`server`];
+//! every traffic change goes through [`control`]. Imports point one way, from
+//! [`server`] down to [`config`], which is data only ([`setup`] loads the files it
+//! names); the README's layout table lists the layers and `.ci/import-cycles` holds
+//! the code to them. Stand-in app servers and load clients live outside the library, in
+//! the `switchyard-standins` crate.
 
 pub mod accesslog;
 pub mod admin;
