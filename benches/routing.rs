@@ -34,7 +34,7 @@ fn routing(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
     let table = ArcSwap::from_pointee(RoutingTable::build(
         &config,
-        &Default::default(),
+        &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
         &TrafficState::from_config(&config),
         None,
         None,
@@ -116,7 +116,7 @@ fn metrics(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
     let table = Arc::new(RoutingTable::build(
         &config,
-        &Default::default(),
+        &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
         &TrafficState::from_config(&config),
         None,
         None,

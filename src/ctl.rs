@@ -84,6 +84,9 @@ pub enum Action {
     },
     /// Return BACKEND to rotation.
     Enable { pool: String, backend: String },
+    /// Re-read the config file, TLS files included: prints what changed, or the error
+    /// (file, key and line) and exits non-zero with nothing changed.
+    Reload,
     /// The HTTPS listener's certificates: `tls` shows them, `tls reload` reads the
     /// files again (a bad file is refused and the old certificates stay).
     Tls {
@@ -137,9 +140,18 @@ pub enum CtlError {
 pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
     let api = Api::new(args)?;
     let (answer, summary): (Value, fn(&Value) -> String) = match &args.action {
-        Action::Status => (
-            api.call(Method::GET, "/api/v1/state", None).await?,
-            status_table,
+        Action::Status => {
+            let mut state = api.call(Method::GET, "/api/v1/state", None).await?;
+            // An older switchyard has no /api/v1/info; the status is still worth showing.
+            if let Ok(info) = api.call(Method::GET, "/api/v1/info", None).await {
+                state["process"] = info;
+            }
+            (state, status_table)
+        }
+        Action::Reload => (
+            api.call(Method::POST, "/api/v1/config/reload", None)
+                .await?,
+            reload_lines,
         ),
         Action::Switch {
             service,
@@ -456,6 +468,24 @@ fn history_lines(v: &Value) -> String {
     out
 }
 
+fn reload_lines(v: &Value) -> String {
+    let changes = v["changes"].as_array().map_or(&[][..], |c| c.as_slice());
+    let mut out = format!(
+        "reloaded: generation {}, {} changes\n",
+        s(&v["generation"]),
+        changes.len()
+    );
+    for change in changes {
+        out.push_str(&format!(
+            "  {} {}: {}\n",
+            s(&change["change"]),
+            s(&change["key"]),
+            s(&change["detail"])
+        ));
+    }
+    out
+}
+
 fn status_table(v: &Value) -> String {
     let mut rows = vec![["SERVICE", "ACTIVE", "CANARY", "PREVIOUS"]
         .map(String::from)
@@ -468,7 +498,16 @@ fn status_table(v: &Value) -> String {
             s(&service["previous_active"]),
         ]);
     }
-    let mut out = format!("generation {}\n\n", s(&v["generation"]));
+    let mut out = String::new();
+    if let Some(process) = v.get("process") {
+        out.push_str(&format!(
+            "switchyard {} pid {} since {}\n",
+            s(&process["version"]),
+            s(&process["pid"]),
+            s(&process["started_at"])
+        ));
+    }
+    out.push_str(&format!("generation {}\n\n", s(&v["generation"])));
     out.push_str(&table(&rows));
     let mut rows = vec![
         ["POOL", "BACKEND", "WEIGHT", "HEALTH", "STATE", "IN-FLIGHT"]

@@ -39,6 +39,12 @@ impl HealthCounter {
         }
     }
 
+    /// Starts from `current` instead of unknown.
+    pub fn resuming(mut self, current: Health) -> HealthCounter {
+        self.state = current;
+        self
+    }
+
     pub fn state(&self) -> Health {
         self.state
     }
@@ -80,7 +86,10 @@ pub async fn check_loop(
     upstream: Upstream,
     (successes, failures): (IntCounter, IntCounter),
 ) {
-    let mut counter = HealthCounter::new(config.healthy_threshold, config.unhealthy_threshold);
+    // From the backend's current health, so a task restarted by a reload does not
+    // judge a healthy backend on one failed check.
+    let mut counter = HealthCounter::new(config.healthy_threshold, config.unhealthy_threshold)
+        .resuming(backend.health());
     tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
     loop {
         let outcome = check_once(&backend, &config, &upstream).await;

@@ -256,22 +256,14 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP reloads the TLS certificates; the rest of the configuration is read at start
-/// only, which the log says so nobody waits for a change that will not come.
+/// SIGHUP reloads the whole config file, TLS files included (what `ctl reload` and
+/// `POST /api/v1/config/reload` do); a bad file changes nothing and is logged.
 fn reload_on_hangup(shared: &std::sync::Arc<switchyard::admin::Shared>) {
-    use switchyard::admin::ReloadError;
     let shared = std::sync::Arc::clone(shared);
     tokio::spawn(async move {
-        match shared.reload_tls().await {
-            Ok(_) => tracing::info!(
-                "SIGHUP: certificates reloaded (other configuration changes need a restart)"
-            ),
-            Err(ReloadError::NotConfigured) => tracing::warn!(
-                "SIGHUP received: no [proxy.tls] to reload, and configuration reload needs a restart; ignored"
-            ),
-            // Already logged with the reason by the reload.
-            Err(ReloadError::Refused(_)) => {}
-        }
+        tracing::info!("SIGHUP: reloading the config file");
+        // Success and failure are both logged by the reload itself.
+        let _ = shared.reload_config().await;
     });
 }
 

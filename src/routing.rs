@@ -139,6 +139,10 @@ pub struct PoolSettings {
     pub(crate) ejecting: Arc<AtomicBool>,
 }
 
+/// Each pool's settings, by pool name: made at start and at each reload, and shared by
+/// every table built in between.
+pub type PoolSettingsMap = HashMap<String, Arc<PoolSettings>>;
+
 /// The right to decide one passive ejection in a pool; given back when dropped.
 pub struct EjectionTurn<'a>(&'a AtomicBool);
 
@@ -159,6 +163,22 @@ impl PoolSettings {
             upstream,
             ejecting: Arc::default(),
         }
+    }
+
+    /// Each pool's settings from `config`, with its `Upstream` from `upstreams` (a
+    /// pool missing there gets plain HTTP/1.1).
+    pub fn for_config(config: &Config, upstreams: &Upstreams) -> PoolSettingsMap {
+        config
+            .pools
+            .iter()
+            .map(|pool| {
+                let upstream = upstreams.get(&pool.name).cloned().unwrap_or_default();
+                (
+                    pool.name.clone(),
+                    Arc::new(PoolSettings::from_config(pool, upstream)),
+                )
+            })
+            .collect()
     }
 
     /// `None` while another request is deciding (it never waits).
@@ -297,20 +317,17 @@ impl RoutingTable {
     /// backend modes), reusing the backend objects of `previous` where the pool and
     /// address match, so counters and idle connections survive the swap. Backends' admin
     /// states are set from `state`. A saved canary that does not validate is left out.
-    /// `upstreams` holds each pool's connection settings (`Setup` makes one per pool; a
-    /// pool missing from it gets plain HTTP/1.1).
+    /// `settings` holds each pool's behaviour (see `PoolSettings::for_config`).
     pub fn build(
         config: &Config,
-        upstreams: &Upstreams,
+        settings: &PoolSettingsMap,
         state: &TrafficState,
         previous: Option<&RoutingTable>,
         metrics: Option<&Metrics>,
     ) -> RoutingTable {
         let mut existing: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
-        let mut previous_settings: HashMap<&str, Arc<PoolSettings>> = HashMap::new();
         if let Some(previous) = previous {
             for pool in &previous.pools {
-                previous_settings.insert(&pool.name, Arc::clone(&pool.settings));
                 for backend in &pool.backends {
                     existing.insert((&pool.name, backend.addr), backend);
                 }
@@ -338,13 +355,9 @@ impl RoutingTable {
                         backend
                     })
                     .collect();
-                let settings = previous_settings
-                    .get(pool.name.as_str())
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        let upstream = upstreams.get(&pool.name).cloned().unwrap_or_default();
-                        Arc::new(PoolSettings::from_config(pool, upstream))
-                    });
+                let settings = settings.get(&pool.name).cloned().unwrap_or_else(|| {
+                    Arc::new(PoolSettings::from_config(pool, Upstream::default()))
+                });
                 Arc::new(Pool::new(&pool.name, backends, settings))
             })
             .collect();
@@ -424,7 +437,7 @@ mod tests {
         let config = Config::parse(src, Path::new("t.toml")).unwrap();
         RoutingTable::build(
             &config,
-            &Upstreams::new(),
+            &PoolSettings::for_config(&config, &Upstreams::new()),
             &TrafficState::from_config(&config),
             None,
             None,
@@ -479,8 +492,15 @@ active = "shop"
     fn rebuilding_keeps_backend_objects() {
         let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
         let state = TrafficState::from_config(&config);
-        let first = RoutingTable::build(&config, &Upstreams::new(), &state, None, None);
-        let second = RoutingTable::build(&config, &Upstreams::new(), &state, Some(&first), None);
+        let settings = PoolSettings::for_config(&config, &Upstreams::new());
+        let first = RoutingTable::build(&config, &settings, &state, None, None);
+        let second = RoutingTable::build(
+            &config,
+            &PoolSettings::for_config(&config, &Upstreams::new()),
+            &state,
+            Some(&first),
+            None,
+        );
         assert!(Arc::ptr_eq(
             &first.pools[0].backends[0],
             &second.pools[0].backends[0]

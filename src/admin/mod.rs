@@ -20,7 +20,9 @@ use crate::state::{BackendMode, MemberSpec};
 
 mod shared;
 
-pub use shared::{record_reload, ReloadError, Shared};
+pub use shared::{
+    record_reload, ConfigReload, ConfigReloadError, ListenAddrs, ProcessInfo, ReloadError, Shared,
+};
 
 /// Longest `wait-drained` long poll.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -48,6 +50,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/pools/{pool}", get(pool_view))
         .route("/api/v1/tls", get(tls_view))
+        .route("/api/v1/config/reload", post(config_reload))
+        .route("/api/v1/info", get(info))
         .route("/api/v1/tls/reload", post(tls_reload))
         .route(
             "/api/v1/pools/{pool}/backends",
@@ -65,13 +69,14 @@ pub fn app(shared: Arc<Shared>) -> Router {
             Arc::clone(&shared),
             require_token,
         ));
-    let mut metrics = Router::new().route("/metrics", get(metrics));
-    if shared.metrics_require_token {
-        metrics = metrics.route_layer(middleware::from_fn_with_state(
-            Arc::clone(&shared),
-            require_token,
-        ));
-    }
+    // Whether `/metrics` needs the token is read per scrape: a reload may change it.
+    let metrics =
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(
+                Arc::clone(&shared),
+                require_token_for_metrics,
+            ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -237,7 +242,7 @@ fn tls_not_configured() -> ApiError {
 async fn tls_view(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
     let certificates = shared
         .certificates
-        .as_ref()
+        .load_full()
         .ok_or_else(tls_not_configured)?;
     Ok(Json(certificate_views(&certificates.current().info)).into_response())
 }
@@ -256,6 +261,49 @@ async fn tls_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiEr
     }
 }
 
+/// Re-reads the whole config file: 200 `{"generation", "changes"}`, or 400 with the
+/// same text as `switchyard check` and nothing changed.
+async fn config_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    match shared.reload_config().await {
+        Ok(reloaded) => Ok(answer(reloaded.generation, &reloaded)),
+        Err(ConfigReloadError::Invalid(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+            format!("{e}; nothing changed"),
+        )),
+        Err(ConfigReloadError::Control(e)) => Err(e.into()),
+        Err(e @ ConfigReloadError::Bind { .. }) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bind_failed",
+            e.to_string(),
+        )),
+        Err(e @ (ConfigReloadError::ShuttingDown | ConfigReloadError::NotRunning)) => {
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_running",
+                e.to_string(),
+            ))
+        }
+    }
+}
+
+/// This process: version, pid, start time, config file, generation and listeners.
+async fn info(State(shared): State<Arc<Shared>>) -> Response {
+    let generation = shared.control.generation().await;
+    let info = &shared.info;
+    let listen = **shared.listen.load();
+    Json(serde_json::json!({
+        "version": info.version,
+        "pid": info.pid,
+        "started_at": info.started_at,
+        "config_path": info.config_path,
+        "generation": generation,
+        "listen": listen,
+        "cluster": null,
+    }))
+    .into_response()
+}
+
 /// A successful answer: the JSON view, with its generation also as `ETag`.
 fn answer<T: Serialize>(generation: u64, value: &T) -> Response {
     let mut response = Json(value).into_response();
@@ -265,12 +313,25 @@ fn answer<T: Serialize>(generation: u64, value: &T) -> Response {
     response
 }
 
+async fn require_token_for_metrics(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if shared.metrics_require_token.load(Ordering::Relaxed) {
+        require_token(State(shared), request, next).await
+    } else {
+        next.run(request).await
+    }
+}
+
 async fn require_token(
     State(shared): State<Arc<Shared>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(token) = &shared.token else {
+    let token = shared.token.load_full();
+    let Some(token) = token.as_deref() else {
         return next.run(request).await;
     };
     let given = request
@@ -749,9 +810,16 @@ mod tests {
         Arc::new(Shared {
             control: Arc::new(Control::start(config, Default::default()).unwrap()),
             ready: AtomicBool::new(true),
-            token: token.map(String::from),
-            metrics_require_token: false,
-            certificates: None,
+            token: arc_swap::ArcSwapOption::from_pointee(token.map(String::from)),
+            metrics_require_token: AtomicBool::new(false),
+            certificates: arc_swap::ArcSwapOption::empty(),
+            info: ProcessInfo::now(std::path::Path::new("t.toml")),
+            listen: arc_swap::ArcSwap::from_pointee(ListenAddrs {
+                proxy: "127.0.0.1:1".parse().unwrap(),
+                tls: None,
+                admin: "127.0.0.1:2".parse().unwrap(),
+            }),
+            reloader: std::sync::OnceLock::new(),
         })
     }
 

@@ -1,12 +1,18 @@
 //! What the admin API and the lifecycle share with the data plane: the control plane,
-//! readiness, the token, and the HTTPS listener's certificates (reloaded from here).
+//! readiness, the token, the HTTPS listener's certificates (reloaded from here), what
+//! `/api/v1/info` tells, and the hook a config reload goes through (the lifecycle owns
+//! the listeners, so it does the reload; the API and SIGHUP only ask for it).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::control::Control;
+use crate::config::ConfigError;
+use crate::control::{Control, ControlError, Reloaded};
 use crate::metrics::Metrics;
 use crate::routing::RoutingTable;
 use crate::tls::{CertStore, CertificateInfo, Certificates};
@@ -16,10 +22,69 @@ pub struct Shared {
     pub control: Arc<Control>,
     /// False once shutdown has begun: `/readyz` answers 503.
     pub ready: AtomicBool,
-    pub token: Option<String>,
-    pub metrics_require_token: bool,
+    pub token: ArcSwapOption<String>,
+    pub metrics_require_token: AtomicBool,
     /// The HTTPS listener's certificates, when there is one.
-    pub certificates: Option<Arc<Certificates>>,
+    pub certificates: ArcSwapOption<Certificates>,
+    pub info: ProcessInfo,
+    /// The addresses listened on now (a reload may move them).
+    pub listen: ArcSwap<ListenAddrs>,
+    /// Set once the lifecycle runs; a reload asked for before that is refused.
+    pub reloader: OnceLock<Arc<dyn ConfigReload>>,
+}
+
+/// What does not change while the process runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessInfo {
+    pub version: &'static str,
+    pub pid: u32,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub config_path: String,
+}
+
+impl ProcessInfo {
+    pub fn now(config_path: &std::path::Path) -> ProcessInfo {
+        ProcessInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            started_at: crate::state::now_rfc3339(),
+            config_path: config_path.display().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ListenAddrs {
+    pub proxy: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// A whole-config reload, done by whoever owns the listeners.
+pub trait ConfigReload: Send + Sync {
+    fn reload(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Reloaded, ConfigReloadError>> + Send + '_>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigReloadError {
+    /// The file (or a file it names) is wrong: the same text as `switchyard check`.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}; nothing changed")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("shutting down: no reload")]
+    ShuttingDown,
+    #[error("the server is still starting: no reload yet")]
+    NotRunning,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +103,10 @@ impl Shared {
     /// Reads the certificate files again and swaps them in for new handshakes; on any
     /// error the certificates in use stay. Open connections are never touched.
     pub async fn reload_tls(&self) -> Result<Vec<CertificateInfo>, ReloadError> {
-        let certificates = self
+        let certs = self
             .certificates
-            .as_ref()
+            .load_full()
             .ok_or(ReloadError::NotConfigured)?;
-        let certs = Arc::clone(certificates);
         let result = tokio::task::spawn_blocking(move || certs.reload())
             .await
             .unwrap_or_else(|e| Err(crate::tls::TlsError::Rustls(e.to_string())));
@@ -52,6 +116,17 @@ impl Shared {
 
     fn record_reload(&self, result: &Result<Arc<CertStore>, crate::tls::TlsError>) {
         record_reload(self.control.metrics(), result);
+    }
+
+    /// Re-reads the whole config file (see `ConfigReload`); on any error nothing
+    /// changes, and the log says why.
+    pub async fn reload_config(&self) -> Result<Reloaded, ConfigReloadError> {
+        let reloader = self.reloader.get().ok_or(ConfigReloadError::NotRunning)?;
+        let result = reloader.reload().await;
+        if let Err(e) = &result {
+            tracing::error!("config reload refused, nothing changed: {e}");
+        }
+        result
     }
 
     /// Ready to take traffic: not shutting down, and every backend checked once.

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod diff;
 mod locate;
 mod raw;
 mod validate;
 
+pub use diff::ConfigChange;
 pub use locate::Origin;
 pub use raw::{parse_byte_size, ByteSize};
 pub use validate::MAX_BACKENDS_PER_POOL;
@@ -44,7 +46,7 @@ impl fmt::Display for ConfigError {
 }
 
 /// `[log]`: the access log, opt-in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub access: AccessLogSink,
@@ -78,7 +80,7 @@ pub enum AccessLogFormat {
 }
 
 /// `[metrics]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Per-request counters and histograms; off only to measure what they cost.
@@ -114,7 +116,7 @@ pub struct Config {
     pub origin: Origin,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub workers: usize,
@@ -144,7 +146,7 @@ pub struct ProxyConfig {
 }
 
 /// `[proxy.tls]`: the HTTPS listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsListenerConfig {
     pub listen: SocketAddr,
     pub certificates: Vec<CertificatePaths>,
@@ -162,7 +164,7 @@ pub struct TlsListenerConfig {
     pub min_version: MinVersion,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Holds the bearer token every `/api/` call must carry (read by `setup`).
@@ -171,12 +173,12 @@ pub struct AdminConfig {
     pub metrics_require_token: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub backends: Vec<BackendConfig>,
@@ -202,7 +204,7 @@ pub enum PanicMode {
 }
 
 /// Outlier detection on real traffic.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PassiveConfig {
     /// Consecutive connect failures or 5xx answers that eject a backend; 0 turns it off.
     pub consecutive_failures: u32,
@@ -216,7 +218,7 @@ pub struct BackendConfig {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// `None`: a TCP connect check (a pool without a `[health]` table).
     pub http: Option<HttpCheck>,
@@ -228,7 +230,7 @@ pub struct HealthConfig {
     pub jitter: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpCheck {
     pub path: String,
     pub host: Option<String>,
@@ -250,7 +252,7 @@ impl HealthConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     pub hosts: Vec<HostMatch>,

@@ -27,7 +27,7 @@ impl Control {
                 "a pool needs at least one backend".into(),
             ));
         }
-        let limit = self.config.proxy.max_backends_per_pool;
+        let limit = self.config.load().proxy.max_backends_per_pool;
         if members.len() > limit {
             return Err(ControlError::TooManyBackends {
                 pool: pool.to_string(),
@@ -65,7 +65,7 @@ impl Control {
         // Phase 1: the new list joins; leavers stay, draining.
         let leaving: Vec<String> = {
             let mut state = self.lock_current(if_match).await?;
-            let current = state.members_of(configured);
+            let current = state.members_of(&configured);
             let leaving: Vec<String> = current
                 .iter()
                 .map(|b| b.addr.to_string())
@@ -117,7 +117,7 @@ impl Control {
         // Phase 2: remove them (unless someone re-enabled one meanwhile).
         let mut state = self.state.lock().await;
         let mut next = state.clone();
-        let current = next.members_of(configured);
+        let current = next.members_of(&configured);
         let keep: Vec<MemberSpec> = current
             .iter()
             .filter(|b| {
@@ -200,11 +200,13 @@ impl Control {
         self.set_members(pool, list, drain_timeout, if_match).await
     }
 
-    fn configured_pool(&self, pool: &str) -> Result<&crate::config::PoolConfig, ControlError> {
+    fn configured_pool(&self, pool: &str) -> Result<crate::config::PoolConfig, ControlError> {
         self.config
+            .load()
             .pools
             .iter()
             .find(|p| p.name == pool)
+            .cloned()
             .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))
     }
 
@@ -212,7 +214,7 @@ impl Control {
         let configured = self.configured_pool(pool)?;
         let state = self.state.lock().await;
         Ok(state
-            .members_of(configured)
+            .members_of(&configured)
             .into_iter()
             .map(|b| MemberSpec {
                 addr: b.addr.to_string(),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +17,15 @@ use crate::client::Upstreams;
 use crate::config::Config;
 use crate::health;
 use crate::metrics::Metrics;
-use crate::routing::{self, Pool, RoutingTable};
+use crate::routing::{self, Pool, PoolSettings, PoolSettingsMap, RoutingTable};
 use crate::state::{self, BackendMode, CanarySpec, MatchSpec, ServiceTraffic, TrafficState};
 
 mod membership;
+mod reload;
 mod supervision;
 mod views;
 
+pub use reload::Reloaded;
 use views::{backend_view, live_state};
 pub use views::{
     BackendView, CanaryView, HistoryView, PoolView, ServiceView, StateFileView, StateView,
@@ -114,18 +116,21 @@ pub struct CanaryRequest {
 }
 
 pub struct Control {
-    config: Arc<Config>,
-    /// Each pool's connection settings, built by `Setup` from `config`.
-    upstreams: Arc<Upstreams>,
+    /// The config in force: replaced whole by a reload, under the state lock.
+    config: ArcSwap<Config>,
+    /// Each pool's behaviour and connection settings, made from `config` (and its
+    /// `Setup`) at start and at each reload.
+    settings: ArcSwap<PoolSettingsMap>,
     table: Arc<ArcSwap<RoutingTable>>,
     state: Mutex<TrafficState>,
     state_path: PathBuf,
     probe_timeout: Duration,
-    /// One health-check task per backend object, keyed by the object's address.
-    health_tasks: std::sync::Mutex<HashMap<usize, tokio::task::AbortHandle>>,
+    /// One health-check task per backend object and pool settings, keyed by their
+    /// addresses.
+    health_tasks: std::sync::Mutex<HashMap<(usize, usize), tokio::task::AbortHandle>>,
     metrics: Arc<Metrics>,
     /// Attach per-request metric children to routing tables (`[metrics] enabled`).
-    request_metrics: bool,
+    request_metrics: AtomicBool,
     /// The committed generation, readable without the writer lock (for scrapes).
     generation: Arc<AtomicU64>,
     corrupt_at_start: Option<state::CorruptFile>,
@@ -153,8 +158,9 @@ impl Control {
                 corrupt.error
             );
         }
+        let settings = PoolSettings::for_config(&config, &upstreams);
         let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
-            &config, &upstreams, &state, None, None,
+            &config, &settings, &state, None, None,
         )));
         let generation = Arc::new(AtomicU64::new(state.generation));
         let metrics = {
@@ -171,7 +177,7 @@ impl Control {
         if request_metrics {
             let with_metrics = RoutingTable::build(
                 &config,
-                &upstreams,
+                &settings,
                 &state,
                 Some(&table.load()),
                 Some(&metrics),
@@ -183,11 +189,11 @@ impl Control {
             probe_timeout: config.proxy.connect_timeout.min(Duration::from_secs(1)),
             table,
             state: Mutex::new(state),
-            config: Arc::new(config),
-            upstreams: Arc::new(upstreams),
+            config: ArcSwap::from_pointee(config),
+            settings: ArcSwap::from_pointee(settings),
             health_tasks: std::sync::Mutex::new(HashMap::new()),
             metrics,
-            request_metrics,
+            request_metrics: AtomicBool::new(request_metrics),
             generation,
             corrupt_at_start: corrupt,
         })
@@ -481,15 +487,18 @@ impl Control {
     /// backends it takes milliseconds, which must not be taken from a worker that
     /// serves requests (with `workers = 1`, the only one).
     async fn build_table(&self, state: &TrafficState) -> Arc<RoutingTable> {
-        let config = Arc::clone(&self.config);
-        let upstreams = Arc::clone(&self.upstreams);
+        let config = self.config.load_full();
+        let settings = self.settings.load_full();
         let state = state.clone();
         let previous = self.table.load_full();
-        let metrics = self.request_metrics.then(|| Arc::clone(&self.metrics));
+        let metrics = self
+            .request_metrics
+            .load(Ordering::Relaxed)
+            .then(|| Arc::clone(&self.metrics));
         let built = tokio::task::spawn_blocking(move || {
             RoutingTable::build(
                 &config,
-                &upstreams,
+                &settings,
                 &state,
                 Some(&previous),
                 metrics.as_deref(),

@@ -1,5 +1,6 @@
-//! Health-check supervision: one task per backend object, started when a backend
-//! appears in the table and stopped when it leaves.
+//! Health-check supervision: one task per backend object and pool settings, started
+//! when a backend appears in the table, restarted when a reload gives its pool new
+//! settings (it resumes from the backend's current health), stopped when it leaves.
 
 use std::sync::Arc;
 
@@ -18,7 +19,10 @@ impl Control {
         let mut live = std::collections::HashSet::new();
         for pool in &table.pools {
             for backend in &pool.backends {
-                let key = Arc::as_ptr(backend) as usize;
+                let key = (
+                    Arc::as_ptr(backend) as usize,
+                    Arc::as_ptr(&pool.settings) as usize,
+                );
                 live.insert(key);
                 tasks.entry(key).or_insert_with(|| {
                     let counters = self

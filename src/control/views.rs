@@ -86,6 +86,7 @@ impl Control {
             generation: state.generation,
             services: self
                 .config
+                .load()
                 .services
                 .iter()
                 .filter_map(|s| self.service_view(&state, &s.name))
@@ -139,7 +140,8 @@ impl Control {
     }
 
     pub(super) fn service_view(&self, state: &TrafficState, name: &str) -> Option<ServiceView> {
-        let configured = self.config.services.iter().find(|s| s.name == name)?;
+        let config = self.config.load();
+        let configured = config.services.iter().find(|s| s.name == name)?;
         let traffic = state.services.get(name)?;
         Some(ServiceView {
             name: name.to_string(),

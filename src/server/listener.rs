@@ -9,6 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use arc_swap::ArcSwap;
+
 use super::downstream::{Builders, Connection, Served};
 use super::ConnTracker;
 use crate::error::ProxyError;
@@ -27,43 +29,54 @@ pub(super) struct Listener {
 /// or file descriptors held.
 const MAX_REFUSALS: usize = 64;
 
-#[derive(Clone)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum ListenerKind {
-    Plain {
-        h2c: bool,
-        /// Every request is answered with a redirect to HTTPS on this port.
-        redirect_to_port: Option<u16>,
-    },
-    Tls {
-        acceptor: tokio_rustls::TlsAcceptor,
-        handshake_timeout: Duration,
-        /// Handshakes are the expensive part of a TLS connection: only this many at
-        /// once, the rest wait (within their handshake timeout).
-        handshakes: Arc<Semaphore>,
-    },
+    Plain,
+    Tls,
 }
 
-/// What every listener's accept loop shares: the proxy, the one connection limit, the
-/// builders, the connection tracker, the stop signal and the metrics.
+/// What a connection is served with, taken when it is accepted: a reload swaps it
+/// whole, so connections accepted after it get the new settings and open ones keep
+/// theirs.
+pub(super) struct Serving {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) builders: Arc<Builders>,
+    pub(super) h2c: bool,
+    /// Every request on the plain port is answered with a redirect to HTTPS on this port.
+    pub(super) redirect_to_port: Option<u16>,
+    pub(super) tls: Option<TlsServing>,
+}
+
+pub(super) struct TlsServing {
+    pub(super) acceptor: tokio_rustls::TlsAcceptor,
+    pub(super) handshake_timeout: Duration,
+    /// Handshakes are the expensive part of a TLS connection: only this many at once,
+    /// the rest wait (within their handshake timeout).
+    pub(super) handshakes: Arc<Semaphore>,
+}
+
+/// What every listener's accept loop shares: the serving settings, the one connection
+/// limit, the connection tracker and the metrics.
 #[derive(Clone)]
 pub(super) struct Accepting {
-    pub(super) proxy: Arc<Proxy>,
+    pub(super) serving: Arc<ArcSwap<Serving>>,
     pub(super) limit: Arc<Semaphore>,
-    pub(super) builders: Arc<Builders>,
     pub(super) tracker: Arc<ConnTracker>,
-    pub(super) stop: watch::Receiver<bool>,
     pub(super) metrics: Arc<Metrics>,
 }
 
-/// Accepts until told to stop. Connections are watched by `tracker`, so the shutdown
-/// can wait for them.
-pub(super) async fn accept_loop(listener: TcpListener, config: Listener, accepting: Accepting) {
+/// Accepts until `stop` says so (then the listening socket is closed). Connections are
+/// watched by `tracker`, so the shutdown can wait for them; they outlive the loop.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    config: Listener,
+    accepting: Accepting,
+    mut stop: watch::Receiver<bool>,
+) {
     let Accepting {
-        proxy,
+        serving,
         limit,
-        builders,
         tracker,
-        mut stop,
         metrics,
     } = accepting;
     let overloaded = bytes::Bytes::from(ProxyError::Overloaded.raw_http1());
@@ -85,7 +98,7 @@ pub(super) async fn accept_loop(listener: TcpListener, config: Listener, accepti
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
             config.refused.inc();
-            if matches!(config.kind, ListenerKind::Plain { .. }) {
+            if config.kind == ListenerKind::Plain {
                 match Arc::clone(&refusals).try_acquire_owned() {
                     Ok(slot) => {
                         let answer = overloaded.clone();
@@ -106,34 +119,32 @@ pub(super) async fn accept_loop(listener: TcpListener, config: Listener, accepti
         config.open.inc();
         let open = config.open.clone();
         let watcher = tracker.watcher();
-        let proxy = Arc::clone(&proxy);
-        let builders = Arc::clone(&builders);
+        let serving = serving.load_full();
         let metrics = Arc::clone(&metrics);
-        let kind = config.kind.clone();
+        let kind = config.kind;
         tokio::spawn(async move {
-            match kind {
-                ListenerKind::Plain {
-                    h2c,
-                    redirect_to_port,
-                } => {
-                    let served = if h2c { Served::Detect } else { Served::Http1 };
+            let builders = &serving.builders;
+            let proxy = Arc::clone(&serving.proxy);
+            match (kind, &serving.tls) {
+                (ListenerKind::Plain, _) => {
+                    let served = if serving.h2c {
+                        Served::Detect
+                    } else {
+                        Served::Http1
+                    };
                     let conn = Connection {
                         proxy,
                         peer,
                         tls: false,
-                        redirect_to_port,
+                        redirect_to_port: serving.redirect_to_port,
                         metrics,
                     };
-                    conn.serve(&builders, served, stream, watcher).await;
+                    conn.serve(builders, served, stream, watcher).await;
                 }
-                ListenerKind::Tls {
-                    acceptor,
-                    handshake_timeout,
-                    handshakes,
-                } => {
-                    let handshake = tokio::time::timeout(handshake_timeout, async {
-                        let _slot = handshakes.acquire().await;
-                        acceptor.accept(stream).await
+                (ListenerKind::Tls, Some(tls)) => {
+                    let handshake = tokio::time::timeout(tls.handshake_timeout, async {
+                        let _slot = tls.handshakes.acquire().await;
+                        tls.acceptor.accept(stream).await
                     })
                     .await;
                     let stream = match handshake {
@@ -157,9 +168,11 @@ pub(super) async fn accept_loop(listener: TcpListener, config: Listener, accepti
                             redirect_to_port: None,
                             metrics,
                         };
-                        conn.serve(&builders, served, stream, watcher).await;
+                        conn.serve(builders, served, stream, watcher).await;
                     }
                 }
+                // TLS was removed by a reload while this listener was closing.
+                (ListenerKind::Tls, None) => {}
             }
             open.dec();
             drop(permit);

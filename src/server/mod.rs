@@ -12,17 +12,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
+
 use crate::accesslog::AccessLog;
-use crate::admin::{self, Shared};
+use crate::admin::{self, ListenAddrs, ProcessInfo, Shared};
 use crate::config::Config;
 use crate::control::Control;
-use crate::proxy::{Proxy, ProxySettings};
 use crate::setup::Setup;
+use crate::tls::Certificates;
 
 mod downstream;
 mod listener;
+mod reload;
 
-use downstream::Builders;
 use listener::{accept_loop, Accepting, Listener, ListenerKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,112 +73,211 @@ impl Running {
 /// Loads what `config` names, binds the listeners and starts serving on the current
 /// tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let setup = Setup::new(config)?;
+    let config = &setup.config;
+    let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
+    let admin_listener = bind("admin.listen", config.admin.listen).await?;
+    let tls_listener = match &config.proxy.tls {
+        Some(tls) => Some(bind("proxy.tls.listen", tls.listen).await?),
+        None => None,
+    };
+    let listen = ListenAddrs {
+        proxy: local_addr(&proxy_listener, config.proxy.listen),
+        admin: local_addr(&admin_listener, config.admin.listen),
+        tls: tls_listener
+            .as_ref()
+            .zip(config.proxy.tls.as_ref())
+            .map(|(l, t)| local_addr(l, t.listen)),
+    };
+    warn_unverified(&setup);
+
     let Setup {
         config,
         admin_token,
         upstreams,
         listener_tls,
-    } = Setup::new(config)?;
-    let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
-    let admin_listener = bind("admin.listen", config.admin.listen).await?;
-    let proxy_addr = local_addr(&proxy_listener, config.proxy.listen);
-    let admin_addr = local_addr(&admin_listener, config.admin.listen);
-    let tls = match (&config.proxy.tls, listener_tls) {
-        (Some(settings), Some(loaded)) => {
-            let listener = bind("proxy.tls.listen", settings.listen).await?;
-            Some((listener, loaded.certificates, loaded.server_config))
-        }
-        _ => None,
-    };
-    let tls_addr = tls
-        .as_ref()
-        .zip(config.proxy.tls.as_ref())
-        .map(|((l, _, _), t)| local_addr(l, t.listen));
-
-    let unverified_pools: Vec<String> = config
-        .pools
-        .iter()
-        .filter(|pool| {
-            upstreams
-                .get(&pool.name)
-                .and_then(|u| u.tls.as_ref())
-                .is_some_and(|t| t.unverified)
-        })
-        .map(|pool| pool.name.clone())
-        .collect();
+    } = setup;
     let control = Arc::new(Control::start(config.clone(), upstreams)?);
     control.persist_now().await?;
     control.sync_health_checks();
     let shared = Arc::new(Shared {
         control: Arc::clone(&control),
         ready: AtomicBool::new(true),
-        token: admin_token,
-        metrics_require_token: config.admin.metrics_require_token,
-        certificates: tls
-            .as_ref()
-            .map(|(_, certificates, _)| Arc::clone(certificates)),
+        token: ArcSwapOption::from_pointee(admin_token),
+        metrics_require_token: AtomicBool::new(config.admin.metrics_require_token),
+        certificates: ArcSwapOption::from(
+            listener_tls.as_ref().map(|t| Arc::clone(&t.certificates)),
+        ),
+        info: ProcessInfo::now(config.origin.path()),
+        listen: ArcSwap::from_pointee(listen),
+        reloader: std::sync::OnceLock::new(),
     });
-    for pool in unverified_pools {
-        tracing::warn!(
-            %pool,
-            "insecure_skip_verify: this pool's backend certificates are not verified; anyone on the path can pose as them"
-        );
+    if let Some(certificates) = shared.certificates.load_full() {
+        announce_certificates(control.metrics(), &certificates);
     }
-    if let Some(certificates) = &shared.certificates {
-        let store = certificates.current();
-        control.metrics().set_certificates(&store.info);
-        for cert in &store.info {
-            tracing::info!(cert_file = %cert.cert_file.display(), names = %cert.names.join(","), "certificate loaded");
-            if cert.not_after.is_some_and(|t| t < crate::tls::now_unix()) {
-                tracing::warn!(cert_file = %cert.cert_file.display(), "certificate has expired");
-            }
-        }
-    }
-    let proxy = Arc::new(Proxy {
-        table: Arc::clone(control.table()),
-        settings: ProxySettings {
-            connect_timeout: config.proxy.connect_timeout,
-            upstream_header_timeout: config.proxy.upstream_header_timeout,
-            connect_attempts: config.proxy.connect_attempts,
-            max_request_body: config.proxy.max_request_body,
-            client_body_timeout: config.proxy.client_body_timeout,
-        },
-        client_body_timeouts: control.metrics().client_body_timeouts.clone(),
-        metrics: config
-            .metrics
-            .enabled
-            .then(|| Arc::clone(control.metrics())),
-        access_log: AccessLog::start(&config.log, control.metrics().access_log_dropped.clone()),
-    });
+    let metrics = Arc::clone(control.metrics());
+    let access_log = AccessLog::start(&config.log, metrics.access_log_dropped.clone());
+    let serving = Arc::new(ArcSwap::from_pointee(reload::serving(
+        &config,
+        &control,
+        access_log.clone(),
+        listener_tls.map(|t| t.server_config),
+        listen.tls,
+    )));
 
     tracing::info!(
-        proxy_addr = %proxy_addr,
-        admin_addr = %admin_addr,
-        tls_addr = %tls_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        proxy_addr = %listen.proxy,
+        admin_addr = %listen.admin,
+        tls_addr = %listen.tls.map_or_else(|| "off".to_string(), |a| a.to_string()),
         pools = %describe_pools(&config),
         services = %describe_services(&config),
         "switchyard listening"
     );
 
-    let (stop, stop_rx) = watch::channel(false);
-    let tls_listener = tls.map(|(listener, _, server_config)| (listener, server_config));
-    let task = tokio::spawn(lifecycle(
-        config,
+    let accepting = Accepting {
+        serving,
+        // One limit for both listeners: `max_connections` is what the process can hold.
+        limit: Arc::new(Semaphore::new(config.proxy.max_connections)),
+        tracker: Arc::new(ConnTracker::new()),
+        metrics: Arc::clone(&metrics),
+    };
+    let plain = Bound::accepting(
+        config.proxy.listen,
         proxy_listener,
-        tls_listener,
-        admin_listener,
-        proxy,
-        Arc::clone(&shared),
-        stop_rx,
-    ));
+        ListenerKind::Plain,
+        &accepting,
+    );
+    let tls = tls_listener
+        .zip(config.proxy.tls.as_ref())
+        .map(|(listener, settings)| {
+            Bound::accepting(settings.listen, listener, ListenerKind::Tls, &accepting)
+        });
+    let admin = Bound::admin(config.admin.listen, admin_listener, &shared);
+    let file_watcher = reload::watch_certificates(&config, &shared);
+    let runtime = Arc::new(reload::Runtime {
+        shared: Arc::clone(&shared),
+        accepting,
+        live: tokio::sync::Mutex::new(reload::Live {
+            max_connections: config.proxy.max_connections,
+            config,
+            plain,
+            tls,
+            admin,
+            file_watcher,
+            access_log,
+            shutting_down: false,
+        }),
+    });
+    let _ = shared
+        .reloader
+        .set(Arc::clone(&runtime) as Arc<dyn crate::admin::ConfigReload>);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(lifecycle(runtime, stop_rx));
     Ok(Running {
-        proxy_addr,
-        admin_addr,
-        tls_addr,
+        proxy_addr: listen.proxy,
+        admin_addr: listen.admin,
+        tls_addr: listen.tls,
         shared,
         stop,
         task,
     })
+}
+
+fn warn_unverified(setup: &Setup) {
+    for pool in &setup.config.pools {
+        let unverified = setup
+            .upstreams
+            .get(&pool.name)
+            .and_then(|u| u.tls.as_ref())
+            .is_some_and(|t| t.unverified);
+        if unverified {
+            tracing::warn!(
+                pool = %pool.name,
+                "insecure_skip_verify: this pool's backend certificates are not verified; anyone on the path can pose as them"
+            );
+        }
+    }
+}
+
+fn announce_certificates(metrics: &crate::metrics::Metrics, certificates: &Certificates) {
+    let store = certificates.current();
+    metrics.set_certificates(&store.info);
+    for cert in &store.info {
+        tracing::info!(cert_file = %cert.cert_file.display(), names = %cert.names.join(","), "certificate loaded");
+        if cert.not_after.is_some_and(|t| t < crate::tls::now_unix()) {
+            tracing::warn!(cert_file = %cert.cert_file.display(), "certificate has expired");
+        }
+    }
+}
+
+/// A listening socket being served: the address configured for it, and how to stop its
+/// loop (which closes the socket; connections already accepted carry on).
+struct Bound {
+    configured: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Bound {
+    /// A placeholder for a listener already closed.
+    fn closed() -> Bound {
+        Bound {
+            configured: SocketAddr::from(([0, 0, 0, 0], 0)),
+            stop: watch::channel(true).0,
+            task: tokio::spawn(async {}),
+        }
+    }
+
+    fn accepting(
+        configured: SocketAddr,
+        listener: TcpListener,
+        kind: ListenerKind,
+        accepting: &Accepting,
+    ) -> Bound {
+        let (stop, stopped) = watch::channel(false);
+        let (label, metrics) = match kind {
+            ListenerKind::Plain => ("http", &accepting.metrics),
+            ListenerKind::Tls => ("https", &accepting.metrics),
+        };
+        let config = Listener {
+            kind,
+            open: metrics.connections(label),
+            refused: metrics.connections_refused(label),
+        };
+        let task = tokio::spawn(accept_loop(listener, config, accepting.clone(), stopped));
+        Bound {
+            configured,
+            stop,
+            task,
+        }
+    }
+
+    fn admin(configured: SocketAddr, listener: TcpListener, shared: &Arc<Shared>) -> Bound {
+        let (stop, mut stopped) = watch::channel(false);
+        let app = admin::app(Arc::clone(shared));
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("admin listener failed: {e}");
+            }
+        });
+        Bound {
+            configured,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops accepting; the loop's end is awaited by the returned handle.
+    fn close(self) -> JoinHandle<()> {
+        let _ = self.stop.send(true);
+        self.task
+    }
 }
 
 /// Binds the listener of config key `what`, naming it if that fails.
@@ -220,124 +321,43 @@ fn describe_services(config: &Config) -> String {
         .join(" ")
 }
 
-async fn lifecycle(
-    config: Config,
-    proxy_listener: TcpListener,
-    tls_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    admin_listener: TcpListener,
-    proxy: Arc<Proxy>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let (stop_accepting_tx, stop_accepting) = watch::channel(false);
-    let (stop_admin_tx, mut stop_admin) = watch::channel(false);
-
-    let admin_app = admin::app(Arc::clone(&shared));
-    let admin_task = tokio::spawn(async move {
-        let served = axum::serve(admin_listener, admin_app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_admin.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("admin listener failed: {e}");
-        }
-    });
-
-    let tracker = Arc::new(ConnTracker::new());
-    let builders = Arc::new(Builders::new(&config.proxy));
-    // One limit for both listeners: `max_connections` is what the process can hold.
-    let connection_limit = Arc::new(Semaphore::new(config.proxy.max_connections));
-    let metrics = Arc::clone(shared.control.metrics());
-    let mut accept_tasks = Vec::new();
-    let mut file_watcher = None;
-    let plain = Listener {
-        kind: ListenerKind::Plain {
-            h2c: config.proxy.h2c,
-            redirect_to_port: config
-                .proxy
-                .tls
-                .as_ref()
-                .filter(|t| t.redirect_http)
-                .map(|t| {
-                    t.redirect_port.unwrap_or_else(|| {
-                        tls_listener
-                            .as_ref()
-                            .and_then(|(l, _)| l.local_addr().ok())
-                            .map_or(t.listen.port(), |a| a.port())
-                    })
-                }),
-        },
-        open: metrics.connections("http"),
-        refused: metrics.connections_refused("http"),
-    };
-    let accepting = Accepting {
-        proxy: Arc::clone(&proxy),
-        limit: connection_limit,
-        builders,
-        tracker: Arc::clone(&tracker),
-        stop: stop_accepting,
-        metrics: Arc::clone(&metrics),
-    };
-    accept_tasks.push(tokio::spawn(accept_loop(
-        proxy_listener,
-        plain,
-        accepting.clone(),
-    )));
-    if let (Some((listener, server_config)), Some(tls)) = (tls_listener, &config.proxy.tls) {
-        let kind = ListenerKind::Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(server_config),
-            handshake_timeout: tls.handshake_timeout,
-            handshakes: Arc::new(Semaphore::new(tls.max_handshakes)),
-        };
-        accept_tasks.push(tokio::spawn(accept_loop(
-            listener,
-            Listener {
-                kind,
-                open: metrics.connections("https"),
-                refused: metrics.connections_refused("https"),
-            },
-            accepting,
-        )));
-        if let Some(certificates) = &shared.certificates {
-            if !tls.reload_interval.is_zero() {
-                let metrics = Arc::clone(&metrics);
-                file_watcher = Some(tokio::spawn(crate::tls::watch_files(
-                    Arc::clone(certificates),
-                    tls.reload_interval,
-                    move |result| {
-                        tracing::info!("certificate files changed on disk");
-                        crate::admin::record_reload(&metrics, result);
-                    },
-                )));
-            }
-        }
-    }
-
+async fn lifecycle(runtime: Arc<reload::Runtime>, mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+    let shared = Arc::clone(&runtime.shared);
     shared.ready.store(false, Ordering::SeqCst);
-    let delay = config.proxy.shutdown_delay;
+    // Taken for good: a reload in progress finishes first, and none starts after.
+    let mut live = runtime.live.lock().await;
+    live.shutting_down = true;
+    let (delay, timeout) = (
+        live.config.proxy.shutdown_delay,
+        live.config.proxy.shutdown_timeout,
+    );
     tracing::info!(
         shutdown_delay = ?delay,
-        shutdown_timeout = ?config.proxy.shutdown_timeout,
+        shutdown_timeout = ?timeout,
         "shutting down: /readyz now answers 503"
     );
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let _ = stop_accepting_tx.send(true);
-    for task in accept_tasks {
+    let plain = std::mem::replace(&mut live.plain, Bound::closed());
+    let mut closing = vec![plain.close()];
+    if let Some(tls) = live.tls.take() {
+        closing.push(tls.close());
+    }
+    for task in closing {
         if let Err(e) = task.await {
             tracing::error!("accept loop failed: {e}");
         }
     }
-    if let Some(watcher) = file_watcher {
+    if let Some(watcher) = live.file_watcher.take() {
         watcher.abort();
     }
     tracing::info!("stopped accepting; waiting for in-flight requests");
-    let deadline = tokio::time::Instant::now() + config.proxy.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     // HTTP connections first, then what outlives them: upgraded tunnels (WebSockets)
     // still count as in flight on their backends.
+    let tracker = Arc::clone(&runtime.accepting.tracker);
     let drained = tokio::time::timeout_at(deadline, async {
         tracker.shutdown().await;
         loop {
@@ -359,15 +379,14 @@ async fn lifecycle(
     match drained {
         Ok(()) => tracing::info!("all requests and tunnels finished"),
         Err(_) => tracing::warn!(
-            "shutdown_timeout of {:?} passed with requests still in flight; closing them",
-            config.proxy.shutdown_timeout
+            "shutdown_timeout of {timeout:?} passed with requests still in flight; closing them"
         ),
     }
     shared.control.stop_health_checks();
-    let _ = stop_admin_tx.send(true);
     // An admin long poll (wait-drained) must not hold the exit: a moment to answer,
     // then the admin listener is dropped.
-    let mut admin_task = admin_task;
+    let admin = std::mem::replace(&mut live.admin, Bound::closed());
+    let mut admin_task = admin.close();
     if tokio::time::timeout(Duration::from_secs(1), &mut admin_task)
         .await
         .is_err()

@@ -16,7 +16,31 @@ pub struct Switchyard {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
-    log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
+}
+
+/// The process's log lines so far (its stderr), filled as they come.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The first line containing `text`, waiting up to `limit` for it.
+    pub fn wait_for(&self, text: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(text)) {
+                return Some(line);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// The start line's marker: `switchyard listening proxy_addr=… admin_addr=… tls_addr=…`.
@@ -32,10 +56,10 @@ impl Switchyard {
             .spawn()
             .map_err(|e| format!("cannot start switchyard: {e}"))?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Log::default();
         let (tx, rx) = std::sync::mpsc::channel();
         {
-            let log = Arc::clone(&log);
+            let log = log.clone();
             // Reads to the end, so the process never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -45,7 +69,7 @@ impl Switchyard {
                     if line.contains(LISTENING) {
                         let _ = tx.send(line.clone());
                     }
-                    if let Ok(mut log) = log.lock() {
+                    if let Ok(mut log) = log.0.lock() {
                         log.push(line);
                     }
                 }
@@ -72,25 +96,6 @@ impl Switchyard {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// Every log line so far.
-    pub fn log(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The first log line containing `text`, waiting up to `limit` for it.
-    pub fn wait_for_log(&self, text: &str, limit: Duration) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(line) = self.log().into_iter().find(|l| l.contains(text)) {
-                return Some(line);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 }
 

@@ -103,6 +103,8 @@ pub struct ProxyProcess {
     pub admin_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
+    /// Its log lines (stderr), as they come.
+    pub log: switchyard_standins::process::Log,
 }
 
 impl ProxyProcess {
@@ -121,7 +123,7 @@ impl ProxyProcess {
             proxy_addr,
             admin_addr,
             tls_addr,
-            ..
+            log,
         } = Switchyard::start(command, true).unwrap();
         ProxyProcess {
             proxy_addr,
@@ -129,6 +131,7 @@ impl ProxyProcess {
             tls_addr,
             child,
             dir,
+            log,
         }
     }
 

@@ -1,0 +1,140 @@
+//! A config reload, as the control plane sees it: under the state lock the traffic state
+//! is reconciled with the new config (runtime changes win where they still fit), saved
+//! with a new generation, and only then are the config, the pools' settings and the
+//! routing table replaced. Backends that stay are the same objects (health, counters,
+//! in-flight, pooled connections, ejection); those that go are dropped from the table,
+//! and requests in flight on them finish on the connection they hold.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Control, ControlError};
+use crate::client::Upstreams;
+use crate::config::{Config, ConfigChange};
+use crate::routing::PoolSettings;
+use crate::state::TrafficState;
+
+/// What a reload did: the generation it committed and what changed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub changes: Vec<ConfigChange>,
+}
+
+impl Control {
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Replaces the config. `changes` are what the caller already knows changed (the
+    /// listeners, keys that need a restart); this adds the topology and what the
+    /// traffic state had to drop. Nothing changes when the state cannot be saved.
+    pub async fn reload(
+        &self,
+        config: Config,
+        upstreams: Upstreams,
+        mut changes: Vec<ConfigChange>,
+    ) -> Result<Reloaded, ControlError> {
+        let mut state = self.state.lock().await;
+        let old = self.config.load_full();
+        let (mut next, warnings) = state.clone().reconcile(&config);
+        changes.extend(backend_changes(&old, &config, &state, &next));
+        changes.extend(
+            warnings
+                .into_iter()
+                .map(|w| ConfigChange::new("state", "dropped", w)),
+        );
+        // A reload that changes nothing keeps the generation, so a script's If-Match
+        // stays valid (the files the config names are still read again).
+        let unchanged = changes.is_empty() && next == *state;
+        next.generation = state.generation + u64::from(!unchanged);
+        for (name, traffic) in next.services.iter_mut() {
+            // In a service's history only when the reload changed its traffic.
+            if !unchanged && state.services.get(name) != Some(traffic) {
+                traffic.record(next.generation, "reload");
+            }
+        }
+        if !unchanged {
+            self.save(next.clone()).await?;
+        }
+
+        self.settings
+            .store(Arc::new(PoolSettings::for_config(&config, &upstreams)));
+        self.request_metrics
+            .store(config.metrics.enabled, Ordering::Relaxed);
+        self.config.store(Arc::new(config));
+        let table = self.build_table(&next).await;
+        self.table.store(table);
+        self.sync_health_checks();
+        self.generation.store(next.generation, Ordering::Relaxed);
+        tracing::info!(
+            generation = next.generation,
+            changes = changes.len(),
+            "config reloaded"
+        );
+        for change in &changes {
+            tracing::info!(key = %change.key, change = change.change, "{}", change.detail);
+        }
+        *state = next;
+        Ok(Reloaded {
+            generation: state.generation,
+            changes,
+        })
+    }
+}
+
+/// Backends added to and removed from each pool that exists before and after, by the
+/// membership in force (the runtime one where the admin API set it, which the file's
+/// list does not override).
+fn backend_changes(
+    old: &Config,
+    new: &Config,
+    before: &TrafficState,
+    after: &TrafficState,
+) -> Vec<ConfigChange> {
+    let mut out = Vec::new();
+    for pool in &new.pools {
+        let Some(old_pool) = old.pools.iter().find(|p| p.name == pool.name) else {
+            continue;
+        };
+        let key = format!("pools.{}.backends", pool.name);
+        if after.members.contains_key(&pool.name) && old_pool.backends != pool.backends {
+            out.push(ConfigChange::new(
+                key.clone(),
+                "kept",
+                "the membership set through the admin API stays in force; the file's list is not applied",
+            ));
+        }
+        let was = before.members_of(old_pool);
+        let is = after.members_of(pool);
+        for backend in &is {
+            match was.iter().find(|b| b.addr == backend.addr) {
+                None => out.push(ConfigChange::new(
+                    key.clone(),
+                    "added",
+                    backend.addr.to_string(),
+                )),
+                Some(old) if old.weight != backend.weight => out.push(ConfigChange::new(
+                    key.clone(),
+                    "changed",
+                    format!(
+                        "{}: weight {} -> {}",
+                        backend.addr, old.weight, backend.weight
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        for backend in &was {
+            if !is.iter().any(|b| b.addr == backend.addr) {
+                out.push(ConfigChange::new(
+                    key.clone(),
+                    "removed",
+                    format!("{} (requests in flight finish)", backend.addr),
+                ));
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,375 @@
+//! Config reload of the real binary under load: SIGHUP, `ctl reload` and
+//! `POST /api/v1/config/reload` re-read the whole file, all or nothing, and no client
+//! request fails while they do.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use serde_json::json;
+
+/// The config file the process was started with.
+fn config_path(proxy: &ProxyProcess) -> std::path::PathBuf {
+    proxy.dir.path().join("switchyard.toml")
+}
+
+fn ctl(proxy: &ProxyProcess, args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(["ctl", "--admin", &format!("http://{}", proxy.admin_addr)])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+async fn info(proxy: &ProxyProcess) -> serde_json::Value {
+    let (status, info) = admin(proxy.admin_addr, "GET", "/api/v1/info", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    info
+}
+
+fn backend<'a>(state: &'a serde_json::Value, pool: &str, addr: &str) -> &'a serde_json::Value {
+    state["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == pool)
+        .unwrap_or_else(|| panic!("no pool {pool} in {state}"))["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr)
+        .unwrap_or_else(|| panic!("no backend {addr} in pool {pool}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_pool_and_a_service_under_load_and_fails_nothing() {
+    let blue = Upstream::start("blue-1").await;
+    let green = Upstream::start("green-1").await;
+    let text = config_text("", &[("blue", &[blue.addr])], "");
+    let proxy = ProxyProcess::start(&text);
+    wait_ready(proxy.admin_addr).await;
+    let before = info(&proxy).await;
+    assert_eq!(before["pid"], proxy.pid());
+    assert_eq!(before["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(before["listen"]["proxy"], proxy.proxy_addr.to_string());
+    assert!(before["cluster"].is_null());
+    assert_eq!(
+        before["config_path"],
+        config_path(&proxy).display().to_string()
+    );
+    let status = ctl(&proxy, &["status"]);
+    let first_line = String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        first_line.starts_with(&format!(
+            "switchyard {} pid {}",
+            env!("CARGO_PKG_VERSION"),
+            proxy.pid()
+        )),
+        "{first_line}"
+    );
+    let health_before = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
+        .await
+        .1;
+    assert_eq!(
+        backend(&health_before, "blue", &blue.addr.to_string())["health"],
+        "healthy"
+    );
+
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    load.wait_for(200).await;
+    let added = format!(
+        "{text}\n[pools.green]\nbackends = [\"{}\"]\n\n[services.api]\npath_prefix = \"/api\"\nactive = \"green\"\n",
+        green.addr
+    );
+    std::fs::write(config_path(&proxy), &added).unwrap();
+    let out = ctl(&proxy, &["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("added pools.green"), "{stdout}");
+    assert!(stdout.contains("added services.api"), "{stdout}");
+    load.wait_for(200).await;
+
+    // The new service answers at once; the old one is untouched.
+    let answer = send(&client(), get(proxy.proxy_addr, "/api/x")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("x-upstream"), Some("green-1"));
+    let state = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
+        .await
+        .1;
+    let kept = backend(&state, "blue", &blue.addr.to_string());
+    assert_eq!(kept["health"], "healthy", "the backend kept its health");
+    assert!(info(&proxy).await["generation"].as_u64() > before["generation"].as_u64());
+
+    // SIGHUP does the same: here it takes the service away again.
+    std::fs::write(config_path(&proxy), &text).unwrap();
+    let generation = info(&proxy).await["generation"].as_u64().unwrap();
+    proxy.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while info(&proxy).await["generation"].as_u64().unwrap() == generation {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone = send(&client(), get(proxy.proxy_addr, "/api/x")).await;
+    assert_eq!(gone.header("x-upstream"), Some("blue-1"));
+    load.wait_for(200).await;
+    let records = load.finish().await;
+    assert_no_failures(&records);
+    assert!(records.iter().all(|r| r.upstream == "blue-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_finishes_its_slow_requests_and_gets_no_new_ones() {
+    let first = Upstream::start("blue-1").await;
+    let second = Upstream::start("blue-2").await;
+    let text = config_text("", &[("blue", &[first.addr, second.addr])], "");
+    let proxy = ProxyProcess::start(&text);
+    wait_ready(proxy.admin_addr).await;
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    load.wait_for(100).await;
+    let addr = proxy.proxy_addr;
+    let slow: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { send(&client(), get(addr, "/slow/1500")).await }))
+        .collect();
+    let admin_addr = proxy.admin_addr;
+    let second_addr = second.addr.to_string();
+    let mut in_flight = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while in_flight == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no slow request reached blue-2"
+        );
+        let state = admin(admin_addr, "GET", "/api/v1/state", None, &[]).await.1;
+        in_flight = backend(&state, "blue", &second_addr)["in_flight"]
+            .as_u64()
+            .unwrap();
+    }
+
+    std::fs::write(
+        config_path(&proxy),
+        text.replace(&format!(", \"{}\"", second.addr), ""),
+    )
+    .unwrap();
+    let (status, reloaded) =
+        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    assert!(
+        reloaded["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["key"] == "pools.blue.backends"
+                && c["change"] == "removed"
+                && c["detail"].as_str().unwrap().starts_with(&second_addr)),
+        "{reloaded}"
+    );
+    let hits_at_reload = second.hits();
+    for request in slow {
+        let answer = request.await.unwrap();
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "a slow request in flight failed"
+        );
+    }
+    load.wait_for(300).await;
+    let records = load.finish().await;
+    assert_no_failures(&records);
+    assert_eq!(
+        second.hits(),
+        hits_at_reload,
+        "a removed backend got new requests"
+    );
+    let state = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
+        .await
+        .1;
+    let pool = state["pools"].as_array().unwrap()[0]["backends"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(pool, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_changes_nothing_and_says_what_check_says() {
+    let blue = Upstream::start("blue-1").await;
+    let green = Upstream::start("green-1").await;
+    let text = config_text("", &[("blue", &[blue.addr]), ("green", &[green.addr])], "");
+    let proxy = ProxyProcess::start(&text);
+    wait_ready(proxy.admin_addr).await;
+    let (status, _) = admin(
+        proxy.admin_addr,
+        "PUT",
+        "/api/v1/services/app/canary",
+        Some(json!({"pool": "green", "weight": 0, "header": {"name": "x-canary", "value": "1"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let generation = info(&proxy).await["generation"].as_u64().unwrap();
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    load.wait_for(100).await;
+
+    let path = config_path(&proxy);
+    let missing_cert = text.replace(
+        "[admin]",
+        "[proxy.tls]\nlisten = \"127.0.0.1:0\"\ncertificates = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }]\n\n[admin]",
+    );
+    for bad in [text.replace("[proxy]", "[proxy]\nlisen = 1"), missing_cert] {
+        std::fs::write(&path, &bad).unwrap();
+        let check = Command::new(binary())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!check.status.success());
+        let check_text = String::from_utf8_lossy(&check.stderr)
+            .trim()
+            .trim_start_matches("error: ")
+            .to_string();
+        let (status, answer) =
+            admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["code"], "invalid_config");
+        assert!(
+            answer["error"].as_str().unwrap().starts_with(&check_text),
+            "{answer} vs check: {check_text}"
+        );
+        let out = ctl(&proxy, &["reload"]);
+        assert!(!out.status.success(), "ctl reload exited 0 on a bad file");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&check_text),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(info(&proxy).await["generation"], generation);
+    let canary = http::Request::get(format!("http://{}/", proxy.proxy_addr))
+        .header("x-canary", "1")
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        send(&client(), canary).await.header("x-upstream"),
+        Some("green-1"),
+        "the canary survived"
+    );
+
+    // A good file again: the runtime canary wins over the file and is kept; dropping
+    // its pool drops it, and the answer says so.
+    std::fs::write(&path, &text).unwrap();
+    let (status, answer) =
+        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["changes"], json!([]));
+    assert_eq!(
+        answer["generation"], generation,
+        "nothing changed, same generation"
+    );
+    let state = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
+        .await
+        .1;
+    assert_eq!(state["services"][0]["canary"]["pool"], "green");
+    let without_green = text.replace(
+        &format!("[pools.green]\nbackends = [\"{}\"]\n", green.addr),
+        "",
+    );
+    std::fs::write(&path, &without_green).unwrap();
+    let (status, answer) =
+        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let changes = answer["changes"].as_array().unwrap();
+    assert!(changes
+        .iter()
+        .any(|c| c["key"] == "pools.green" && c["change"] == "removed"));
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["change"] == "dropped" && c["detail"].as_str().unwrap().contains("canary")),
+        "{answer}"
+    );
+    let records = load.finish().await;
+    assert_no_failures(&records);
+    assert!(
+        proxy
+            .log
+            .wait_for(
+                "config reload refused, nothing changed",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "the log does not say the reload was refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listen_address_is_bound_before_the_old_one_closes() {
+    let blue = Upstream::start("blue-1").await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old_port = free.local_addr().unwrap().port();
+    drop(free);
+    let text = config_text("", &[("blue", &[blue.addr])], "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{old_port}\""),
+        1,
+    );
+    let proxy = ProxyProcess::start(&text);
+    wait_ready(proxy.admin_addr).await;
+    let kept_alive = client();
+    assert_eq!(
+        send(&kept_alive, get(proxy.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+    let load = LoadRun::start(proxy.proxy_addr, "/", 2);
+    load.wait_for(100).await;
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let new_port = free.local_addr().unwrap().port();
+    drop(free);
+    std::fs::write(
+        config_path(&proxy),
+        text.replace(
+            &format!("127.0.0.1:{old_port}"),
+            &format!("127.0.0.1:{new_port}"),
+        ),
+    )
+    .unwrap();
+    let (status, answer) =
+        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["key"] == "proxy.listen"));
+    let moved: std::net::SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
+    assert_eq!(info(&proxy).await["listen"]["proxy"], moved.to_string());
+    assert_eq!(
+        send(&client(), get(moved, "/")).await.status,
+        StatusCode::OK
+    );
+    // Connections made before the move carry on; new ones find the old port closed.
+    load.wait_for(100).await;
+    assert_eq!(
+        send(&kept_alive, get(proxy.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+    eventually(Duration::from_secs(10), "the old port to close", || {
+        std::net::TcpStream::connect(proxy.proxy_addr).is_err()
+    })
+    .await;
+    assert_no_failures(&load.finish().await);
+}
