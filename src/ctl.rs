@@ -87,6 +87,10 @@ pub enum Action {
     /// Re-read the config file, TLS files included: prints what changed, or the error
     /// (file, key and line) and exits non-zero with nothing changed.
     Reload,
+    /// Replace the running binary without dropping a connection: the process starts the
+    /// executable at its own path (install the new one there first) and hands it the
+    /// listeners; prints both pids, or why not (the old process keeps serving).
+    Upgrade,
     /// The HTTPS listener's certificates: `tls` shows them, `tls reload` reads the
     /// files again (a bad file is refused and the old certificates stay).
     Tls {
@@ -148,6 +152,17 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             }
             (state, status_table)
         }
+        Action::Upgrade => (
+            api.call(Method::POST, "/api/v1/upgrade", None).await?,
+            |v: &Value| {
+                format!(
+                    "upgraded: pid {} serves now ({}); pid {} drains and exits\n",
+                    s(&v["new_pid"]),
+                    s(&v["executable"]),
+                    s(&v["old_pid"])
+                )
+            },
+        ),
         Action::Reload => (
             api.call(Method::POST, "/api/v1/config/reload", None)
                 .await?,

@@ -71,8 +71,8 @@ fn main() -> ExitCode {
     init_logging();
     let result = match command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => run(&config, false),
-        Command::Demo { config } => run(&config, true),
+        Command::Run { config } => run_or_take_over(&config),
+        Command::Demo { config } => run(&config, true, None),
         Command::StandIn {
             listen,
             name,
@@ -206,7 +206,29 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
+/// `run`, or, started by a binary upgrade, the new process's side of it: the listeners
+/// come from the old process, and a failure is reported back to it (it keeps serving).
+fn run_or_take_over(path: &std::path::Path) -> anyhow::Result<()> {
+    let Some(socket) = std::env::var_os(switchyard::server::SOCKET_ENV) else {
+        return run(path, false, None);
+    };
+    // Not passed on: this process's own upgrades make their own socket.
+    std::env::remove_var(switchyard::server::SOCKET_ENV);
+    let inherited = switchyard::server::Inherited::receive(std::path::Path::new(&socket))
+        .context("upgrade: cannot receive the listeners from the old process")?;
+    let reporter = inherited.reporter().ok();
+    let result = run(path, false, Some(inherited));
+    if let (Err(e), Some(reporter)) = (&result, reporter) {
+        reporter.fail(&format!("{e:#}"));
+    }
+    result
+}
+
+fn run(
+    path: &std::path::Path,
+    demo: bool,
+    inherited: Option<switchyard::server::Inherited>,
+) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // One worker runs everything on this thread: no work-stealing machinery and no
     // cross-thread wakeups, which is measurably faster for a single-core proxy.
@@ -232,7 +254,7 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
         } else {
             None
         };
-        let running = switchyard::server::start(config.clone()).await?;
+        let running = switchyard::server::start_with(config.clone(), inherited).await?;
         if stand_ins.is_some() {
             let services: Vec<switchyard_standins::demo::Service> = config
                 .services
@@ -249,8 +271,10 @@ fn run(path: &std::path::Path, demo: bool) -> anyhow::Result<()> {
                 running.admin_addr,
             );
         }
-        signals.wait(&running.shared).await;
-        running.shutdown().await;
+        tokio::select! {
+            _ = signals.wait(&running.shared) => running.shutdown().await,
+            _ = running.handed_over() => running.stopped().await,
+        }
         tracing::info!("stopped");
         anyhow::Ok(())
     })
@@ -271,6 +295,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -282,6 +307,8 @@ impl Signals {
             // Without a handler SIGHUP would kill the process, and `systemctl reload`
             // or a log-rotation script sends it.
             hup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+            // nginx's upgrade signal: without a handler it would kill the process.
+            usr2: signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?,
         })
     }
 
@@ -293,6 +320,13 @@ impl Signals {
                 _ = self.int.recv() => tracing::info!("SIGINT received"),
                 _ = self.hup.recv() => {
                     reload_on_hangup(shared);
+                    continue;
+                }
+                _ = self.usr2.recv() => {
+                    let shared = std::sync::Arc::clone(shared);
+                    tracing::info!("SIGUSR2: upgrading to the binary at this process's path");
+                    // Success and failure are both logged by the upgrade itself.
+                    tokio::spawn(async move { shared.upgrade().await });
                     continue;
                 }
             }
@@ -310,6 +344,7 @@ impl Signals {
                     }
                     _ = self.int.recv() => break,
                     _ = self.hup.recv() => {}
+                    _ = self.usr2.recv() => {}
                 }
             }
             tracing::warn!(

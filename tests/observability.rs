@@ -448,30 +448,14 @@ async fn access_log_lines_are_json_and_name_the_pool_and_backend() {
         admin_addr,
         ..
     } = Switchyard::start(command, true).unwrap();
-    let canary =
-        json!({"pool": "green", "weight": 0, "header": {"name": "x-canary", "value": "1"}});
-    assert_eq!(
-        admin(
-            admin_addr,
-            "PUT",
-            "/api/v1/services/app/canary",
-            Some(canary),
-            &[]
-        )
-        .await
-        .0,
-        StatusCode::OK
-    );
+    set_header_canary(admin_addr, "green").await;
     assert_eq!(
         send(&client(), get(proxy, "/download/1234?secret=1"))
             .await
             .status,
         StatusCode::OK
     );
-    let request = http::Request::get(format!("http://{proxy}/echo"))
-        .header("x-canary", "1")
-        .body(empty())
-        .unwrap();
+    let request = canary_request(proxy, "/echo");
     assert_eq!(send(&client(), request).await.status, StatusCode::OK);
 
     let stdout = child.stdout.take().unwrap();

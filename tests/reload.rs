@@ -211,15 +211,7 @@ async fn a_bad_file_changes_nothing_and_says_what_check_says() {
     let text = config_text("", &[("blue", &[blue.addr]), ("green", &[green.addr])], "");
     let proxy = ProxyProcess::start(&text);
     wait_ready(proxy.admin_addr).await;
-    let (status, _) = admin(
-        proxy.admin_addr,
-        "PUT",
-        "/api/v1/services/app/canary",
-        Some(json!({"pool": "green", "weight": 0, "header": {"name": "x-canary", "value": "1"}})),
-        &[],
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
+    set_header_canary(proxy.admin_addr, "green").await;
     let generation = info(&proxy).await["generation"].as_u64().unwrap();
     let load = LoadRun::start(proxy.proxy_addr, "/", 4);
     load.wait_for(100).await;
@@ -258,10 +250,7 @@ async fn a_bad_file_changes_nothing_and_says_what_check_says() {
         );
     }
     assert_eq!(info(&proxy).await["generation"], generation);
-    let canary = http::Request::get(format!("http://{}/", proxy.proxy_addr))
-        .header("x-canary", "1")
-        .body(empty())
-        .unwrap();
+    let canary = canary_request(proxy.proxy_addr, "/");
     assert_eq!(
         send(&client(), canary).await.header("x-upstream"),
         Some("green-1"),

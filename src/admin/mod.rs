@@ -21,7 +21,8 @@ use crate::state::{BackendMode, MemberSpec};
 mod shared;
 
 pub use shared::{
-    record_reload, ConfigReload, ConfigReloadError, ListenAddrs, ProcessInfo, ReloadError, Shared,
+    record_reload, ConfigReloadError, Lifecycle, ListenAddrs, ProcessInfo, ReloadError, Shared,
+    UpgradeRefusal, Upgraded,
 };
 
 /// Longest `wait-drained` long poll.
@@ -52,6 +53,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/tls", get(tls_view))
         .route("/api/v1/config/reload", post(config_reload))
         .route("/api/v1/info", get(info))
+        .route("/api/v1/upgrade", post(upgrade))
         .route("/api/v1/tls/reload", post(tls_reload))
         .route(
             "/api/v1/pools/{pool}/backends",
@@ -83,6 +85,10 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .merge(metrics)
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            close_when_stopping,
+        ))
         .layer(middleware::map_response(errors_as_json))
         .with_state(shared)
 }
@@ -287,6 +293,22 @@ async fn config_reload(State(shared): State<Arc<Shared>>) -> Result<Response, Ap
     }
 }
 
+/// Hands the listeners to a new process started from this one's executable path; 200
+/// once the new process serves, with both pids. This process then drains and exits.
+async fn upgrade(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    match shared.upgrade().await {
+        Ok(done) => Ok(Json(done).into_response()),
+        Err(refusal) => {
+            let status = match refusal.code {
+                "upgrade_in_progress" => StatusCode::CONFLICT,
+                "not_running" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(status, refusal.code, refusal.message))
+        }
+    }
+}
+
 /// This process: version, pid, start time, config file, generation and listeners.
 async fn info(State(shared): State<Arc<Shared>>) -> Response {
     let generation = shared.control.generation().await;
@@ -309,6 +331,23 @@ fn answer<T: Serialize>(generation: u64, value: &T) -> Response {
     let mut response = Json(value).into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{generation}\"")) {
         response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// Once the process is stopping or has handed over, every answer says
+/// `Connection: close`: the client reconnects (to the new process, after an upgrade)
+/// instead of reusing a connection this process will close.
+async fn close_when_stopping(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if !shared.ready.load(Ordering::SeqCst) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
@@ -819,7 +858,9 @@ mod tests {
                 tls: None,
                 admin: "127.0.0.1:2".parse().unwrap(),
             }),
-            reloader: std::sync::OnceLock::new(),
+            lifecycle: std::sync::OnceLock::new(),
+            handed_over: tokio::sync::Notify::new(),
+            stop_admin_accepting: tokio::sync::watch::channel(false).0,
         })
     }
 

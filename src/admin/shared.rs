@@ -29,8 +29,14 @@ pub struct Shared {
     pub info: ProcessInfo,
     /// The addresses listened on now (a reload may move them).
     pub listen: ArcSwap<ListenAddrs>,
-    /// Set once the lifecycle runs; a reload asked for before that is refused.
-    pub reloader: OnceLock<Arc<dyn ConfigReload>>,
+    /// Set once the lifecycle runs; a reload or upgrade asked for before that is
+    /// refused.
+    pub lifecycle: OnceLock<Arc<dyn Lifecycle>>,
+    /// Notified when a binary upgrade has handed over: the process drains and exits.
+    pub handed_over: tokio::sync::Notify,
+    /// Set at a handover: the admin listener stops accepting (the new process has the
+    /// same socket) but keeps the connections it has.
+    pub stop_admin_accepting: tokio::sync::watch::Sender<bool>,
 }
 
 /// What does not change while the process runs.
@@ -41,6 +47,11 @@ pub struct ProcessInfo {
     /// RFC 3339, UTC.
     pub started_at: String,
     pub config_path: String,
+    /// The path this process was started from: an upgrade starts what is there now.
+    #[serde(skip)]
+    pub executable: std::path::PathBuf,
+    #[serde(skip)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl ProcessInfo {
@@ -50,6 +61,8 @@ impl ProcessInfo {
             pid: std::process::id(),
             started_at: crate::state::now_rfc3339(),
             config_path: config_path.display().to_string(),
+            executable: std::env::current_exe().unwrap_or_default(),
+            args: std::env::args_os().skip(1).collect(),
         }
     }
 }
@@ -61,11 +74,30 @@ pub struct ListenAddrs {
     pub admin: SocketAddr,
 }
 
-/// A whole-config reload, done by whoever owns the listeners.
-pub trait ConfigReload: Send + Sync {
-    fn reload(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Reloaded, ConfigReloadError>> + Send + '_>>;
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the admin API asks of whoever owns the listeners.
+pub trait Lifecycle: Send + Sync {
+    /// Re-reads the whole config file.
+    fn reload(&self) -> Boxed<'_, Result<Reloaded, ConfigReloadError>>;
+    /// Hands the listeners to a new process started from this one's executable path.
+    fn upgrade(&self) -> Boxed<'_, Result<Upgraded, UpgradeRefusal>>;
+}
+
+/// A binary upgrade that has handed over: this process now drains and exits.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Upgraded {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub executable: String,
+}
+
+/// Why an upgrade did not happen; this process keeps serving.
+#[derive(Debug, Clone)]
+pub struct UpgradeRefusal {
+    /// `upgrade_in_progress` (409), `upgrade_failed` (500), `not_running` (503).
+    pub code: &'static str,
+    pub message: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,13 +150,31 @@ impl Shared {
         record_reload(self.control.metrics(), result);
     }
 
-    /// Re-reads the whole config file (see `ConfigReload`); on any error nothing
+    /// Re-reads the whole config file (see `Lifecycle::reload`); on any error nothing
     /// changes, and the log says why.
     pub async fn reload_config(&self) -> Result<Reloaded, ConfigReloadError> {
-        let reloader = self.reloader.get().ok_or(ConfigReloadError::NotRunning)?;
-        let result = reloader.reload().await;
+        let lifecycle = self.lifecycle.get().ok_or(ConfigReloadError::NotRunning)?;
+        let result = lifecycle.reload().await;
         if let Err(e) = &result {
             tracing::error!("config reload refused, nothing changed: {e}");
+        }
+        result
+    }
+
+    /// Starts a binary upgrade (see `Lifecycle::upgrade`); on failure the log says why.
+    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeRefusal> {
+        let lifecycle = self.lifecycle.get().ok_or(UpgradeRefusal {
+            code: "not_running",
+            message: "the server is still starting: no upgrade yet".into(),
+        })?;
+        let result = lifecycle.upgrade().await;
+        match &result {
+            Ok(done) => tracing::info!(
+                new_pid = done.new_pid,
+                executable = %done.executable,
+                "upgrade: the new process serves now; this one drains and exits"
+            ),
+            Err(e) => tracing::error!("upgrade refused, this process keeps serving: {}", e.message),
         }
         result
     }

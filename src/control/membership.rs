@@ -115,7 +115,7 @@ impl Control {
         }
 
         // Phase 2: remove them (unless someone re-enabled one meanwhile).
-        let mut state = self.state.lock().await;
+        let mut state = self.writable().await?;
         let mut next = state.clone();
         let current = next.members_of(&configured);
         let keep: Vec<MemberSpec> = current

@@ -57,6 +57,8 @@ pub enum ControlError {
         limit: usize,
         given: usize,
     },
+    #[error("a binary upgrade is handing over to a new process; retry the change in a moment")]
+    Upgrading,
     #[error("{0}")]
     Persist(#[from] state::StateError),
     #[error("{done} (generation {generation}), but the rest of the change failed: {source}; call again to finish it")]
@@ -80,6 +82,7 @@ impl ControlError {
             ControlError::DrainTimeout { .. } => 408,
             ControlError::TooManyBackends { .. } => 413,
             ControlError::Persist(_) | ControlError::PartlyApplied { .. } => 500,
+            ControlError::Upgrading => 503,
         }
     }
 
@@ -95,6 +98,7 @@ impl ControlError {
             ControlError::DrainTimeout { .. } => "timeout",
             ControlError::TooManyBackends { .. } => "too_many_backends",
             ControlError::Persist(_) | ControlError::PartlyApplied { .. } => "persist_failed",
+            ControlError::Upgrading => "upgrading",
         }
     }
 }
@@ -134,6 +138,9 @@ pub struct Control {
     /// The committed generation, readable without the writer lock (for scrapes).
     generation: Arc<AtomicU64>,
     corrupt_at_start: Option<state::CorruptFile>,
+    /// Set while a binary upgrade hands over: the new process has read the state file,
+    /// so a change made here now would be lost. Changes answer 503 `upgrading`.
+    frozen: AtomicBool,
 }
 
 impl Control {
@@ -196,6 +203,7 @@ impl Control {
             request_metrics: AtomicBool::new(request_metrics),
             generation,
             corrupt_at_start: corrupt,
+            frozen: AtomicBool::new(false),
         })
     }
 
@@ -417,12 +425,28 @@ impl Control {
             .ok_or_else(|| unknown_service(service))
     }
 
+    /// Refuses (or allows again) every change, for a binary upgrade's handover.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+
+    /// The writer lock, unless a handover has frozen the state.
+    pub(super) async fn writable(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, TrafficState>, ControlError> {
+        let state = self.state.lock().await;
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(ControlError::Upgrading);
+        }
+        Ok(state)
+    }
+
     /// Takes the writer lock and checks `If-Match`.
     async fn lock_current(
         &self,
         if_match: Option<u64>,
     ) -> Result<tokio::sync::MutexGuard<'_, TrafficState>, ControlError> {
-        let state = self.state.lock().await;
+        let state = self.writable().await?;
         if let Some(given) = if_match {
             if given != state.generation {
                 return Err(ControlError::StaleGeneration {

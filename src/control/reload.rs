@@ -36,7 +36,7 @@ impl Control {
         upstreams: Upstreams,
         mut changes: Vec<ConfigChange>,
     ) -> Result<Reloaded, ControlError> {
-        let mut state = self.state.lock().await;
+        let mut state = self.writable().await?;
         let old = self.config.load_full();
         let (mut next, warnings) = state.clone().reconcile(&config);
         changes.extend(backend_changes(&old, &config, &state, &next));

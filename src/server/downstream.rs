@@ -112,7 +112,16 @@ struct StreamCounts {
     idle_since: AtomicU64,
     /// A request (HTTP/1) or stream (HTTP/2) has reached the proxy on this connection.
     started: AtomicBool,
+    /// The server is stopping (or handing over): HTTP/1 answers carry
+    /// `Connection: close`, so the client closes, never the proxy under its request.
+    closing: AtomicBool,
 }
+
+/// How long a stopping server leaves an idle HTTP/1 connection open for the client to
+/// send its next request (answered with `Connection: close`). Closing a keep-alive
+/// connection races with a request the client may be sending on it; after this long
+/// idle, that is as unlikely as for any other server closing an idle connection.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Milliseconds on a process-wide monotonic clock, cheap enough to read per stream.
 fn clock_ms() -> u64 {
@@ -243,10 +252,20 @@ impl Connection {
                 if req.version() == Version::HTTP_2 {
                     counts.opened.fetch_add(1, Ordering::Relaxed);
                     active = Some(ActiveStream::start(Arc::clone(&counts)));
-                    guard.0 = Some(counts);
+                    guard.0 = Some(Arc::clone(&counts));
                 }
-                let response = this.proxy.handle(req, this.peer, this.tls).await;
+                let http1 = req.version() < Version::HTTP_2;
+                let mut response = this.proxy.handle(req, this.peer, this.tls).await;
                 guard.0 = None;
+                if http1
+                    && counts.closing.load(Ordering::Relaxed)
+                    && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok(wrap(response, active))
             }
         });
@@ -338,6 +357,15 @@ where
             Ok(())
         }
         () = async { drop(stop.wait_for(|s| *s).await) } => {
+            let carried_http2 = http2 || counts.opened.load(Ordering::Relaxed) > 0;
+            if !carried_http2 {
+                // HTTP/1: let a busy client get its `Connection: close` answer and close
+                // by itself. (HTTP/2's GOAWAY below is race-free by design.)
+                counts.closing.store(true, Ordering::Relaxed);
+                if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                    return ended;
+                }
+            }
             graceful_shutdown(conn.as_mut());
             conn.await
         }

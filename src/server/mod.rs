@@ -24,6 +24,9 @@ use crate::tls::Certificates;
 mod downstream;
 mod listener;
 mod reload;
+mod upgrade;
+
+pub use upgrade::{notify_systemd, FailureReporter, Inherited, SOCKET_ENV};
 
 use listener::{accept_loop, Accepting, Listener, ListenerKind};
 
@@ -64,6 +67,12 @@ impl Running {
         let _ = self.stop.send(true);
     }
 
+    /// Returns once a binary upgrade has handed over to a new process: this one is
+    /// draining, and `stopped` returns when it is done.
+    pub async fn handed_over(&self) {
+        self.shared.handed_over.notified().await;
+    }
+
     /// Waits until the server has stopped (after `begin_shutdown` or `shutdown`).
     pub async fn stopped(self) {
         let _ = self.task.await;
@@ -73,12 +82,22 @@ impl Running {
 /// Loads what `config` names, binds the listeners and starts serving on the current
 /// tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
+    start_with(config, None).await
+}
+
+/// As `start`; with `inherited`, this process is the new side of a binary upgrade: it
+/// serves on the listeners handed over (where their address is unchanged), runs one
+/// round of health checks before it accepts, and then tells the old process.
+pub async fn start_with(
+    config: Config,
+    mut inherited: Option<Inherited>,
+) -> Result<Running, ServerError> {
     let setup = Setup::new(config)?;
     let config = &setup.config;
-    let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
-    let admin_listener = bind("admin.listen", config.admin.listen).await?;
+    let proxy_listener = bind_or_take("proxy.listen", config.proxy.listen, &mut inherited).await?;
+    let admin_listener = bind_or_take("admin.listen", config.admin.listen, &mut inherited).await?;
     let tls_listener = match &config.proxy.tls {
-        Some(tls) => Some(bind("proxy.tls.listen", tls.listen).await?),
+        Some(tls) => Some(bind_or_take("proxy.tls.listen", tls.listen, &mut inherited).await?),
         None => None,
     };
     let listen = ListenAddrs {
@@ -100,6 +119,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let control = Arc::new(Control::start(config.clone(), upstreams)?);
     control.persist_now().await?;
     control.sync_health_checks();
+    if inherited.is_some() {
+        // The old process serves meanwhile; take over with every backend checked once,
+        // as a fresh start would be before /readyz says ready.
+        let deadline = tokio::time::Instant::now() + upgrade::READY_TIMEOUT / 2;
+        while !control.first_round_done() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let shared = Arc::new(Shared {
         control: Arc::clone(&control),
         ready: AtomicBool::new(true),
@@ -110,7 +137,9 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         ),
         info: ProcessInfo::now(config.origin.path()),
         listen: ArcSwap::from_pointee(listen),
-        reloader: std::sync::OnceLock::new(),
+        lifecycle: std::sync::OnceLock::new(),
+        handed_over: tokio::sync::Notify::new(),
+        stop_admin_accepting: watch::channel(false).0,
     });
     if let Some(certificates) = shared.certificates.load_full() {
         announce_certificates(control.metrics(), &certificates);
@@ -154,9 +183,12 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         });
     let admin = Bound::admin(config.admin.listen, admin_listener, &shared);
     let file_watcher = reload::watch_certificates(&config, &shared);
+    let (handover, handed_over) = watch::channel(false);
     let runtime = Arc::new(reload::Runtime {
         shared: Arc::clone(&shared),
         accepting,
+        upgrading: AtomicBool::new(false),
+        handover,
         live: tokio::sync::Mutex::new(reload::Live {
             max_connections: config.proxy.max_connections,
             config,
@@ -169,11 +201,19 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         }),
     });
     let _ = shared
-        .reloader
-        .set(Arc::clone(&runtime) as Arc<dyn crate::admin::ConfigReload>);
+        .lifecycle
+        .set(Arc::clone(&runtime) as Arc<dyn crate::admin::Lifecycle>);
 
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(lifecycle(runtime, stop_rx));
+    let task = tokio::spawn(lifecycle(runtime, stop_rx, handed_over));
+    match &inherited {
+        Some(inherited) => {
+            inherited.ready();
+            upgrade::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            tracing::info!("upgrade: took over the listeners; the old process drains");
+        }
+        None => upgrade::notify_systemd("READY=1"),
+    }
     Ok(Running {
         proxy_addr: listen.proxy,
         admin_addr: listen.admin,
@@ -211,10 +251,61 @@ fn announce_certificates(metrics: &crate::metrics::Metrics, certificates: &Certi
     }
 }
 
+/// The admin listener, as axum serves it: told to stop accepting (a binary upgrade's
+/// handover), it closes its socket and accepts no more, but the connections it has
+/// stay open and are answered with `Connection: close` (no idle connection is closed
+/// under a request the client is sending).
+struct AdminListener {
+    listener: Option<TcpListener>,
+    stop_accepting: watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return std::future::pending().await;
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = self.stop_accepting.wait_for(|s| *s) => None,
+                accepted = listener.accept() => Some(accepted),
+            };
+            match accepted {
+                None => self.listener = None,
+                Some(Ok(pair)) => return pair,
+                Some(Err(e)) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::Error::other("the admin listener is closed")),
+        }
+    }
+}
+
+/// A close-on-exec copy of `listener`'s descriptor (`None` if the process is out of
+/// descriptors: that listener is then bound anew by an upgrade's new process).
+fn duplicate(listener: &TcpListener) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    listener.as_fd().try_clone_to_owned().ok()
+}
+
 /// A listening socket being served: the address configured for it, and how to stop its
 /// loop (which closes the socket; connections already accepted carry on).
 struct Bound {
     configured: SocketAddr,
+    /// A second descriptor of the listening socket, to hand over in an upgrade.
+    fd: Option<std::os::fd::OwnedFd>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -224,6 +315,7 @@ impl Bound {
     fn closed() -> Bound {
         Bound {
             configured: SocketAddr::from(([0, 0, 0, 0], 0)),
+            fd: None,
             stop: watch::channel(true).0,
             task: tokio::spawn(async {}),
         }
@@ -235,6 +327,7 @@ impl Bound {
         kind: ListenerKind,
         accepting: &Accepting,
     ) -> Bound {
+        let fd = duplicate(&listener);
         let (stop, stopped) = watch::channel(false);
         let (label, metrics) = match kind {
             ListenerKind::Plain => ("http", &accepting.metrics),
@@ -248,14 +341,20 @@ impl Bound {
         let task = tokio::spawn(accept_loop(listener, config, accepting.clone(), stopped));
         Bound {
             configured,
+            fd,
             stop,
             task,
         }
     }
 
     fn admin(configured: SocketAddr, listener: TcpListener, shared: &Arc<Shared>) -> Bound {
+        let fd = duplicate(&listener);
         let (stop, mut stopped) = watch::channel(false);
         let app = admin::app(Arc::clone(shared));
+        let listener = AdminListener {
+            listener: Some(listener),
+            stop_accepting: shared.stop_admin_accepting.subscribe(),
+        };
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -268,6 +367,7 @@ impl Bound {
         });
         Bound {
             configured,
+            fd,
             stop,
             task,
         }
@@ -278,6 +378,23 @@ impl Bound {
         let _ = self.stop.send(true);
         self.task
     }
+}
+
+/// The listener handed over for `what` by the process being upgraded, if its address
+/// is unchanged; else a new one, bound.
+async fn bind_or_take(
+    what: &'static str,
+    addr: SocketAddr,
+    inherited: &mut Option<Inherited>,
+) -> Result<TcpListener, ServerError> {
+    if let Some(listener) = inherited.as_mut().and_then(|i| i.take(what, addr)) {
+        return TcpListener::from_std(listener).map_err(|source| ServerError::Bind {
+            what,
+            addr,
+            source,
+        });
+    }
+    bind(what, addr).await
 }
 
 /// Binds the listener of config key `what`, naming it if that fails.
@@ -321,17 +438,32 @@ fn describe_services(config: &Config) -> String {
         .join(" ")
 }
 
-async fn lifecycle(runtime: Arc<reload::Runtime>, mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+async fn lifecycle(
+    runtime: Arc<reload::Runtime>,
+    mut stop: watch::Receiver<bool>,
+    mut handed_over: watch::Receiver<bool>,
+) {
+    let upgraded = tokio::select! {
+        _ = stop.wait_for(|s| *s) => false,
+        _ = handed_over.wait_for(|h| *h) => true,
+    };
     let shared = Arc::clone(&runtime.shared);
     shared.ready.store(false, Ordering::SeqCst);
     // Taken for good: a reload in progress finishes first, and none starts after.
     let mut live = runtime.live.lock().await;
     live.shutting_down = true;
-    let (delay, timeout) = (
+    let (mut delay, timeout) = (
         live.config.proxy.shutdown_delay,
         live.config.proxy.shutdown_timeout,
     );
+    if upgraded {
+        // The new process already accepts on the same sockets: nobody needs the time
+        // to notice this one is going, and admin calls must reach the new process
+        // (this one's state is frozen).
+        delay = Duration::ZERO;
+        shared.stop_admin_accepting.send_replace(true);
+        shared.handed_over.notify_one();
+    }
     tracing::info!(
         shutdown_delay = ?delay,
         shutdown_timeout = ?timeout,

@@ -19,7 +19,7 @@ use super::downstream::Builders;
 use super::listener::{Accepting, ListenerKind, Serving, TlsServing};
 use super::{local_addr, Bound};
 use crate::accesslog::AccessLog;
-use crate::admin::{ConfigReload, ConfigReloadError, ListenAddrs, Shared};
+use crate::admin::{ConfigReloadError, Lifecycle, ListenAddrs, Shared, UpgradeRefusal, Upgraded};
 use crate::config::{Config, ConfigChange};
 use crate::control::{Control, Reloaded};
 use crate::proxy::{Proxy, ProxySettings};
@@ -29,6 +29,10 @@ use crate::setup::Setup;
 pub(super) struct Runtime {
     pub(super) shared: Arc<Shared>,
     pub(super) accepting: Accepting,
+    /// One binary upgrade at a time.
+    pub(super) upgrading: std::sync::atomic::AtomicBool,
+    /// Set once an upgrade has handed over: the lifecycle drains and stops.
+    pub(super) handover: tokio::sync::watch::Sender<bool>,
     /// Held by a reload and, for good, by the shutdown: one at a time.
     pub(super) live: tokio::sync::Mutex<Live>,
 }
@@ -299,10 +303,16 @@ impl Runtime {
     }
 }
 
-impl ConfigReload for Runtime {
+impl Lifecycle for Runtime {
     fn reload(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<Reloaded, ConfigReloadError>> + Send + '_>> {
         Box::pin(self.reload_now())
+    }
+
+    fn upgrade(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Upgraded, UpgradeRefusal>> + Send + '_>> {
+        Box::pin(self.upgrade_now())
     }
 }

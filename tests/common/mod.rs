@@ -109,10 +109,15 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn start(config: &str) -> ProxyProcess {
+        ProxyProcess::start_binary(&binary(), config)
+    }
+
+    /// As `start`, running the executable at `executable`.
+    pub fn start_binary(executable: &Path, config: &str) -> ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(executable);
         command
             .args(["run", "--config"])
             .arg(&path)
@@ -288,6 +293,29 @@ pub async fn admin(
     let answer = send(&client(), request.body(body).unwrap()).await;
     let json = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
     (answer.status, json)
+}
+
+/// Puts a weight-0 canary on service `app` that takes only requests with
+/// `x-canary: 1` (see `canary_request`) to `pool`.
+pub async fn set_header_canary(admin_addr: SocketAddr, pool: &str) {
+    let canary = serde_json::json!({"pool": pool, "weight": 0, "header": {"name": "x-canary", "value": "1"}});
+    let (status, answer) = admin(
+        admin_addr,
+        "PUT",
+        "/api/v1/services/app/canary",
+        Some(canary),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+/// A GET of `path` that the header canary takes.
+pub fn canary_request(proxy: SocketAddr, path: &str) -> Request<TestBody> {
+    Request::get(format!("http://{proxy}{path}"))
+        .header("x-canary", "1")
+        .body(empty())
+        .unwrap()
 }
 
 /// As `admin`, with a raw body (for malformed input).
