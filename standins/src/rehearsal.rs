@@ -117,6 +117,8 @@ struct Rig {
     blue: Vec<StandIn>,
     green: Vec<StandIn>,
     proxy: Child,
+    /// The processes a binary upgrade started (not children of this one).
+    upgraded_to: Vec<u32>,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -126,6 +128,11 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.proxy.kill();
         let _ = self.proxy.wait();
+        for pid in &self.upgraded_to {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         for s in self.blue.iter_mut().chain(self.green.iter_mut()) {
             let _ = s.child.kill();
             let _ = s.child.wait();
@@ -243,6 +250,7 @@ impl Rig {
             blue,
             green,
             proxy: proxy.child,
+            upgraded_to: Vec::new(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         };
         rig.wait_ready().await?;
@@ -440,6 +448,33 @@ pub async fn run(options: Options) -> Result<Report, RehearsalError> {
             Some(json!({"to": "blue"})),
         )
         .await?
+    });
+    step!("config reload (a service added)", 0.0, false, {
+        let path = rig.dir.join("switchyard.toml");
+        let mut config = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
+        config.push_str("[services.preview]\npath_prefix = \"/preview\"\nactive = \"green\"\n");
+        std::fs::write(&path, config).map_err(|e| fail(e.to_string()))?;
+        rig.change("POST", "/api/v1/config/reload", None).await?
+    });
+    step!("binary upgrade", 0.0, true, {
+        let answer = rig.change("POST", "/api/v1/upgrade", None).await?;
+        let new_pid = answer["new_pid"]
+            .as_u64()
+            .ok_or_else(|| fail(format!("upgrade answered {answer}")))?;
+        rig.upgraded_to.push(new_pid as u32);
+        // The old process drains and exits 0; the new one answers from here on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match rig.proxy.try_wait() {
+                Ok(Some(status)) if status.success() => break,
+                Ok(Some(status)) => {
+                    return Err(fail(format!("the old process exited with {status}")))
+                }
+                _ if Instant::now() > deadline => return Err(fail("the old process did not exit")),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        answer
     });
     step!("rolling restart of blue", 0.0, true, {
         for i in 0..rig.blue.len() {
