@@ -11,7 +11,8 @@
 #   * [admin] listen should stay on loopback ("127.0.0.1:9901") unless admin.token_file
 #     is set (required for any other address); bind it wider only with a token. The HEALTHCHECK
 #     below connects to 127.0.0.1:9901, so change it if you move the admin port.
-#   * Backend addresses must be IP:port reachable from the container (no DNS names yet).
+#   * Backend addresses are IP:port or host:port reachable from the container (a Compose
+#     service name works: examples/compose/).
 #   * Give `docker stop` (--stop-timeout / stop_grace_period) more time than
 #     proxy.shutdown_delay + proxy.shutdown_timeout (defaults 0s + 30s). Docker's own
 #     default of 10s would SIGKILL in-flight requests.

@@ -35,6 +35,7 @@ fn routing(c: &mut Criterion) {
     let table = ArcSwap::from_pointee(RoutingTable::build(
         &config,
         &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
+        &Default::default(),
         &TrafficState::from_config(&config),
         None,
         None,
@@ -117,6 +118,7 @@ fn metrics(c: &mut Criterion) {
     let table = Arc::new(RoutingTable::build(
         &config,
         &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
+        &Default::default(),
         &TrafficState::from_config(&config),
         None,
         None,

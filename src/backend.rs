@@ -49,6 +49,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `addr` as text, made once so logs and the admin API never format it again.
     pub name: Arc<str>,
+    /// The host name `addr` was resolved from, if it was.
+    pub host: Option<Arc<str>>,
+    /// `host` as the TLS name to send and verify (when the pool names none).
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     /// Relative share within the pool (1-1000); changed in place when the membership
     /// API changes it, so in-flight counts survive.
     weight: AtomicU32,
@@ -73,6 +77,8 @@ impl Backend {
         Backend {
             addr,
             name: addr.to_string().into(),
+            host: None,
+            tls_name: None,
             weight: AtomicU32::new(weight),
             in_flight: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
@@ -85,6 +91,15 @@ impl Backend {
             healthy_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
+    }
+
+    /// The same backend, known to come from the host name `host`.
+    pub fn with_host(mut self, host: Option<Arc<str>>) -> Backend {
+        self.tls_name = host
+            .as_deref()
+            .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok());
+        self.host = host;
+        self
     }
 
     pub fn in_flight(&self) -> u64 {

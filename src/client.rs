@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::body::RequestBody;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::tls::{UpstreamTls, UpstreamTlsError};
+use rustls::pki_types::ServerName;
 
 /// How a pool's backends are reached: the runtime side of `UpstreamConfig`.
 #[derive(Debug, Clone, Default)]
@@ -175,20 +176,22 @@ impl ConnPool {
     }
 
     /// A new connection for HTTP/1.1; for HTTP/2 the shared one, opened if needed.
+    /// `tls_name` is the backend's own name, for a TLS pool that names none.
     pub async fn connect(
         &self,
         addr: SocketAddr,
+        tls_name: Option<&ServerName<'static>>,
         upstream: &Upstream,
         timeout: Duration,
     ) -> Result<Sender, ConnectError> {
         if !upstream.protocol.is_h2() {
-            return connect(addr, upstream, timeout).await;
+            return connect(addr, tls_name, upstream, timeout).await;
         }
         let _opening = self.h2_connecting.lock().await;
         if let Some(shared) = self.live_h2() {
             return Ok(Sender::H2(shared));
         }
-        let sender = connect(addr, upstream, timeout).await?;
+        let sender = connect(addr, tls_name, upstream, timeout).await?;
         if let Sender::H2(shared) = &sender {
             self.shared_h2.store(Some(Arc::new(shared.clone())));
         }
@@ -197,9 +200,11 @@ impl ConnPool {
 }
 
 /// Opens a connection to `addr` as `upstream` says; the connection task runs on its
-/// own and ends when the connection closes. The timeout covers TCP and TLS.
+/// own and ends when the connection closes. The timeout covers TCP and TLS, whose name
+/// is the pool's `server_name`, else the backend's host name, else its IP address.
 pub async fn connect(
     addr: SocketAddr,
+    tls_name: Option<&ServerName<'static>>,
     upstream: &Upstream,
     timeout: Duration,
 ) -> Result<Sender, ConnectError> {
@@ -209,7 +214,11 @@ pub async fn connect(
         match &upstream.tls {
             None => handshake(stream, addr, upstream.protocol).await,
             Some(tls) => {
-                let name = tls.server_name.clone().unwrap_or_else(|| addr.ip().into());
+                let name = tls
+                    .server_name
+                    .clone()
+                    .or_else(|| tls_name.cloned())
+                    .unwrap_or_else(|| addr.ip().into());
                 let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
                     .connect(name, stream)
                     .await

@@ -146,9 +146,14 @@ pub async fn check_once(
             return Ok(());
         };
         // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
-        let mut sender = client::connect(backend.addr, upstream, config.timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut sender = client::connect(
+            backend.addr,
+            backend.tls_name.as_ref(),
+            upstream,
+            config.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let host = http
             .host
             .clone()

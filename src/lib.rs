@@ -24,6 +24,7 @@ pub mod idle_timer;
 pub mod metrics;
 pub mod proxy;
 pub mod random;
+pub mod resolve;
 pub mod routing;
 pub mod server;
 pub mod setup;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub tls_certificate_expiry: GaugeVec,
     pub http2_reset_floods: IntCounter,
     pub state_file_corrupt: IntCounter,
+    /// Failed lookups of backend host names, by pool.
+    pub dns_failures: IntCounterVec,
     /// `switchyard_client_timeouts_total` by the config key that fired, resolved once.
     pub client_header_timeouts: IntCounter,
     pub client_body_timeouts: IntCounter,
@@ -143,6 +145,13 @@ impl Metrics {
             "switchyard_state_file_corrupt_total",
             "State files found corrupt at start: moved aside, and the traffic state restarted from the config.",
         ));
+        let dns_failures = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_dns_lookup_failures_total",
+                "Failed lookups of backend host names, by pool; the pool keeps the addresses of the last good lookup.",
+            ),
+            &["pool"],
+        ));
         let client_timeouts = must(IntCounterVec::new(
             Opts::new(
                 "switchyard_client_timeouts_total",
@@ -190,6 +199,7 @@ impl Metrics {
             Box::new(tls_certificate_expiry.clone()),
             Box::new(http2_reset_floods.clone()),
             Box::new(state_file_corrupt.clone()),
+            Box::new(dns_failures.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(connections_refused.clone()),
             Box::new(build_info),
@@ -213,6 +223,7 @@ impl Metrics {
             tls_certificate_expiry,
             http2_reset_floods,
             state_file_corrupt,
+            dns_failures,
             client_header_timeouts,
             client_body_timeouts,
             send_timeouts,

@@ -344,6 +344,7 @@ impl Proxy {
                     // large, copied on each spawn and poll setup, pooled or not.
                     let connected = Box::pin(backend.conns.connect(
                         backend.addr,
+                        backend.tls_name.as_ref(),
                         upstream,
                         self.settings.connect_timeout,
                     ))

@@ -143,6 +143,18 @@ pub struct PoolSettings {
 /// every table built in between.
 pub type PoolSettingsMap = HashMap<String, Arc<PoolSettings>>;
 
+/// An address a backend host name resolved to: a backend of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedBackend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// The name it came from (`app-blue`): TLS sends and verifies it.
+    pub host: Arc<str>,
+}
+
+/// Each pool's resolved backends, by pool name (pools without names are absent).
+pub type ResolvedPools = HashMap<String, Vec<ResolvedBackend>>;
+
 /// The right to decide one passive ejection in a pool; given back when dropped.
 pub struct EjectionTurn<'a>(&'a AtomicBool);
 
@@ -317,10 +329,13 @@ impl RoutingTable {
     /// backend modes), reusing the backend objects of `previous` where the pool and
     /// address match, so counters and idle connections survive the swap. Backends' admin
     /// states are set from `state`. A saved canary that does not validate is left out.
-    /// `settings` holds each pool's behaviour (see `PoolSettings::for_config`).
+    /// `settings` holds each pool's behaviour (see `PoolSettings::for_config`), `names`
+    /// the addresses its host names resolved to (used unless the admin API set the
+    /// pool's membership).
     pub fn build(
         config: &Config,
         settings: &PoolSettingsMap,
+        names: &ResolvedPools,
         state: &TrafficState,
         previous: Option<&RoutingTable>,
         metrics: Option<&Metrics>,
@@ -338,16 +353,30 @@ impl RoutingTable {
             .pools
             .iter()
             .map(|pool| {
-                let members = state.members_of(pool);
-                let backends = members
+                let runtime_membership = state.members.contains_key(&pool.name);
+                let mut members: Vec<(SocketAddr, u32, Option<&Arc<str>>)> = state
+                    .members_of(pool)
                     .iter()
-                    .map(|b| {
-                        let backend = match existing.get(&(pool.name.as_str(), b.addr)) {
+                    .map(|b| (b.addr, b.weight, None))
+                    .collect();
+                if !runtime_membership {
+                    for named in names.get(&pool.name).into_iter().flatten() {
+                        if !members.iter().any(|(addr, _, _)| *addr == named.addr) {
+                            members.push((named.addr, named.weight, Some(&named.host)));
+                        }
+                    }
+                }
+                let backends = members
+                    .into_iter()
+                    .map(|(addr, weight, host)| {
+                        let backend = match existing.get(&(pool.name.as_str(), addr)) {
                             Some(found) => {
-                                found.set_weight(b.weight);
+                                found.set_weight(weight);
                                 Arc::clone(found)
                             }
-                            None => Arc::new(Backend::new(b.addr, b.weight, idle_timeout)),
+                            None => Arc::new(
+                                Backend::new(addr, weight, idle_timeout).with_host(host.cloned()),
+                            ),
                         };
                         let mode = state.backend_mode(&pool.name, &backend.name);
                         backend
@@ -438,6 +467,7 @@ mod tests {
         RoutingTable::build(
             &config,
             &PoolSettings::for_config(&config, &Upstreams::new()),
+            &ResolvedPools::new(),
             &TrafficState::from_config(&config),
             None,
             None,
@@ -493,10 +523,18 @@ active = "shop"
         let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
         let state = TrafficState::from_config(&config);
         let settings = PoolSettings::for_config(&config, &Upstreams::new());
-        let first = RoutingTable::build(&config, &settings, &state, None, None);
+        let first = RoutingTable::build(
+            &config,
+            &settings,
+            &ResolvedPools::new(),
+            &state,
+            None,
+            None,
+        );
         let second = RoutingTable::build(
             &config,
             &PoolSettings::for_config(&config, &Upstreams::new()),
+            &ResolvedPools::new(),
             &state,
             Some(&first),
             None,

@@ -70,6 +70,7 @@ impl Config {
                 client_body_timeout,
                 send_timeout,
                 max_backends_per_pool,
+                hosts_file,
             ]
         );
         match (&o.tls, &n.tls) {
@@ -160,7 +161,15 @@ fn pool_changes(out: &mut Vec<ConfigChange>, table: &str, old: &PoolConfig, new:
         table,
         old,
         new,
-        [balance, health, passive, panic_mode, slow_start, upstream]
+        [
+            balance,
+            health,
+            passive,
+            panic_mode,
+            slow_start,
+            upstream,
+            dns_refresh
+        ]
     );
 }
 

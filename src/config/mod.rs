@@ -142,6 +142,8 @@ pub struct ProxyConfig {
     pub send_timeout: Duration,
     /// The most backends one pool may have, from the config or the membership API.
     pub max_backends_per_pool: usize,
+    /// A hosts file consulted before the system resolver for backend host names.
+    pub hosts_file: Option<PathBuf>,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -181,7 +183,12 @@ pub struct StateConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
+    /// The backends given as IP addresses.
     pub backends: Vec<BackendConfig>,
+    /// The backends given as host names: each address a name resolves to is a backend.
+    pub named: Vec<NamedBackend>,
+    /// How often the names are resolved again.
+    pub dns_refresh: Duration,
     pub balance: Balance,
     pub health: HealthConfig,
     pub passive: PassiveConfig,
@@ -216,6 +223,22 @@ pub struct PassiveConfig {
 pub struct BackendConfig {
     pub addr: SocketAddr,
     pub weight: u32,
+}
+
+/// A backend written as `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NamedBackend {
+    pub host: String,
+    pub port: u16,
+    /// The weight of each address it resolves to.
+    pub weight: u32,
+}
+
+impl NamedBackend {
+    /// `host:port`, as written.
+    pub fn target(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

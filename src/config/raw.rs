@@ -58,6 +58,7 @@ pub(super) struct RawProxy {
     #[serde(with = "humantime_serde")]
     pub(super) send_timeout: Duration,
     pub(super) max_backends_per_pool: usize,
+    pub(super) hosts_file: Option<PathBuf>,
     pub(super) tls: Option<RawTls>,
 }
 
@@ -128,6 +129,7 @@ impl Default for RawProxy {
             client_body_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             max_backends_per_pool: 1000,
+            hosts_file: None,
             tls: None,
         }
     }
@@ -178,6 +180,8 @@ pub(super) struct RawPool {
     pub(super) panic_mode: PanicMode,
     #[serde(default, with = "humantime_serde")]
     pub(super) slow_start: Option<Duration>,
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub(super) dns_refresh: Duration,
     #[serde(default)]
     pub(super) protocol: Protocol,
     pub(super) tls: Option<bool>,
@@ -224,6 +228,10 @@ pub(super) struct RawWeightedBackend {
     pub(super) addr: String,
     #[serde(default = "default_weight")]
     pub(super) weight: u32,
+}
+
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_weight() -> u32 {

@@ -11,8 +11,8 @@ use super::locate::Origin;
 use super::raw::{RawBackend, RawClientAuth, RawConfig, RawPool, RawTls};
 use super::{
     AdminConfig, BackendConfig, CertificatePaths, ClientAuth, Config, ConfigError, HealthConfig,
-    HostMatch, HttpCheck, PassiveConfig, PoolConfig, Protocol, ProxyConfig, ServiceConfig,
-    StateConfig, TlsListenerConfig, UpstreamConfig, UpstreamTlsConfig,
+    HostMatch, HttpCheck, NamedBackend, PassiveConfig, PoolConfig, Protocol, ProxyConfig,
+    ServiceConfig, StateConfig, TlsListenerConfig, UpstreamConfig, UpstreamTlsConfig,
 };
 
 pub(super) struct Validator<'a> {
@@ -92,6 +92,7 @@ impl Validator<'_> {
                 p.max_backends_per_pool,
                 1..=MAX_BACKENDS_PER_POOL,
             )?,
+            hosts_file: p.hosts_file,
             tls: match p.tls {
                 None => None,
                 Some(tls) => Some(self.tls_listener(tls)?),
@@ -274,6 +275,7 @@ impl Validator<'_> {
         if pool.backends.is_empty() {
             return Err(self.error(&table, "backends", "a pool needs at least one backend"));
         }
+        let dns_refresh = self.timeout(&table, "dns_refresh", pool.dns_refresh)?;
         if pool.backends.len() > max_backends {
             return Err(self.error(
                 &table,
@@ -285,13 +287,14 @@ impl Validator<'_> {
             ));
         }
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
+        let mut named: Vec<NamedBackend> = Vec::new();
         let mut seen = HashSet::new();
         for backend in pool.backends {
             let (text, weight) = match backend {
                 RawBackend::Addr(addr) => (addr, 1),
                 RawBackend::Weighted(b) => (b.addr, b.weight),
             };
-            let addr = self.addr(&table, "backends", &text)?;
+            let target = backend_target(&text).map_err(|m| self.error(&table, "backends", m))?;
             if !(1..=1000).contains(&weight) {
                 return Err(self.error(
                     &table,
@@ -299,10 +302,13 @@ impl Validator<'_> {
                     format!("weight of `{text}` must be between 1 and 1000 (drain a backend to take it out)"),
                 ));
             }
-            if !seen.insert(addr) {
+            if !seen.insert(target.clone()) {
                 return Err(self.error(&table, "backends", format!("`{text}` is listed twice")));
             }
-            backends.push(BackendConfig { addr, weight });
+            match target {
+                Target::Addr(addr) => backends.push(BackendConfig { addr, weight }),
+                Target::Name(host, port) => named.push(NamedBackend { host, port, weight }),
+            }
         }
         let health = match pool.health {
             None => HealthConfig::tcp_default(),
@@ -381,6 +387,8 @@ impl Validator<'_> {
         Ok(PoolConfig {
             name,
             backends,
+            named,
+            dns_refresh,
             balance: pool.balance,
             health,
             passive: PassiveConfig {
@@ -532,6 +540,42 @@ const MAX_WORKERS: usize = 1024;
 const MAX_CONNECTIONS: usize = 1_000_000;
 pub const MAX_BACKENDS_PER_POOL: usize = 100_000;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// A backend as written: an IP address with a port, or a host name with a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    Addr(SocketAddr),
+    Name(String, u16),
+}
+
+fn backend_target(text: &str) -> Result<Target, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(Target::Addr(addr));
+    }
+    let usage = format!(
+        "`{text}` is not an address with a port, such as \"127.0.0.1:8080\" or \"app-blue:8080\""
+    );
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(usage);
+    };
+    let port: u16 = port.parse().map_err(|_| usage.clone())?;
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    // All digits and dots is a mistyped IP address, not a name.
+    let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if port == 0 || host.len() > 253 || numeric || !host.split('.').all(valid_label) {
+        return Err(usage);
+    }
+    Ok(Target::Name(host, port))
+}
 
 fn check_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()

@@ -210,16 +210,30 @@ impl Control {
             .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))
     }
 
+    /// The pool's backends now: the runtime membership, else the config's addresses
+    /// and what its host names resolved to.
     async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
         let configured = self.configured_pool(pool)?;
         let state = self.state.lock().await;
-        Ok(state
+        let mut members: Vec<MemberSpec> = state
             .members_of(&configured)
             .into_iter()
             .map(|b| MemberSpec {
                 addr: b.addr.to_string(),
                 weight: b.weight,
             })
-            .collect())
+            .collect();
+        if !state.members.contains_key(pool) {
+            for named in self.resolved.load().get(pool).into_iter().flatten() {
+                let addr = named.addr.to_string();
+                if !members.iter().any(|m| m.addr == addr) {
+                    members.push(MemberSpec {
+                        addr,
+                        weight: named.weight,
+                    });
+                }
+            }
+        }
+        Ok(members)
     }
 }

@@ -17,14 +17,16 @@ use crate::client::Upstreams;
 use crate::config::Config;
 use crate::health;
 use crate::metrics::Metrics;
-use crate::routing::{self, Pool, PoolSettings, PoolSettingsMap, RoutingTable};
+use crate::routing::{self, Pool, PoolSettings, PoolSettingsMap, ResolvedPools, RoutingTable};
 use crate::state::{self, BackendMode, CanarySpec, MatchSpec, ServiceTraffic, TrafficState};
 
 mod membership;
+mod names;
 mod reload;
 mod supervision;
 mod views;
 
+pub use names::NameView;
 pub use reload::Reloaded;
 use views::{backend_view, live_state};
 pub use views::{
@@ -138,6 +140,10 @@ pub struct Control {
     /// The committed generation, readable without the writer lock (for scrapes).
     generation: Arc<AtomicU64>,
     corrupt_at_start: Option<state::CorruptFile>,
+    /// What backend host names resolved to (see `names`).
+    names: std::sync::Mutex<names::NameTable>,
+    resolved: ArcSwap<ResolvedPools>,
+    name_tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     /// Set while a binary upgrade hands over: the new process has read the state file,
     /// so a change made here now would be lost. Changes answer 503 `upgrading`.
     frozen: AtomicBool,
@@ -166,8 +172,9 @@ impl Control {
             );
         }
         let settings = PoolSettings::for_config(&config, &upstreams);
+        let no_names = ResolvedPools::new();
         let table = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
-            &config, &settings, &state, None, None,
+            &config, &settings, &no_names, &state, None, None,
         )));
         let generation = Arc::new(AtomicU64::new(state.generation));
         let metrics = {
@@ -185,6 +192,7 @@ impl Control {
             let with_metrics = RoutingTable::build(
                 &config,
                 &settings,
+                &no_names,
                 &state,
                 Some(&table.load()),
                 Some(&metrics),
@@ -204,6 +212,9 @@ impl Control {
             generation,
             corrupt_at_start: corrupt,
             frozen: AtomicBool::new(false),
+            names: std::sync::Mutex::new(names::NameTable::new()),
+            resolved: ArcSwap::from_pointee(ResolvedPools::new()),
+            name_tasks: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -513,6 +524,7 @@ impl Control {
     async fn build_table(&self, state: &TrafficState) -> Arc<RoutingTable> {
         let config = self.config.load_full();
         let settings = self.settings.load_full();
+        let names = self.resolved.load_full();
         let state = state.clone();
         let previous = self.table.load_full();
         let metrics = self
@@ -523,6 +535,7 @@ impl Control {
             RoutingTable::build(
                 &config,
                 &settings,
+                &names,
                 &state,
                 Some(&previous),
                 metrics.as_deref(),

@@ -36,6 +36,8 @@ impl Control {
         upstreams: Upstreams,
         mut changes: Vec<ConfigChange>,
     ) -> Result<Reloaded, ControlError> {
+        // Looked up before the lock: a slow resolver must not hold up other changes.
+        let names = super::names::resolve_all(&config, &self.names_known(), &self.metrics).await;
         let mut state = self.writable().await?;
         let old = self.config.load_full();
         let (mut next, warnings) = state.clone().reconcile(&config);
@@ -63,6 +65,9 @@ impl Control {
             .store(Arc::new(PoolSettings::for_config(&config, &upstreams)));
         self.request_metrics
             .store(config.metrics.enabled, Ordering::Relaxed);
+        self.resolved
+            .store(Arc::new(super::names::resolved_pools(&config, &names)));
+        self.set_names(names);
         self.config.store(Arc::new(config));
         let table = self.build_table(&next).await;
         self.table.store(table);
@@ -99,12 +104,28 @@ fn backend_changes(
             continue;
         };
         let key = format!("pools.{}.backends", pool.name);
-        if after.members.contains_key(&pool.name) && old_pool.backends != pool.backends {
+        if after.members.contains_key(&pool.name)
+            && (old_pool.backends != pool.backends || old_pool.named != pool.named)
+        {
             out.push(ConfigChange::new(
                 key.clone(),
                 "kept",
                 "the membership set through the admin API stays in force; the file's list is not applied",
             ));
+        }
+        for named in &pool.named {
+            if !old_pool.named.iter().any(|n| n.target() == named.target()) {
+                out.push(ConfigChange::new(key.clone(), "added", named.target()));
+            }
+        }
+        for named in &old_pool.named {
+            if !pool.named.iter().any(|n| n.target() == named.target()) {
+                out.push(ConfigChange::new(
+                    key.clone(),
+                    "removed",
+                    format!("{} (requests in flight finish)", named.target()),
+                ));
+            }
         }
         let was = before.members_of(old_pool);
         let is = after.members_of(pool);

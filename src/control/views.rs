@@ -55,6 +55,9 @@ pub struct CanaryView {
 pub struct PoolView {
     pub name: String,
     pub backends: Vec<BackendView>,
+    /// Backends written as host names, with what they resolved to (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<super::NameView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +104,7 @@ impl Control {
                         .iter()
                         .map(|b| backend_view(p, b, state.generation))
                         .collect(),
+                    names: self.name_views(&p.name),
                 })
                 .collect(),
             state_file: StateFileView {
@@ -136,6 +140,7 @@ impl Control {
                 .iter()
                 .map(|b| backend_view(pool_ref, b, generation))
                 .collect(),
+            names: self.name_views(pool),
         })
     }
 

@@ -117,6 +117,9 @@ pub async fn start_with(
         listener_tls,
     } = setup;
     let control = Arc::new(Control::start(config.clone(), upstreams)?);
+    // Backends written as host names are resolved before anything serves.
+    control.refresh_names().await;
+    control.start_name_refresh();
     control.persist_now().await?;
     control.sync_health_checks();
     if inherited.is_some() {

@@ -195,6 +195,7 @@ impl Runtime {
 
         let control = Arc::clone(&self.shared.control);
         let reloaded = control.reload(config.clone(), upstreams, changes).await?;
+        control.start_name_refresh();
 
         // Committed: from here on nothing fails.
         let access_log = if config.log == live.config.log {
