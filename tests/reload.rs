@@ -30,6 +30,14 @@ async fn info(proxy: &ProxyProcess) -> serde_json::Value {
     info
 }
 
+/// `POST /api/v1/config/reload`, which must succeed; its answer.
+async fn reload_ok(proxy: &ProxyProcess) -> serde_json::Value {
+    let (status, answer) =
+        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
 fn backend<'a>(state: &'a serde_json::Value, pool: &str, addr: &str) -> &'a serde_json::Value {
     state["pools"]
         .as_array()
@@ -260,9 +268,7 @@ async fn a_bad_file_changes_nothing_and_says_what_check_says() {
     // A good file again: the runtime canary wins over the file and is kept; dropping
     // its pool drops it, and the answer says so.
     std::fs::write(&path, &text).unwrap();
-    let (status, answer) =
-        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer = reload_ok(&proxy).await;
     assert_eq!(answer["changes"], json!([]));
     assert_eq!(
         answer["generation"], generation,
@@ -277,9 +283,7 @@ async fn a_bad_file_changes_nothing_and_says_what_check_says() {
         "",
     );
     std::fs::write(&path, &without_green).unwrap();
-    let (status, answer) =
-        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer = reload_ok(&proxy).await;
     let changes = answer["changes"].as_array().unwrap();
     assert!(changes
         .iter()
@@ -336,9 +340,7 @@ async fn a_moved_listen_address_is_bound_before_the_old_one_closes() {
         ),
     )
     .unwrap();
-    let (status, answer) =
-        admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer = reload_ok(&proxy).await;
     assert!(answer["changes"]
         .as_array()
         .unwrap()
@@ -361,4 +363,43 @@ async fn a_moved_listen_address_is_bound_before_the_old_one_closes() {
     })
     .await;
     assert_no_failures(&load.finish().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_the_https_listener() {
+    use common::tls::{tls_table, Session, TestCa, TlsClient};
+    let blue = Upstream::start("blue-1").await;
+    let text = config_text("", &[("blue", &[blue.addr])], "");
+    let proxy = ProxyProcess::start(&text);
+    wait_ready(proxy.admin_addr).await;
+    assert!(info(&proxy).await["listen"]["tls"].is_null());
+
+    let ca = TestCa::new("reload CA");
+    let pair = ca.issue(&["app.test"]).write(proxy.dir.path(), "app");
+    let with_tls = text.replace("[admin]", &format!("{}\n[admin]", tls_table(&[pair], "")));
+    std::fs::write(config_path(&proxy), &with_tls).unwrap();
+    let answer = reload_ok(&proxy).await;
+    assert!(answer["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["key"] == "proxy.tls" && c["change"] == "added"));
+    let tls_addr: std::net::SocketAddr = info(&proxy).await["listen"]["tls"]
+        .as_str()
+        .expect("a TLS address after the reload")
+        .parse()
+        .unwrap();
+    let client = TlsClient::new(&ca, &["h2", "http/1.1"]);
+    let mut session = Session::open(&client, tls_addr, "app.test").await.unwrap();
+    let answer = session.get("/").await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("x-upstream"), Some("blue-1"));
+
+    std::fs::write(config_path(&proxy), &text).unwrap();
+    reload_ok(&proxy).await;
+    assert!(info(&proxy).await["listen"]["tls"].is_null());
+    eventually(Duration::from_secs(10), "the HTTPS port to close", || {
+        std::net::TcpStream::connect(tls_addr).is_err()
+    })
+    .await;
 }
