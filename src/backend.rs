@@ -69,6 +69,9 @@ pub struct Backend {
     ejected_until_ms: AtomicU64,
     /// When (ms since `epoch`) the backend last became healthy, for slow start.
     healthy_since_ms: AtomicU64,
+    /// Active checks run, and the last one's result.
+    checks: AtomicU64,
+    last_check_ok: std::sync::atomic::AtomicBool,
     epoch: Instant,
 }
 
@@ -89,6 +92,8 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             healthy_since_ms: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            last_check_ok: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -100,6 +105,20 @@ impl Backend {
             .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok());
         self.host = host;
         self
+    }
+
+    /// One active health check ran, with this result.
+    pub fn record_check(&self, ok: bool) {
+        self.last_check_ok.store(ok, Ordering::Relaxed);
+        self.checks.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Acquire)
+    }
+
+    pub fn last_check_ok(&self) -> bool {
+        self.last_check_ok.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u64 {

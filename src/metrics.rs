@@ -46,6 +46,8 @@ pub struct Metrics {
     pub state_file_corrupt: IntCounter,
     /// Failed lookups of backend host names, by pool.
     pub dns_failures: IntCounterVec,
+    /// Requests sent by a service's preview header to the pool it named.
+    pub preview_requests: IntCounterVec,
     /// `switchyard_client_timeouts_total` by the config key that fired, resolved once.
     pub client_header_timeouts: IntCounter,
     pub client_body_timeouts: IntCounter,
@@ -152,6 +154,13 @@ impl Metrics {
             ),
             &["pool"],
         ));
+        let preview_requests = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_preview_requests_total",
+                "Requests a service's preview header sent to the pool it named, whatever the split, by service and pool.",
+            ),
+            &["service", "pool"],
+        ));
         let client_timeouts = must(IntCounterVec::new(
             Opts::new(
                 "switchyard_client_timeouts_total",
@@ -200,6 +209,7 @@ impl Metrics {
             Box::new(http2_reset_floods.clone()),
             Box::new(state_file_corrupt.clone()),
             Box::new(dns_failures.clone()),
+            Box::new(preview_requests.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(connections_refused.clone()),
             Box::new(build_info),
@@ -224,6 +234,7 @@ impl Metrics {
             http2_reset_floods,
             state_file_corrupt,
             dns_failures,
+            preview_requests,
             client_header_timeouts,
             client_body_timeouts,
             send_timeouts,

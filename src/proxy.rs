@@ -198,7 +198,12 @@ impl Proxy {
             trace.service = Some(Arc::clone(&service.name));
             trace.route = choice.metrics.cloned();
             trace.reason = choice.reason;
-            Arc::clone(choice.pool)
+            let pool = Arc::clone(choice.pool);
+            // The preview header chooses a pool; the app does not see it.
+            if let Some(preview) = &service.preview {
+                req.headers_mut().remove(&preview.header);
+            }
+            pool
         };
         trace.pool = Some(Arc::clone(&pool));
 

@@ -31,6 +31,21 @@ pub struct Service {
     pub canary: Option<Canary>,
     /// Metric children for (service, active pool); `None` with metrics off.
     pub metrics: Option<Arc<RouteMetrics>>,
+    pub preview: Option<Preview>,
+}
+
+/// The service's preview route: a request whose `header` names one of the pools goes
+/// there, whatever the split. The header is not forwarded.
+pub struct Preview {
+    pub header: HeaderName,
+    pub pools: Vec<PreviewPool>,
+}
+
+pub struct PreviewPool {
+    pub pool: Arc<Pool>,
+    pub metrics: Option<Arc<RouteMetrics>>,
+    /// `switchyard_preview_requests_total{service, pool}`, resolved at build.
+    pub counter: Option<prometheus::IntCounter>,
 }
 
 pub struct Canary {
@@ -47,8 +62,27 @@ pub struct Choice<'a> {
 }
 
 impl Service {
-    /// The pool for this request: the canary's when its split says so, else the active.
+    /// The pool for this request: the one its preview header names, else the canary's
+    /// when its split says so, else the active.
     pub fn choose(&self, headers: &HeaderMap) -> Choice<'_> {
+        if let Some(preview) = &self.preview {
+            let named = headers.get(&preview.header).and_then(|value| {
+                preview
+                    .pools
+                    .iter()
+                    .find(|p| p.pool.name.as_bytes() == value.as_bytes())
+            });
+            if let Some(entry) = named {
+                if let Some(counter) = &entry.counter {
+                    counter.inc();
+                }
+                return Choice {
+                    pool: &entry.pool,
+                    reason: Reason::Preview,
+                    metrics: entry.metrics.as_ref(),
+                };
+            }
+        }
         let active = |reason| Choice {
             pool: &self.active,
             reason,
@@ -406,6 +440,24 @@ impl RoutingTable {
                         metrics: metrics.map(|m| route_metrics(m, &s.name, pool)),
                     })
                 });
+                let preview = s.preview.as_ref().and_then(|p| {
+                    Some(Preview {
+                        header: HeaderName::from_bytes(p.header.as_bytes()).ok()?,
+                        pools: p
+                            .pools
+                            .iter()
+                            .filter_map(|name| pools.iter().find(|pool| *pool.name == **name))
+                            .map(|pool| PreviewPool {
+                                pool: Arc::clone(pool),
+                                metrics: metrics.map(|m| route_metrics(m, &s.name, pool)),
+                                counter: metrics.map(|m| {
+                                    m.preview_requests
+                                        .with_label_values(&[s.name.as_str(), &*pool.name])
+                                }),
+                            })
+                            .collect(),
+                    })
+                });
                 Some(Service {
                     name: s.name.as_str().into(),
                     hosts: s.hosts.clone(),
@@ -413,6 +465,7 @@ impl RoutingTable {
                     active: Arc::clone(active),
                     canary,
                     metrics: metrics.map(|m| route_metrics(m, &s.name, active)),
+                    preview,
                 })
             })
             .collect();

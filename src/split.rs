@@ -20,6 +20,8 @@ pub enum Reason {
     Cookie,
     Sticky,
     Weight,
+    /// The service's preview header named this pool.
+    Preview,
 }
 
 impl Reason {
@@ -30,6 +32,7 @@ impl Reason {
             Reason::Cookie => "cookie",
             Reason::Sticky => "sticky",
             Reason::Weight => "weight",
+            Reason::Preview => "preview",
         }
     }
 }

@@ -138,7 +138,13 @@ impl Config {
                     format!("active pool `{}`", service.active),
                 )),
                 Some(before) => {
-                    changed_fields!(out, table, before, service, [hosts, path_prefix, active])
+                    changed_fields!(
+                        out,
+                        table,
+                        before,
+                        service,
+                        [hosts, path_prefix, active, preview]
+                    )
                 }
             }
         }

@@ -281,6 +281,16 @@ pub struct ServiceConfig {
     pub hosts: Vec<HostMatch>,
     pub path_prefix: String,
     pub active: String,
+    pub preview: Option<PreviewConfig>,
+}
+
+/// `preview = { header, pools }`: a request whose `header` names one of `pools` goes to
+/// that pool, whatever the split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviewConfig {
+    /// Lower case.
+    pub header: String,
+    pub pools: Vec<String>,
 }
 
 /// How a service matches the request's host (port removed, lower case).

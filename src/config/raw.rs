@@ -277,6 +277,14 @@ pub(super) struct RawService {
     #[serde(default = "default_prefix")]
     pub(super) path_prefix: String,
     pub(super) active: String,
+    pub(super) preview: Option<RawPreview>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPreview {
+    pub(super) header: String,
+    pub(super) pools: Vec<String>,
 }
 
 fn default_hosts() -> Vec<String> {

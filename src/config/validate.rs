@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::locate::Origin;
-use super::raw::{RawBackend, RawClientAuth, RawConfig, RawPool, RawTls};
+use super::raw::{RawBackend, RawClientAuth, RawConfig, RawPool, RawPreview, RawTls};
 use super::{
     AdminConfig, BackendConfig, CertificatePaths, ClientAuth, Config, ConfigError, HealthConfig,
-    HostMatch, HttpCheck, NamedBackend, PassiveConfig, PoolConfig, Protocol, ProxyConfig,
-    ServiceConfig, StateConfig, TlsListenerConfig, UpstreamConfig, UpstreamTlsConfig,
+    HostMatch, HttpCheck, NamedBackend, PassiveConfig, PoolConfig, PreviewConfig, Protocol,
+    ProxyConfig, ServiceConfig, StateConfig, TlsListenerConfig, UpstreamConfig, UpstreamTlsConfig,
 };
 
 pub(super) struct Validator<'a> {
@@ -193,11 +193,16 @@ impl Validator<'_> {
                     ),
                 ));
             }
+            let preview = match service.preview {
+                None => None,
+                Some(preview) => Some(self.preview(&table, preview, &pools)?),
+            };
             services.push(ServiceConfig {
                 name,
                 hosts,
                 path_prefix: service.path_prefix,
                 active: service.active,
+                preview,
             });
         }
 
@@ -212,6 +217,46 @@ impl Validator<'_> {
             log: raw.log,
             metrics: raw.metrics,
             origin: self.origin.clone(),
+        })
+    }
+
+    fn preview(
+        &self,
+        table: &str,
+        preview: RawPreview,
+        pools: &[PoolConfig],
+    ) -> Result<PreviewConfig, ConfigError> {
+        let header = preview.header.trim().to_ascii_lowercase();
+        // Headers the proxy itself sets or drops would never arrive as the client sent
+        // them.
+        let reserved = [
+            "host",
+            "connection",
+            "upgrade",
+            "te",
+            "transfer-encoding",
+            "content-length",
+        ];
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err()
+            || reserved.contains(&header.as_str())
+        {
+            return Err(self.error(
+                table,
+                "preview",
+                format!("`{}` is not a header name a client can send for this (such as \"x-preview-pool\")", preview.header),
+            ));
+        }
+        if preview.pools.is_empty() {
+            return Err(self.error(table, "preview", "pools must list at least one pool"));
+        }
+        for pool in &preview.pools {
+            if !pools.iter().any(|p| p.name == *pool) {
+                return Err(self.error(table, "preview", format!("pool `{pool}` does not exist")));
+            }
+        }
+        Ok(PreviewConfig {
+            header,
+            pools: preview.pools,
         })
     }
 

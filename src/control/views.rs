@@ -35,7 +35,16 @@ pub struct ServiceView {
     pub active: String,
     pub previous_active: Option<String>,
     pub canary: Option<CanaryView>,
+    /// The preview route, when the service has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewView>,
     pub generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviewView {
+    pub header: String,
+    pub pools: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +80,10 @@ pub struct BackendView {
     /// `health` is what the active checks say.
     pub ejected: bool,
     pub in_flight: u64,
+    /// Active health checks run so far, and whether the last one passed: a script can
+    /// wait for a check that ran after it restarted the backend.
+    pub checks: u64,
+    pub last_check_ok: bool,
     pub generation: u64,
 }
 
@@ -161,6 +174,10 @@ impl Control {
                 cookie: c.cookie.clone(),
                 sticky: c.sticky.clone(),
             }),
+            preview: configured.preview.as_ref().map(|p| PreviewView {
+                header: p.header.clone(),
+                pools: p.pools.clone(),
+            }),
             generation: state.generation,
         })
     }
@@ -209,6 +226,8 @@ pub(super) fn backend_view(pool: &Pool, backend: &Backend, generation: u64) -> B
         state: backend.admin_state().as_str(),
         ejected: backend.is_ejected(),
         in_flight: backend.in_flight(),
+        checks: backend.checks(),
+        last_check_ok: backend.last_check_ok(),
         generation,
     }
 }

@@ -12,6 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+mod deploy;
+
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// Admin API base URL.
@@ -83,7 +85,56 @@ pub enum Action {
         timeout: Duration,
     },
     /// Return BACKEND to rotation.
-    Enable { pool: String, backend: String },
+    Enable {
+        pool: String,
+        backend: String,
+        /// Then wait until a health check that ran after the call passed.
+        #[arg(long)]
+        wait_healthy: bool,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Wait until BACKEND passes a health check that ran after this call.
+    WaitHealthy {
+        pool: String,
+        backend: String,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// A rolling restart of POOL, backend by backend: drain, wait for nothing in flight,
+    /// run `sh -c CMD` (with SWITCHYARD_POOL, SWITCHYARD_BACKEND, SWITCHYARD_BACKEND_HOST
+    /// and SWITCHYARD_BACKEND_PORT set), wait until switchyard's health check passes,
+    /// enable. Stops at the first failure with that backend drained.
+    Roll {
+        pool: String,
+        #[arg(long = "exec", value_name = "CMD")]
+        exec: String,
+        /// Backends out of rotation at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        max_unavailable: u64,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        health_timeout: Duration,
+        /// Skip the backends before this one (to resume a roll that stopped).
+        #[arg(long, value_name = "ADDR")]
+        start_at: Option<String>,
+    },
+    /// Blue-green in one command: run `--exec CMD` (deploy POOL), wait until every
+    /// backend of POOL is healthy, run `--test CMD` (with SWITCHYARD_PROXY and
+    /// SWITCHYARD_PREVIEW_HEADER to reach POOL through the proxy), then switch SERVICE
+    /// to POOL. A failed step switches nothing.
+    Release {
+        service: String,
+        #[arg(long = "to", value_name = "POOL")]
+        to: String,
+        #[arg(long = "exec", value_name = "CMD")]
+        exec: Option<String>,
+        #[arg(long = "test", value_name = "CMD")]
+        test: Option<String>,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        health_timeout: Duration,
+    },
     /// Re-read the config file, TLS files included: prints what changed, or the error
     /// (file, key and line) and exits non-zero with nothing changed.
     Reload,
@@ -284,19 +335,77 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             api.call(Method::POST, "/api/v1/tls/reload", None).await?,
             certificate_lines,
         ),
-        Action::Enable { pool, backend } => (
-            api.call(
-                Method::POST,
-                &format!(
-                    "/api/v1/pools/{}/backends/{}/enable",
-                    segment(pool),
-                    segment(backend)
-                ),
-                None,
-            )
-            .await?,
-            backend_line,
+        Action::Enable {
+            pool,
+            backend,
+            wait_healthy,
+            timeout,
+        } => {
+            let enabled = api
+                .call(
+                    Method::POST,
+                    &format!(
+                        "/api/v1/pools/{}/backends/{}/enable",
+                        segment(pool),
+                        segment(backend)
+                    ),
+                    None,
+                )
+                .await?;
+            if *wait_healthy {
+                (
+                    deploy::wait_healthy(&api, pool, backend, *timeout).await?,
+                    healthy_line,
+                )
+            } else {
+                (enabled, backend_line)
+            }
+        }
+        Action::WaitHealthy {
+            pool,
+            backend,
+            timeout,
+        } => (
+            deploy::wait_healthy(&api, pool, backend, *timeout).await?,
+            healthy_line,
         ),
+        Action::Roll {
+            pool,
+            exec,
+            max_unavailable,
+            drain_timeout,
+            health_timeout,
+            start_at,
+        } => {
+            let roll = deploy::Roll {
+                pool,
+                exec,
+                max_unavailable: *max_unavailable as usize,
+                drain_timeout: *drain_timeout,
+                health_timeout: *health_timeout,
+                start_at: start_at.as_deref(),
+                json: args.json,
+            };
+            // Progress went to stdout as it happened.
+            return deploy::roll(&api, &roll).await;
+        }
+        Action::Release {
+            service,
+            to,
+            exec,
+            test,
+            health_timeout,
+        } => {
+            let release = deploy::Release {
+                service,
+                to,
+                exec: exec.as_deref(),
+                test: test.as_deref(),
+                health_timeout: *health_timeout,
+                json: args.json,
+            };
+            return deploy::release(&api, &release).await;
+        }
     };
     Ok(if args.json {
         format!(
@@ -481,6 +590,15 @@ fn history_lines(v: &Value) -> String {
         );
     }
     out
+}
+
+fn healthy_line(v: &Value) -> String {
+    format!(
+        "{} {}: healthy ({})\n",
+        s(&v["pool"]),
+        s(&v["addr"]),
+        s(&v["state"])
+    )
 }
 
 fn reload_lines(v: &Value) -> String {
