@@ -463,3 +463,49 @@ async fn release_switches_only_after_its_test_passes_through_the_preview_route()
     assert_eq!(url, format!("http://{}", proxy.proxy_addr));
     assert_eq!(header, "x-preview-pool: green");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_roll_once_the_backend_in_hand_is_back() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let proxy = start_proxy(&pool_config(&[("blue", &[a.addr, b.addr, c.addr])], "")).await;
+    wait_ready(proxy.admin_addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let exec = format!("touch {}; sleep 0.5", started.display());
+    let mut child = Command::new(binary())
+        .args(["ctl", "--admin", &format!("http://{}", proxy.admin_addr)])
+        .args(["roll", "blue", "--exec", &exec])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the first exec to start", || {
+        started.exists()
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = &mut child;
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let output = text(&out);
+    assert!(
+        output.contains(&format!("interrupted: rolled {}", a.addr)),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("--start-at {}", b.addr)),
+        "{output}"
+    );
+    let states = backend_states(proxy.admin_addr, "blue").await;
+    assert!(states.iter().all(|(_, s)| s == "active"), "{states:?}");
+}
