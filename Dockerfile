@@ -20,6 +20,9 @@
 # ---- build -----------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# protoc: the etcd-client crate compiles etcd's protobuf definitions.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 # Cargo.toml declares a bench target, so benches/ must be present for the manifest to load.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -14,6 +14,7 @@ pub mod balancer;
 pub mod body;
 pub mod client;
 pub mod client_io;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod ctl;

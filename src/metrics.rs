@@ -48,6 +48,10 @@ pub struct Metrics {
     pub dns_failures: IntCounterVec,
     /// Requests sent by a service's preview header to the pool it named.
     pub preview_requests: IntCounterVec,
+    /// 1 while etcd answers (`[cluster]`).
+    pub cluster_connected: IntGauge,
+    /// The fleet generation applied here (`[cluster]`).
+    pub cluster_generation: IntGauge,
     /// `switchyard_client_timeouts_total` by the config key that fired, resolved once.
     pub client_header_timeouts: IntCounter,
     pub client_body_timeouts: IntCounter,
@@ -154,6 +158,14 @@ impl Metrics {
             ),
             &["pool"],
         ));
+        let cluster_connected = must(IntGauge::new(
+            "switchyard_cluster_connected",
+            "1 while this instance reaches etcd ([cluster]); 0 while it serves its last applied state without it.",
+        ));
+        let cluster_generation = must(IntGauge::new(
+            "switchyard_cluster_generation",
+            "The fleet's state generation (etcd revision) this instance has applied ([cluster]).",
+        ));
         let preview_requests = must(IntCounterVec::new(
             Opts::new(
                 "switchyard_preview_requests_total",
@@ -210,6 +222,8 @@ impl Metrics {
             Box::new(state_file_corrupt.clone()),
             Box::new(dns_failures.clone()),
             Box::new(preview_requests.clone()),
+            Box::new(cluster_connected.clone()),
+            Box::new(cluster_generation.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(connections_refused.clone()),
             Box::new(build_info),
@@ -235,6 +249,8 @@ impl Metrics {
             state_file_corrupt,
             dns_failures,
             preview_requests,
+            cluster_connected,
+            cluster_generation,
             client_header_timeouts,
             client_body_timeouts,
             send_timeouts,

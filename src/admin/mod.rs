@@ -54,6 +54,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/config/reload", post(config_reload))
         .route("/api/v1/info", get(info))
         .route("/api/v1/upgrade", post(upgrade))
+        .route("/api/v1/cluster", get(cluster_view))
+        .route("/api/v1/cluster/converged", get(cluster_converged))
         .route("/api/v1/tls/reload", post(tls_reload))
         .route(
             "/api/v1/pools/{pool}/backends",
@@ -65,6 +67,10 @@ pub fn app(shared: Arc<Shared>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            wait_converged,
+        ))
         // `layer`, not `route_layer`: unknown paths need the token too, so the API's
         // shape is not revealed to callers without it.
         .layer(middleware::from_fn_with_state(
@@ -203,6 +209,11 @@ impl IntoResponse for ApiError {
             body[key] = value;
         }
         let mut response = (self.status, Json(body)).into_response();
+        if self.code == "cluster-unavailable" {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -309,6 +320,124 @@ async fn upgrade(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError
     }
 }
 
+fn no_cluster() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no [cluster] is configured",
+    )
+}
+
+/// `GET /api/v1/cluster`: this instance's connectivity and the live members.
+async fn cluster_view(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let cluster = shared.control.cluster().ok_or_else(no_cluster)?;
+    Ok(Json(cluster_json(&shared, cluster).await).into_response())
+}
+
+async fn cluster_json(shared: &Shared, cluster: &crate::cluster::Cluster) -> serde_json::Value {
+    let members = cluster.members().await.unwrap_or_default();
+    serde_json::json!({
+        "name": cluster.name(),
+        "connected": cluster.is_connected(),
+        "generation": shared.control.generation().await,
+        "members": members,
+    })
+}
+
+#[derive(Deserialize)]
+struct ConvergedQuery {
+    generation: u64,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// How long `converged` and `?wait=converged` wait: `timeout=`, default 10s, at most 10m.
+fn converge_timeout(text: Option<&str>) -> Result<Duration, ApiError> {
+    match text {
+        None => Ok(Duration::from_secs(10)),
+        Some(text) => humantime::parse_duration(text)
+            .map(|d| d.min(Duration::from_secs(600)))
+            .map_err(|e| ApiError::bad_request(format!("timeout `{text}`: {e}"))),
+    }
+}
+
+/// `GET /api/v1/cluster/converged?generation=N&timeout=10s`: 200 once every live
+/// member has applied N, 504 naming the laggards.
+async fn cluster_converged(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<ConvergedQuery>,
+) -> Result<Response, ApiError> {
+    let cluster = shared.control.cluster().ok_or_else(no_cluster)?;
+    let timeout = converge_timeout(query.timeout.as_deref())?;
+    converged_answer(cluster, query.generation, timeout).await
+}
+
+async fn converged_answer(
+    cluster: &crate::cluster::Cluster,
+    generation: u64,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
+    match cluster.converged(generation, timeout).await {
+        Ok(()) => Ok(
+            Json(serde_json::json!({ "generation": generation, "converged": true }))
+                .into_response(),
+        ),
+        Err(laggards) => {
+            let names: Vec<&str> = laggards.iter().map(|m| m.name.as_str()).collect();
+            let mut error = ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "not every member applied generation {generation} within {}: {}",
+                    humantime::format_duration(timeout),
+                    if names.is_empty() {
+                        "etcd unreachable".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            );
+            error.extra = Some(("laggards", serde_json::json!(laggards)));
+            Err(error)
+        }
+    }
+}
+
+/// `?wait=converged` on a change: answer once every live member has applied it (504,
+/// naming the laggards, if that takes longer than `timeout`; the change stands).
+async fn wait_converged(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let query = request.uri().query().unwrap_or("").to_string();
+    let waits = request.method() != axum::http::Method::GET
+        && query.split('&').any(|kv| kv == "wait=converged");
+    if !waits {
+        return next.run(request).await;
+    }
+    let timeout = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))
+        .map(str::to_string);
+    let response = next.run(request).await;
+    let Some(cluster) = shared.control.cluster() else {
+        return response;
+    };
+    if !response.status().is_success() {
+        return response;
+    }
+    let generation = shared.control.generation().await;
+    let timeout = match converge_timeout(timeout.as_deref()) {
+        Ok(timeout) => timeout,
+        Err(e) => return e.into_response(),
+    };
+    match converged_answer(cluster, generation, timeout).await {
+        Ok(_) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
 /// This process: version, pid, start time, config file, generation and listeners.
 async fn info(State(shared): State<Arc<Shared>>) -> Response {
     let generation = shared.control.generation().await;
@@ -321,7 +450,10 @@ async fn info(State(shared): State<Arc<Shared>>) -> Response {
         "config_path": info.config_path,
         "generation": generation,
         "listen": listen,
-        "cluster": null,
+        "cluster": match shared.control.cluster() {
+            Some(cluster) => cluster_json(&shared, cluster).await,
+            None => serde_json::Value::Null,
+        },
     }))
     .into_response()
 }

@@ -108,6 +108,13 @@ impl Config {
         changed_fields!(out, "state", old.state, self.state, [path]);
         changed_fields!(out, "log", old.log, self.log, [access, format, buffer]);
         changed_fields!(out, "metrics", old.metrics, self.metrics, [enabled]);
+        if old.cluster != self.cluster {
+            out.push(ConfigChange::new(
+                "cluster",
+                "changed",
+                "[cluster] settings",
+            ));
+        }
 
         for pool in &self.pools {
             let table = format!("pools.{}", pool.name);

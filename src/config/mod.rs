@@ -112,8 +112,28 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    /// `[cluster]`: the traffic state lives in etcd, shared by every instance.
+    pub cluster: Option<ClusterConfig>,
     /// The file this came from, for errors found after validation.
     pub origin: Origin,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// etcd v3 endpoints, `http://` or `https://`.
+    pub etcd: Vec<String>,
+    /// Key prefix of this fleet, ending in `/`.
+    pub prefix: String,
+    /// This instance's name in the fleet; default: the host name and the admin port.
+    pub name: Option<String>,
+    /// How long a dead instance stays listed.
+    pub lease_ttl: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -26,6 +26,31 @@ pub(super) struct RawConfig {
     pub(super) log: LogConfig,
     #[serde(default)]
     pub(super) metrics: MetricsConfig,
+    pub(super) cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) etcd: Vec<String>,
+    #[serde(default = "default_cluster_prefix")]
+    pub(super) prefix: String,
+    pub(super) name: Option<String>,
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub(super) lease_ttl: Duration,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+}
+
+fn default_cluster_prefix() -> String {
+    "/switchyard/".into()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,11 +8,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::locate::Origin;
-use super::raw::{RawBackend, RawClientAuth, RawConfig, RawPool, RawPreview, RawTls};
+use super::raw::{RawBackend, RawClientAuth, RawCluster, RawConfig, RawPool, RawPreview, RawTls};
 use super::{
-    AdminConfig, BackendConfig, CertificatePaths, ClientAuth, Config, ConfigError, HealthConfig,
-    HostMatch, HttpCheck, NamedBackend, PassiveConfig, PoolConfig, PreviewConfig, Protocol,
-    ProxyConfig, ServiceConfig, StateConfig, TlsListenerConfig, UpstreamConfig, UpstreamTlsConfig,
+    AdminConfig, BackendConfig, CertificatePaths, ClientAuth, ClusterConfig, Config, ConfigError,
+    HealthConfig, HostMatch, HttpCheck, NamedBackend, PassiveConfig, PoolConfig, PreviewConfig,
+    Protocol, ProxyConfig, ServiceConfig, StateConfig, TlsListenerConfig, UpstreamConfig,
+    UpstreamTlsConfig,
 };
 
 pub(super) struct Validator<'a> {
@@ -216,7 +217,70 @@ impl Validator<'_> {
             services,
             log: raw.log,
             metrics: raw.metrics,
+            cluster: match raw.cluster {
+                None => None,
+                Some(cluster) => Some(self.cluster(cluster)?),
+            },
             origin: self.origin.clone(),
+        })
+    }
+
+    fn cluster(&self, raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+        const TABLE: &str = "cluster";
+        if raw.etcd.is_empty() {
+            return Err(self.error(
+                TABLE,
+                "etcd",
+                "list at least one etcd endpoint, such as \"http://127.0.0.1:2379\"",
+            ));
+        }
+        for endpoint in &raw.etcd {
+            let valid = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                && endpoint
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.authority().is_some());
+            if !valid {
+                return Err(self.error(
+                    TABLE,
+                    "etcd",
+                    format!("`{endpoint}` is not an http:// or https:// URL with a host and port"),
+                ));
+            }
+        }
+        if !raw.prefix.starts_with('/') || !raw.prefix.ends_with('/') || raw.prefix.len() < 2 {
+            return Err(self.error(
+                TABLE,
+                "prefix",
+                "must start and end with `/`, such as \"/switchyard/\"",
+            ));
+        }
+        if let Some(name) = &raw.name {
+            check_name(name).map_err(|m| self.error(TABLE, "name", m))?;
+        }
+        let lease_ttl = self.timeout(TABLE, "lease_ttl", raw.lease_ttl)?;
+        if lease_ttl < Duration::from_secs(2) {
+            return Err(self.error(TABLE, "lease_ttl", "must be at least 2s"));
+        }
+        if raw.cert_file.is_some() != raw.key_file.is_some() {
+            return Err(self.error(TABLE, "cert_file", "cert_file and key_file go together"));
+        }
+        if raw.username.is_some() != raw.password_file.is_some() {
+            return Err(self.error(TABLE, "username", "username and password_file go together"));
+        }
+        let tls = raw.ca_file.is_some() || raw.cert_file.is_some();
+        if tls && raw.etcd.iter().any(|e| e.starts_with("http://")) {
+            return Err(self.error(TABLE, "etcd", "TLS settings need https:// endpoints"));
+        }
+        Ok(ClusterConfig {
+            etcd: raw.etcd,
+            prefix: raw.prefix,
+            name: raw.name,
+            lease_ttl,
+            ca_file: raw.ca_file,
+            cert_file: raw.cert_file,
+            key_file: raw.key_file,
+            username: raw.username,
+            password_file: raw.password_file,
         })
     }
 

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::routing::{self, Pool, PoolSettings, PoolSettingsMap, ResolvedPools, RoutingTable};
 use crate::state::{self, BackendMode, CanarySpec, MatchSpec, ServiceTraffic, TrafficState};
 
+mod fleet;
 mod membership;
 mod names;
 mod reload;
@@ -61,6 +62,10 @@ pub enum ControlError {
     },
     #[error("a binary upgrade is handing over to a new process; retry the change in a moment")]
     Upgrading,
+    #[error(
+        "{0}; changes are refused until it is back (this instance keeps serving its last state)"
+    )]
+    ClusterUnavailable(String),
     #[error("{0}")]
     Persist(#[from] state::StateError),
     #[error("{done} (generation {generation}), but the rest of the change failed: {source}; call again to finish it")]
@@ -84,7 +89,7 @@ impl ControlError {
             ControlError::DrainTimeout { .. } => 408,
             ControlError::TooManyBackends { .. } => 413,
             ControlError::Persist(_) | ControlError::PartlyApplied { .. } => 500,
-            ControlError::Upgrading => 503,
+            ControlError::Upgrading | ControlError::ClusterUnavailable(_) => 503,
         }
     }
 
@@ -101,6 +106,7 @@ impl ControlError {
             ControlError::TooManyBackends { .. } => "too_many_backends",
             ControlError::Persist(_) | ControlError::PartlyApplied { .. } => "persist_failed",
             ControlError::Upgrading => "upgrading",
+            ControlError::ClusterUnavailable(_) => "cluster-unavailable",
         }
     }
 }
@@ -140,6 +146,8 @@ pub struct Control {
     /// The committed generation, readable without the writer lock (for scrapes).
     generation: Arc<AtomicU64>,
     corrupt_at_start: Option<state::CorruptFile>,
+    /// The fleet this instance belongs to, once joined (`[cluster]`).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// What backend host names resolved to (see `names`).
     names: std::sync::Mutex<names::NameTable>,
     resolved: ArcSwap<ResolvedPools>,
@@ -212,6 +220,7 @@ impl Control {
             generation,
             corrupt_at_start: corrupt,
             frozen: AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
             names: std::sync::Mutex::new(names::NameTable::new()),
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),
@@ -481,13 +490,13 @@ impl Control {
             // Nothing changes: no new generation, so a script's If-Match stays valid.
             return Ok(());
         }
-        next.generation = current.generation + 1;
+        next.generation = self.next_generation(current);
         if let Some((service, kind)) = record {
             if let Some(traffic) = next.services.get_mut(service) {
                 traffic.record(next.generation, kind);
             }
         }
-        self.save(next.clone()).await?;
+        self.persist(current, &mut next).await?;
         let table = self.build_table(&next).await;
         self.table.store(table);
         self.sync_health_checks();

@@ -50,7 +50,11 @@ impl Control {
         // A reload that changes nothing keeps the generation, so a script's If-Match
         // stays valid (the files the config names are still read again).
         let unchanged = changes.is_empty() && next == *state;
-        next.generation = state.generation + u64::from(!unchanged);
+        next.generation = if unchanged {
+            state.generation
+        } else {
+            self.next_generation(&state)
+        };
         for (name, traffic) in next.services.iter_mut() {
             // In a service's history only when the reload changed its traffic.
             if !unchanged && state.services.get(name) != Some(traffic) {
@@ -58,7 +62,7 @@ impl Control {
             }
         }
         if !unchanged {
-            self.save(next.clone()).await?;
+            self.persist(&state, &mut next).await?;
         }
 
         self.settings

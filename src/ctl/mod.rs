@@ -29,6 +29,10 @@ pub struct CtlArgs {
     /// Print the API's JSON answer instead of a summary.
     #[arg(long, global = true)]
     pub json: bool,
+    /// In a fleet: a change returns once every live instance has applied it
+    /// (`?wait=converged`); exits non-zero naming the laggards otherwise.
+    #[arg(long, global = true)]
+    pub wait_converged: bool,
     #[command(subcommand)]
     pub action: Action,
 }
@@ -135,6 +139,9 @@ pub enum Action {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         health_timeout: Duration,
     },
+    /// The fleet (`[cluster]`): this instance's connection to etcd and the live members
+    /// with the generation each has applied.
+    Cluster,
     /// Re-read the config file, TLS files included: prints what changed, or the error
     /// (file, key and line) and exits non-zero with nothing changed.
     Reload,
@@ -213,6 +220,10 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
                     s(&v["old_pid"])
                 )
             },
+        ),
+        Action::Cluster => (
+            api.call(Method::GET, "/api/v1/cluster", None).await?,
+            cluster_lines,
         ),
         Action::Reload => (
             api.call(Method::POST, "/api/v1/config/reload", None)
@@ -419,6 +430,7 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
 
 struct Api {
     base: String,
+    wait_converged: bool,
     token: Option<String>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
@@ -433,6 +445,7 @@ impl Api {
         }
         Ok(Api {
             base,
+            wait_converged: args.wait_converged,
             token: args.token.clone(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         })
@@ -444,7 +457,11 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CtlError> {
-        let url = format!("{}{path}", self.base);
+        let mut url = format!("{}{path}", self.base);
+        if self.wait_converged && method != Method::GET {
+            url.push(if path.contains('?') { '&' } else { '?' });
+            url.push_str("wait=converged");
+        }
         let mut request = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
@@ -588,6 +605,25 @@ fn history_lines(v: &Value) -> String {
             s(&entry["kind"]),
             s(&entry["active"])
         );
+    }
+    out
+}
+
+fn cluster_lines(v: &Value) -> String {
+    let mut out = format!(
+        "{} connected={} generation {}\n",
+        s(&v["name"]),
+        s(&v["connected"]),
+        s(&v["generation"])
+    );
+    for member in v["members"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {:<20} generation {:<8} {}  seen {}\n",
+            s(&member["name"]),
+            s(&member["generation"]),
+            s(&member["admin"]),
+            s(&member["last_seen"])
+        ));
     }
     out
 }

@@ -120,6 +120,23 @@ pub async fn start_with(
     // Backends written as host names are resolved before anything serves.
     control.refresh_names().await;
     control.start_name_refresh();
+    if let Some(cluster_config) = &config.cluster {
+        let default_name = format!("{}-{}", host_name(), listen.admin.port());
+        let cluster = crate::cluster::Cluster::new(
+            cluster_config,
+            format!("http://{}", listen.admin),
+            default_name,
+            control.metrics(),
+        )
+        .await
+        .map_err(|e| crate::config::ConfigError {
+            file: config.origin.path().to_path_buf(),
+            key: "cluster".into(),
+            line: None,
+            message: e.to_string(),
+        })?;
+        control.join_cluster(Arc::new(cluster)).await;
+    }
     control.persist_now().await?;
     control.sync_health_checks();
     if inherited.is_some() {
@@ -225,6 +242,28 @@ pub async fn start_with(
         stop,
         task,
     })
+}
+
+/// This machine's name, for a default cluster member name.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(50)
+        .collect();
+    if name.is_empty() {
+        "switchyard".into()
+    } else {
+        name
+    }
 }
 
 fn warn_unverified(setup: &Setup) {

@@ -111,7 +111,7 @@ pub(super) fn watch_certificates(config: &Config, shared: &Arc<Shared>) -> Optio
 /// Keys that take effect only in a new process (a restart or an upgrade).
 fn mark_needs_restart(changes: &mut [ConfigChange]) {
     for change in changes.iter_mut() {
-        if change.key == "proxy.workers" || change.key == "state.path" {
+        if change.key == "proxy.workers" || change.key == "state.path" || change.key == "cluster" {
             change.change = "needs_restart";
             change.detail = format!(
                 "{} (takes effect when the process restarts or is upgraded)",
@@ -172,6 +172,7 @@ impl Runtime {
         // What only a new process can change stays as it is.
         config.proxy.workers = live.config.proxy.workers;
         config.state.path = live.config.state.path.clone();
+        config.cluster = live.config.cluster.clone();
 
         // New sockets first: if one cannot be bound, nothing has changed yet.
         let new_plain = rebind(

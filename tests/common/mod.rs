@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
+pub mod etcd;
 pub mod tls;
 
 // ------------------------------------------------------------------------------------

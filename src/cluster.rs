@@ -1,0 +1,392 @@
+//! A fleet on etcd v3: the traffic state is one key, `{prefix}state`, written only by
+//! a transaction that compares its `mod_revision` with the generation the writer has
+//! applied (so `If-Match`, and any two racing writes, resolve to exactly one winner),
+//! and applied by every instance from a watch. `generation` is that key's
+//! `mod_revision`. Each instance registers `{prefix}members/{name}` on a lease, with the
+//! generation it has applied. Never on the request path: a request reads the routing
+//! table, which only the control plane replaces.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClusterConfig;
+use crate::state::TrafficState;
+
+/// Longest wait for one etcd call: past it the cluster counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd is unreachable or has no quorum: {0}")]
+    Unavailable(String),
+    /// Someone else wrote the state since `expected`: the write was not made.
+    #[error("the state changed in the cluster (generation {current})")]
+    Conflict { current: u64 },
+    #[error("the state in etcd cannot be read: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// This instance as the others see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub admin: String,
+    /// The generation this instance has applied.
+    pub generation: u64,
+    pub version: String,
+    /// RFC 3339, when the instance last wrote its entry.
+    pub last_seen: String,
+}
+
+pub struct Cluster {
+    client: Client,
+    state_key: String,
+    members_prefix: String,
+    name: String,
+    admin: String,
+    lease_ttl: Duration,
+    lease: AtomicI64,
+    connected: AtomicBool,
+    pub connected_gauge: prometheus::IntGauge,
+    pub generation_gauge: prometheus::IntGauge,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Unavailable(e.to_string())
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable(format!(
+            "no answer within {}s",
+            CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+impl Cluster {
+    /// A client for `config`'s endpoints (no call is made yet: etcd may be down).
+    pub async fn new(
+        config: &ClusterConfig,
+        admin: String,
+        default_name: String,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Cluster, ClusterError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if let (Some(user), Some(file)) = (&config.username, &config.password_file) {
+            let password = std::fs::read_to_string(file).map_err(|e| {
+                ClusterError::Config(format!(
+                    "cluster.password_file: cannot read {}: {e}",
+                    file.display()
+                ))
+            })?;
+            options = options.with_user(user.clone(), password.trim().to_string());
+        }
+        let client = tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            Client::connect(&config.etcd, Some(options)),
+        )
+        .await
+        .map_err(|_| unavailable("connecting timed out"))?
+        .map_err(unavailable)?;
+        Ok(Cluster {
+            client,
+            state_key: format!("{}state", config.prefix),
+            members_prefix: format!("{}members/", config.prefix),
+            name: config.name.clone().unwrap_or(default_name),
+            admin,
+            lease_ttl: config.lease_ttl,
+            lease: AtomicI64::new(0),
+            connected: AtomicBool::new(false),
+            connected_gauge: metrics.cluster_connected.clone(),
+            generation_gauge: metrics.cluster_generation.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    fn mark(&self, connected: bool) {
+        self.connected.store(connected, Ordering::SeqCst);
+        self.connected_gauge.set(i64::from(connected));
+    }
+
+    fn observe<T>(&self, result: Result<T, ClusterError>) -> Result<T, ClusterError> {
+        match &result {
+            Err(ClusterError::Unavailable(_)) => self.mark(false),
+            _ => self.mark(true),
+        }
+        result
+    }
+
+    /// The state in etcd and its generation, if it has been written.
+    pub async fn read(&self) -> Result<Option<(TrafficState, u64)>, ClusterError> {
+        let mut kv = self.client.kv_client();
+        let got = self.observe(bounded(kv.get(self.state_key.clone(), None)).await)?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        let mut state: TrafficState = serde_json::from_slice(kv.value())
+            .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", self.state_key)))?;
+        let generation = kv.mod_revision() as u64;
+        state.generation = generation;
+        fill_history_generations(&mut state, generation);
+        Ok(Some((state, generation)))
+    }
+
+    /// Writes `state` if the key was last written at `expected` (0: if it does not exist
+    /// yet). Returns the new generation.
+    pub async fn write(&self, expected: u64, state: &TrafficState) -> Result<u64, ClusterError> {
+        let mut stored = state.clone();
+        stored.generation = 0;
+        let value =
+            serde_json::to_vec(&stored).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
+        let compare = if expected == 0 {
+            Compare::version(self.state_key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(self.state_key.clone(), CompareOp::Equal, expected as i64)
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(self.state_key.clone(), value, None)])
+            .or_else([TxnOp::get(self.state_key.clone(), None)]);
+        let mut kv = self.client.kv_client();
+        let answer = self.observe(bounded(kv.txn(txn)).await)?;
+        let revision = answer.header().map_or(0, |h| h.revision()) as u64;
+        if answer.succeeded() {
+            self.generation_gauge.set(revision as i64);
+            Ok(revision)
+        } else {
+            Err(ClusterError::Conflict { current: revision })
+        }
+    }
+
+    /// Calls `apply(state, generation)` for every write of the state after `from`,
+    /// until the stream breaks (then returns, for the caller to read and watch again).
+    pub async fn watch(
+        &self,
+        from: u64,
+        mut apply: impl FnMut(Option<(TrafficState, u64)>),
+    ) -> Result<(), ClusterError> {
+        let mut watch_client = self.client.watch_client();
+        let options = WatchOptions::new().with_start_revision(from as i64 + 1);
+        let (_watcher, mut stream) =
+            self.observe(bounded(watch_client.watch(self.state_key.clone(), Some(options))).await)?;
+        loop {
+            let message = stream.message().await.map_err(unavailable);
+            let Some(response) = self.observe(message)? else {
+                return Err(unavailable("the watch ended"));
+            };
+            if response.canceled() || response.compact_revision() > 0 {
+                // Compacted past what was applied, or cancelled: read the whole state.
+                return Err(ClusterError::Unavailable(format!(
+                    "the watch was cancelled (compacted at revision {})",
+                    response.compact_revision()
+                )));
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => match serde_json::from_slice::<TrafficState>(kv.value()) {
+                        Ok(mut state) => {
+                            let generation = kv.mod_revision() as u64;
+                            state.generation = generation;
+                            fill_history_generations(&mut state, generation);
+                            apply(Some((state, generation)));
+                        }
+                        Err(e) => tracing::error!(
+                            key = %self.state_key,
+                            "the state written to etcd cannot be read, ignored: {e}"
+                        ),
+                    },
+                    EventType::Delete => apply(None),
+                }
+            }
+        }
+    }
+
+    /// Registers this instance on a lease and keeps it alive, republishing `applied()`
+    /// every third of the TTL. Returns when etcd goes away (the caller retries).
+    pub async fn keep_registered(&self, applied: impl Fn() -> u64) -> Result<(), ClusterError> {
+        let mut lease_client = self.client.lease_client();
+        let ttl = self.lease_ttl.as_secs().max(2) as i64;
+        let granted = self.observe(bounded(lease_client.grant(ttl, None)).await)?;
+        let lease = granted.id();
+        self.lease.store(lease, Ordering::SeqCst);
+        let (mut keeper, mut answers) =
+            self.observe(bounded(lease_client.keep_alive(lease)).await)?;
+        let tick = self.lease_ttl / 3;
+        loop {
+            self.publish(lease, applied()).await?;
+            self.observe(bounded(keeper.keep_alive()).await)?;
+            let answer = self.observe(bounded(answers.message()).await)?;
+            if answer.is_none_or(|a| a.ttl() <= 0) {
+                return Err(unavailable("the lease expired"));
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    async fn publish(&self, lease: i64, generation: u64) -> Result<(), ClusterError> {
+        let member = Member {
+            name: self.name.clone(),
+            admin: self.admin.clone(),
+            generation,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            last_seen: crate::state::now_rfc3339(),
+        };
+        let value =
+            serde_json::to_vec(&member).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
+        let mut kv = self.client.kv_client();
+        self.observe(
+            bounded(kv.put(
+                format!("{}{}", self.members_prefix, self.name),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ))
+            .await,
+        )?;
+        Ok(())
+    }
+
+    /// Republishes this instance's entry now (after applying a generation), if it is
+    /// registered; failures are left to the keep-alive loop.
+    pub async fn announce(&self, generation: u64) {
+        let lease = self.lease.load(Ordering::SeqCst);
+        if lease != 0 {
+            let _ = self.publish(lease, generation).await;
+        }
+    }
+
+    /// The live members (their leases have not expired).
+    pub async fn members(&self) -> Result<Vec<Member>, ClusterError> {
+        let mut kv = self.client.kv_client();
+        let got = self.observe(
+            bounded(kv.get(
+                self.members_prefix.clone(),
+                Some(GetOptions::new().with_prefix()),
+            ))
+            .await,
+        )?;
+        let mut members: Vec<Member> = got
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(members)
+    }
+
+    /// Waits until every live member has applied `generation`; the laggards otherwise.
+    pub async fn converged(&self, generation: u64, timeout: Duration) -> Result<(), Vec<Member>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let laggards: Vec<Member> = match self.members().await {
+                Ok(members) => members
+                    .into_iter()
+                    .filter(|m| m.generation < generation)
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let reachable = self.is_connected();
+            if reachable && laggards.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(laggards);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// History entries of the write that made `generation` are stored with generation 0
+/// (the revision is not known before the write): give them theirs.
+fn fill_history_generations(state: &mut TrafficState, generation: u64) {
+    for traffic in state.services.values_mut() {
+        for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
+            entry.generation = generation;
+        }
+    }
+}
+
+/// The generation a write based on `current` gives the history entries it adds: 0,
+/// filled in from the key's revision when read (see `fill_history_generations`).
+pub const UNKNOWN_GENERATION: u64 = 0;
+
+/// Keeps `cluster` connected, watching and registered for as long as the process runs:
+/// `reload(state, generation)` applies a state read or watched; `applied()` tells the
+/// generation applied here.
+pub fn run(
+    cluster: Arc<Cluster>,
+    applied: Arc<dyn Fn() -> u64 + Send + Sync>,
+    apply: Arc<dyn Fn(TrafficState, u64) + Send + Sync>,
+) {
+    {
+        let cluster = Arc::clone(&cluster);
+        let applied = Arc::clone(&applied);
+        tokio::spawn(async move {
+            loop {
+                let applied = Arc::clone(&applied);
+                if let Err(e) = cluster.keep_registered(move || applied()).await {
+                    tracing::warn!("cluster: registration lost, retrying: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    tokio::spawn(async move {
+        loop {
+            // A full read first, every time: after an outage, a compaction or a
+            // restored etcd, the watch resumes from what etcd has, never a mix.
+            match cluster.read().await {
+                Ok(Some((state, generation))) => {
+                    if generation != applied() {
+                        apply(state, generation);
+                    }
+                    let from = applied().min(generation);
+                    let apply = Arc::clone(&apply);
+                    let result = cluster
+                        .watch(from, |change| {
+                            if let Some((state, generation)) = change {
+                                apply(state, generation);
+                            }
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        tracing::warn!("cluster: watch interrupted, reading the state again: {e}");
+                    }
+                }
+                Ok(None) => {
+                    // Nobody has written the state yet (or etcd was wiped): the first
+                    // write creates it.
+                }
+                Err(e) => {
+                    tracing::warn!("cluster: cannot read the state, serving the last applied: {e}")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}

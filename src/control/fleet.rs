@@ -1,0 +1,146 @@
+//! The control plane in a fleet: changes are committed to etcd (a compare-and-swap on
+//! the generation applied here), states written through other instances are applied
+//! from the watch, and the local state file becomes a cache to start from while etcd
+//! is down. Without `[cluster]` none of this runs.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Control, ControlError};
+use crate::cluster::{Cluster, ClusterError};
+use crate::state::TrafficState;
+
+impl From<ClusterError> for ControlError {
+    fn from(e: ClusterError) -> ControlError {
+        match e {
+            ClusterError::Conflict { current } => {
+                ControlError::StaleGeneration { given: 0, current }
+            }
+            other => ControlError::ClusterUnavailable(other.to_string()),
+        }
+    }
+}
+
+impl Control {
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Joins the fleet: the state in etcd replaces the cached one (or, if the fleet has
+    /// none yet, the cached one is written as the first), then the watch and the
+    /// registration run in the background. etcd down: the cached state serves, and
+    /// the background tasks join once it is back.
+    pub async fn join_cluster(self: &Arc<Self>, cluster: Arc<Cluster>) {
+        if self.cluster.set(Arc::clone(&cluster)).is_err() {
+            return;
+        }
+        match cluster.read().await {
+            Ok(Some((state, generation))) => self.apply_remote(state, generation, true).await,
+            Ok(None) => {
+                let mut current = self.state.lock().await;
+                match cluster.write(0, &current).await {
+                    Ok(generation) => {
+                        current.generation = generation;
+                        self.generation.store(generation, Ordering::Relaxed);
+                        tracing::info!(generation, "cluster: wrote the first state of the fleet");
+                    }
+                    Err(e) => tracing::warn!("cluster: cannot write the first state: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!(
+                "cluster: etcd unavailable at start, serving the cached state (generation {}): {e}",
+                self.generation.load(Ordering::Relaxed)
+            ),
+        }
+        let applied = {
+            let control = Arc::downgrade(self);
+            Arc::new(move || {
+                control
+                    .upgrade()
+                    .map_or(0, |c| c.generation.load(Ordering::Relaxed))
+            })
+        };
+        let apply = {
+            let control = Arc::downgrade(self);
+            Arc::new(move |state: TrafficState, generation: u64| {
+                if let Some(control) = control.upgrade() {
+                    tokio::spawn(
+                        async move { control.apply_remote(state, generation, false).await },
+                    );
+                }
+            })
+        };
+        crate::cluster::run(cluster, applied, apply);
+    }
+
+    /// Applies a state read from etcd: newer than what is applied here (or any, when
+    /// `force`d at join), reconciled with this instance's config.
+    pub(super) async fn apply_remote(&self, state: TrafficState, generation: u64, force: bool) {
+        let mut current = self.state.lock().await;
+        if !force && generation <= current.generation {
+            return;
+        }
+        let (mut next, warnings) = state.reconcile(&self.config.load());
+        for warning in warnings {
+            tracing::warn!("cluster state: {warning}");
+        }
+        next.generation = generation;
+        if let Err(e) = self.save(next.clone()).await {
+            tracing::warn!("cluster: cannot cache the state locally: {e}");
+        }
+        let table = self.build_table(&next).await;
+        self.table.store(table);
+        self.sync_health_checks();
+        self.generation.store(generation, Ordering::Relaxed);
+        *current = next;
+        tracing::info!(generation, "cluster: applied the fleet's state");
+        if let Some(cluster) = self.cluster.get() {
+            cluster.generation_gauge.set(generation as i64);
+            cluster.announce(generation).await;
+        }
+    }
+
+    /// Makes `next` durable: in etcd (then cached locally) in a fleet, in the state file
+    /// otherwise. Sets its generation.
+    pub(super) async fn persist(
+        &self,
+        current: &TrafficState,
+        next: &mut TrafficState,
+    ) -> Result<(), ControlError> {
+        let Some(cluster) = self.cluster.get() else {
+            return self.save(next.clone()).await;
+        };
+        let generation = cluster
+            .write(current.generation, next)
+            .await
+            .map_err(|e| match e {
+                ClusterError::Conflict { current: now } => ControlError::StaleGeneration {
+                    given: current.generation,
+                    current: now,
+                },
+                other => other.into(),
+            })?;
+        next.generation = generation;
+        for traffic in next.services.values_mut() {
+            for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
+                entry.generation = generation;
+            }
+        }
+        if let Err(e) = self.save(next.clone()).await {
+            tracing::warn!("cluster: cannot cache the state locally: {e}");
+        }
+        let cluster = Arc::clone(cluster);
+        tokio::spawn(async move { cluster.announce(generation).await });
+        Ok(())
+    }
+
+    /// The generation a change based on `current` records in its history before the
+    /// write: the next one in a single instance; filled in after the write in a fleet.
+    pub(super) fn next_generation(&self, current: &TrafficState) -> u64 {
+        if self.cluster.get().is_some() {
+            crate::cluster::UNKNOWN_GENERATION
+        } else {
+            current.generation + 1
+        }
+    }
+}

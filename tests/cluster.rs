@@ -1,0 +1,313 @@
+//! A fleet on a real etcd (started by the test): several switchyard processes share one
+//! traffic state. A change through one instance reaches the others; two racing
+//! conditional changes through two instances: exactly one wins; a dead instance leaves
+//! the member list; etcd down: serving goes on, changes are refused, then accepted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::*;
+use http::StatusCode;
+use serde_json::json;
+
+fn fleet_config(etcd: &Etcd, name: &str, pools: &[(&str, &[std::net::SocketAddr])]) -> String {
+    config_text(
+        "",
+        pools,
+        &format!(
+            "[cluster]\netcd = [\"{}\"]\nprefix = \"/test/\"\nname = \"{name}\"\nlease_ttl = \"2s\"\n",
+            etcd.client_url
+        ),
+    )
+}
+
+async fn get_json(addr: std::net::SocketAddr, path: &str) -> (StatusCode, serde_json::Value) {
+    admin(addr, "GET", path, None, &[]).await
+}
+
+async fn generation(addr: std::net::SocketAddr) -> u64 {
+    get_json(addr, "/api/v1/state").await.1["generation"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn members(addr: std::net::SocketAddr) -> Vec<String> {
+    let (_, view) = get_json(addr, "/api/v1/cluster").await;
+    view["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| m["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_members(addr: std::net::SocketAddr, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = members(addr).await;
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "members {now:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Blue and green stand-ins, and one switchyard process per name on `etcd`, ready.
+struct Fleet {
+    blue: Upstream,
+    green: Upstream,
+    instances: Vec<ProxyProcess>,
+}
+
+impl Fleet {
+    async fn start(etcd: &Etcd, names: &[&str]) -> Fleet {
+        let (blue, green) = (
+            Upstream::start("blue-1").await,
+            Upstream::start("green-1").await,
+        );
+        let mut instances = Vec::new();
+        for name in names {
+            instances.push(ProxyProcess::start(&fleet_config(
+                etcd,
+                name,
+                &[("blue", &[blue.addr]), ("green", &[green.addr])],
+            )));
+        }
+        for instance in &instances {
+            wait_ready(instance.admin_addr).await;
+        }
+        Fleet {
+            blue,
+            green,
+            instances,
+        }
+    }
+
+    /// Another instance on the same etcd and stand-ins.
+    fn another(&self, etcd: &Etcd, name: &str) -> ProxyProcess {
+        ProxyProcess::start(&fleet_config(
+            etcd,
+            name,
+            &[("blue", &[self.blue.addr]), ("green", &[self.green.addr])],
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_through_one_instance_reaches_the_others_under_load() {
+    let etcd = Etcd::start();
+    let fleet = Fleet::start(&etcd, &["lb-1", "lb-2", "lb-3"]).await;
+    let [a, b, c] = &fleet.instances[..] else {
+        unreachable!()
+    };
+    wait_members(a.admin_addr, &["lb-1", "lb-2", "lb-3"]).await;
+    let (_, info) = get_json(b.admin_addr, "/api/v1/info").await;
+    assert_eq!(info["cluster"]["connected"], true, "{info}");
+
+    let load_b = LoadRun::start(b.proxy_addr, "/", 3);
+    let load_c = LoadRun::start(c.proxy_addr, "/", 3);
+    load_b.wait_for(200).await;
+    let started = Instant::now();
+    let (status, answer) = admin(
+        a.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch?wait=converged",
+        Some(json!({"to": "green"})),
+        &[],
+    )
+    .await;
+    let converged_in = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let switched_at = answer["generation"].as_u64().unwrap();
+    // Converged: every instance routes to green now.
+    for p in [&b, &c] {
+        assert_eq!(generation(p.admin_addr).await, switched_at);
+        let answer = send(&client(), get(p.proxy_addr, "/")).await;
+        assert_eq!(answer.header("x-upstream"), Some("green-1"));
+    }
+    let (status, converged) = get_json(
+        c.admin_addr,
+        &format!("/api/v1/cluster/converged?generation={switched_at}&timeout=5s"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{converged}");
+    load_b.wait_for(200).await;
+    let records: Vec<Record> = [load_b.finish().await, load_c.finish().await].concat();
+    assert_no_failures(&records);
+    println!(
+        "switch through lb-1 converged on 3 instances in {:.1} ms; {} requests on lb-2 and lb-3, 0 failed",
+        converged_in.as_secs_f64() * 1000.0,
+        records.len()
+    );
+    // A generation no one reaches: 504, naming the laggards.
+    let (status, answer) = get_json(
+        a.admin_addr,
+        &format!(
+            "/api/v1/cluster/converged?generation={}&timeout=200ms",
+            switched_at + 1000
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{answer}");
+    assert_eq!(answer["laggards"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_racing_conditional_changes_through_two_instances_one_wins() {
+    let etcd = Etcd::start();
+    let fleet = Fleet::start(&etcd, &["lb-1", "lb-2"]).await;
+    let [a, b] = &fleet.instances[..] else {
+        unreachable!()
+    };
+    for round in 0..5 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let current = loop {
+            let (ga, gb) = (
+                generation(a.admin_addr).await,
+                generation(b.admin_addr).await,
+            );
+            if ga == gb {
+                break ga;
+            }
+            assert!(Instant::now() < deadline, "the instances never agreed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let if_match = current.to_string();
+        let to = if round % 2 == 0 { "green" } else { "blue" };
+        let canary = json!({"pool": if to == "green" { "blue" } else { "green" }, "weight": 10});
+        let condition = [("if-match", if_match.as_str())];
+        let (first, second) = tokio::join!(
+            admin(
+                a.admin_addr,
+                "POST",
+                "/api/v1/services/app/switch",
+                Some(json!({"to": to})),
+                &condition,
+            ),
+            admin(
+                b.admin_addr,
+                "PUT",
+                "/api/v1/services/app/canary",
+                Some(canary),
+                &condition,
+            ),
+        );
+        let statuses = [first.0, second.0];
+        assert_eq!(
+            statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+            1,
+            "round {round}: {first:?} {second:?}"
+        );
+        let loser = if first.0 == StatusCode::OK {
+            &second
+        } else {
+            &first
+        };
+        assert_eq!(loser.0, StatusCode::CONFLICT, "{loser:?}");
+        // Clear the canary, if it won, for the next round.
+        let _ = admin(
+            b.admin_addr,
+            "DELETE",
+            "/api/v1/services/app/canary",
+            None,
+            &[],
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_keeps_serving_refuses_changes_then_accepts_them() {
+    let mut etcd = Etcd::start();
+    let mut fleet = Fleet::start(&etcd, &["lb-1", "lb-2"]).await;
+    let mut b = fleet.instances.pop().unwrap();
+    let a = &fleet.instances[0];
+    wait_members(a.admin_addr, &["lb-1", "lb-2"]).await;
+
+    // SIGKILL of an instance: its entry expires with its lease.
+    b.signal("KILL");
+    b.wait_exit(Duration::from_secs(5));
+    wait_members(a.admin_addr, &["lb-1"]).await;
+
+    let load = LoadRun::start(a.proxy_addr, "/", 3);
+    load.wait_for(100).await;
+    etcd.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let (status, answer) = admin(
+            a.admin_addr,
+            "POST",
+            "/api/v1/services/app/switch",
+            Some(json!({"to": "green"})),
+            &[],
+        )
+        .await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "changes still accepted without etcd: {status} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused["code"], "cluster-unavailable", "{refused}");
+    let scrape = send(&client(), get(a.admin_addr, "/metrics")).await.text();
+    assert!(
+        scrape.contains("switchyard_cluster_connected 0"),
+        "{scrape}"
+    );
+    load.wait_for(200).await;
+    assert_eq!(
+        send(&client(), get(a.proxy_addr, "/"))
+            .await
+            .header("x-upstream"),
+        Some("blue-1"),
+        "the last applied state serves"
+    );
+
+    // An instance started while etcd is down serves from its cache.
+    let c = fleet.another(&etcd, "lb-3");
+    wait_ready(c.admin_addr).await;
+    assert_eq!(
+        send(&client(), get(c.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+
+    etcd.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = admin(
+            a.admin_addr,
+            "POST",
+            "/api/v1/services/app/switch",
+            Some(json!({"to": "green"})),
+            &[],
+        )
+        .await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "changes still refused after etcd came back: {status} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The instance that started during the outage joins and applies the change.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while send(&client(), get(c.proxy_addr, "/"))
+        .await
+        .header("x-upstream")
+        != Some("green-1")
+    {
+        assert!(Instant::now() < deadline, "lb-3 never applied the change");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_no_failures(&load.finish().await);
+}
