@@ -45,6 +45,22 @@ pub struct Member {
     pub version: String,
     /// RFC 3339, when the instance last wrote its entry.
     pub last_seen: String,
+    /// Requests in flight here on each backend out of rotation (`pool/addr`), so a
+    /// `wait-drained` anywhere in the fleet can wait for all of them.
+    #[serde(default)]
+    pub in_flight: std::collections::BTreeMap<String, u64>,
+}
+
+/// What the fleet tasks need from the control plane.
+pub trait FleetState: Send + Sync {
+    /// The generation applied here.
+    fn applied(&self) -> u64;
+    /// In flight here on each backend out of rotation, by `pool/addr`.
+    fn draining_in_flight(&self) -> std::collections::BTreeMap<String, u64>;
+    /// Apply a state read from etcd; `force`: even if not newer (etcd went backwards).
+    fn apply(&self, state: TrafficState, generation: u64, force: bool);
+    /// The state key is gone (a wiped etcd): write the one applied here as the first.
+    fn recreate(&self);
 }
 
 pub struct Cluster {
@@ -226,9 +242,10 @@ impl Cluster {
         }
     }
 
-    /// Registers this instance on a lease and keeps it alive, republishing `applied()`
-    /// every third of the TTL. Returns when etcd goes away (the caller retries).
-    pub async fn keep_registered(&self, applied: impl Fn() -> u64) -> Result<(), ClusterError> {
+    /// Registers this instance on a lease and keeps it alive, republishing what it has
+    /// applied every third of the TTL (every 100 ms while backends drain, for
+    /// `wait-drained` elsewhere). Returns when etcd goes away (the caller retries).
+    pub async fn keep_registered(&self, fleet: &dyn FleetState) -> Result<(), ClusterError> {
         let mut lease_client = self.client.lease_client();
         let ttl = self.lease_ttl.as_secs().max(2) as i64;
         let granted = self.observe(bounded(lease_client.grant(ttl, None)).await)?;
@@ -237,24 +254,41 @@ impl Cluster {
         let (mut keeper, mut answers) =
             self.observe(bounded(lease_client.keep_alive(lease)).await)?;
         let tick = self.lease_ttl / 3;
+        let mut last_keep_alive = tokio::time::Instant::now() - tick;
         loop {
-            self.publish(lease, applied()).await?;
-            self.observe(bounded(keeper.keep_alive()).await)?;
-            let answer = self.observe(bounded(answers.message()).await)?;
-            if answer.is_none_or(|a| a.ttl() <= 0) {
-                return Err(unavailable("the lease expired"));
+            let in_flight = fleet.draining_in_flight();
+            let draining = !in_flight.is_empty();
+            self.publish(lease, fleet.applied(), in_flight).await?;
+            if last_keep_alive.elapsed() >= tick {
+                self.observe(bounded(keeper.keep_alive()).await)?;
+                let answer = self.observe(bounded(answers.message()).await)?;
+                if answer.is_none_or(|a| a.ttl() <= 0) {
+                    return Err(unavailable("the lease expired"));
+                }
+                last_keep_alive = tokio::time::Instant::now();
             }
-            tokio::time::sleep(tick).await;
+            tokio::time::sleep(if draining {
+                Duration::from_millis(100)
+            } else {
+                tick
+            })
+            .await;
         }
     }
 
-    async fn publish(&self, lease: i64, generation: u64) -> Result<(), ClusterError> {
+    async fn publish(
+        &self,
+        lease: i64,
+        generation: u64,
+        in_flight: std::collections::BTreeMap<String, u64>,
+    ) -> Result<(), ClusterError> {
         let member = Member {
             name: self.name.clone(),
             admin: self.admin.clone(),
             generation,
             version: env!("CARGO_PKG_VERSION").to_string(),
             last_seen: crate::state::now_rfc3339(),
+            in_flight,
         };
         let value =
             serde_json::to_vec(&member).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
@@ -272,10 +306,39 @@ impl Cluster {
 
     /// Republishes this instance's entry now (after applying a generation), if it is
     /// registered; failures are left to the keep-alive loop.
-    pub async fn announce(&self, generation: u64) {
+    pub async fn announce(&self, fleet: &dyn FleetState) {
         let lease = self.lease.load(Ordering::SeqCst);
         if lease != 0 {
-            let _ = self.publish(lease, generation).await;
+            let _ = self
+                .publish(lease, fleet.applied(), fleet.draining_in_flight())
+                .await;
+        }
+    }
+
+    /// Waits until every other live member has applied `generation` and has nothing in
+    /// flight on `backend` (`pool/addr`); the members still busy otherwise.
+    pub async fn drained_elsewhere(
+        &self,
+        backend: &str,
+        generation: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Vec<Member>> {
+        loop {
+            let busy: Vec<Member> = match self.members().await {
+                Ok(members) => members
+                    .into_iter()
+                    .filter(|m| m.name != self.name)
+                    .filter(|m| m.generation < generation || m.in_flight.get(backend) != Some(&0))
+                    .collect(),
+                Err(_) => return Err(Vec::new()),
+            };
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(busy);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -335,21 +398,14 @@ fn fill_history_generations(state: &mut TrafficState, generation: u64) {
 /// filled in from the key's revision when read (see `fill_history_generations`).
 pub const UNKNOWN_GENERATION: u64 = 0;
 
-/// Keeps `cluster` connected, watching and registered for as long as the process runs:
-/// `reload(state, generation)` applies a state read or watched; `applied()` tells the
-/// generation applied here.
-pub fn run(
-    cluster: Arc<Cluster>,
-    applied: Arc<dyn Fn() -> u64 + Send + Sync>,
-    apply: Arc<dyn Fn(TrafficState, u64) + Send + Sync>,
-) {
+/// Keeps `cluster` connected, watching and registered for as long as the process runs.
+pub fn run(cluster: Arc<Cluster>, fleet: Arc<dyn FleetState>) {
     {
         let cluster = Arc::clone(&cluster);
-        let applied = Arc::clone(&applied);
+        let fleet = Arc::clone(&fleet);
         tokio::spawn(async move {
             loop {
-                let applied = Arc::clone(&applied);
-                if let Err(e) = cluster.keep_registered(move || applied()).await {
+                if let Err(e) = cluster.keep_registered(fleet.as_ref()).await {
                     tracing::warn!("cluster: registration lost, retrying: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -362,16 +418,23 @@ pub fn run(
             // restored etcd, the watch resumes from what etcd has, never a mix.
             match cluster.read().await {
                 Ok(Some((state, generation))) => {
-                    if generation != applied() {
-                        apply(state, generation);
+                    let applied = fleet.applied();
+                    if generation != applied {
+                        // Lower than applied: etcd was restored from an older snapshot
+                        // (or replaced); what it holds now is the fleet's state.
+                        if generation < applied {
+                            tracing::warn!(
+                                generation,
+                                applied,
+                                "cluster: etcd's state is older than the one applied here; applying etcd's"
+                            );
+                        }
+                        fleet.apply(state, generation, generation < applied);
                     }
-                    let from = applied().min(generation);
-                    let apply = Arc::clone(&apply);
                     let result = cluster
-                        .watch(from, |change| {
-                            if let Some((state, generation)) = change {
-                                apply(state, generation);
-                            }
+                        .watch(generation, |change| match change {
+                            Some((state, generation)) => fleet.apply(state, generation, false),
+                            None => fleet.recreate(),
                         })
                         .await;
                     if let Err(e) = result {
@@ -379,8 +442,8 @@ pub fn run(
                     }
                 }
                 Ok(None) => {
-                    // Nobody has written the state yet (or etcd was wiped): the first
-                    // write creates it.
+                    tracing::warn!("cluster: the fleet's state is missing from etcd; writing the one applied here");
+                    fleet.recreate();
                 }
                 Err(e) => {
                     tracing::warn!("cluster: cannot read the state, serving the last applied: {e}")

@@ -311,3 +311,110 @@ async fn etcd_down_keeps_serving_refuses_changes_then_accepts_them() {
     }
     assert_no_failures(&load.finish().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_drained_waits_for_requests_in_flight_on_other_instances() {
+    let etcd = Etcd::start();
+    let (first, second) = (
+        Upstream::start("blue-1").await,
+        Upstream::start("blue-2").await,
+    );
+    let config = |name: &str| fleet_config(&etcd, name, &[("blue", &[first.addr, second.addr])]);
+    let a = ProxyProcess::start(&config("lb-1"));
+    let b = ProxyProcess::start(&config("lb-2"));
+    wait_ready(a.admin_addr).await;
+    wait_ready(b.admin_addr).await;
+    wait_members(a.admin_addr, &["lb-1", "lb-2"]).await;
+    // Slow requests through lb-2 only.
+    let proxy_b = b.proxy_addr;
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(async move {
+                let answer = send(&client(), get(proxy_b, "/slow/1500")).await;
+                (answer.status, Instant::now())
+            })
+        })
+        .collect();
+    let target = first.addr.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, state) = get_json(b.admin_addr, "/api/v1/pools/blue").await;
+        let busy = state["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["addr"] == target.as_str() && x["in_flight"].as_u64() > Some(0));
+        if busy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no slow request reached {target} through lb-2"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let base = format!("/api/v1/pools/blue/backends/{target}");
+    let (status, answer) = admin(a.admin_addr, "POST", &format!("{base}/drain"), None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // lb-1 itself has nothing in flight on it; lb-2 has.
+    let (status, answer) =
+        get_json(a.admin_addr, &format!("{base}/wait-drained?timeout=200ms")).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("lb-2"),
+        "{answer}"
+    );
+    let (status, answer) =
+        get_json(a.admin_addr, &format!("{base}/wait-drained?timeout=20s")).await;
+    let returned = Instant::now();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    for request in slow {
+        let (status, finished) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            finished <= returned,
+            "wait-drained returned while lb-2 still had requests in flight"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_frozen_through_a_compaction_reads_the_whole_state_again() {
+    let etcd = Etcd::start();
+    let fleet = Fleet::start(&etcd, &["lb-1", "lb-2"]).await;
+    let [a, b] = &fleet.instances[..] else {
+        unreachable!()
+    };
+    wait_members(a.admin_addr, &["lb-1", "lb-2"]).await;
+    b.signal("STOP");
+    let mut last = 0;
+    for to in ["green", "blue", "green"] {
+        let (status, answer) = admin(
+            a.admin_addr,
+            "POST",
+            "/api/v1/services/app/switch",
+            Some(json!({"to": to})),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        last = answer["generation"].as_u64().unwrap();
+    }
+    let compacted = etcd.etcdctl(&["compact", &last.to_string()]);
+    assert!(
+        compacted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compacted.stderr)
+    );
+    b.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while generation(b.admin_addr).await < last {
+        assert!(
+            Instant::now() < deadline,
+            "lb-2 did not catch up after the compaction"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = send(&client(), get(b.proxy_addr, "/")).await;
+    assert_eq!(answer.header("x-upstream"), Some("green-1"));
+}

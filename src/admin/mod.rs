@@ -935,9 +935,43 @@ async fn wait_drained(
     let timeout = drain_timeout(query)?;
     let backend = shared.control.find_backend(&pool, &addr)?;
     let deadline = Instant::now() + timeout;
+    // In a fleet, the drain must have reached, and emptied, every instance.
+    let drained_at = shared.control.generation().await;
     loop {
         let in_flight = backend.in_flight();
         if in_flight == 0 {
+            if let Some(cluster) = shared.control.cluster() {
+                let key = format!("{pool}/{}", backend.name);
+                let until = tokio::time::Instant::from_std(deadline);
+                if let Err(busy) = cluster.drained_elsewhere(&key, drained_at, until).await {
+                    let names: Vec<String> = busy
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} ({} in flight)",
+                                m.name,
+                                m.in_flight.get(&key).copied().unwrap_or(0)
+                            )
+                        })
+                        .collect();
+                    let mut error = ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "{} still busy on other instances after {timeout:?}: {}",
+                            backend.name,
+                            if names.is_empty() {
+                                "etcd unreachable".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        ),
+                    );
+                    let total: u64 = busy.iter().filter_map(|m| m.in_flight.get(&key)).sum();
+                    error.extra = Some(("in_flight", serde_json::json!(total)));
+                    return Err(error);
+                }
+            }
             let generation = shared.control.generation().await;
             return Ok(answer(
                 generation,

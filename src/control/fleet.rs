@@ -6,9 +6,70 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+use std::sync::Weak;
+
 use super::{Control, ControlError};
-use crate::cluster::{Cluster, ClusterError};
+use crate::backend::AdminState;
+use crate::cluster::{Cluster, ClusterError, FleetState};
 use crate::state::TrafficState;
+
+/// The control plane as the fleet tasks see it (weak: they end with it).
+struct FleetHandle(Weak<Control>);
+
+impl FleetState for FleetHandle {
+    fn applied(&self) -> u64 {
+        self.0
+            .upgrade()
+            .map_or(0, |c| c.generation.load(Ordering::Relaxed))
+    }
+
+    fn draining_in_flight(&self) -> BTreeMap<String, u64> {
+        let Some(control) = self.0.upgrade() else {
+            return BTreeMap::new();
+        };
+        let table = control.table.load();
+        table
+            .pools
+            .iter()
+            .flat_map(|pool| {
+                pool.backends
+                    .iter()
+                    .filter(|b| b.admin_state() != AdminState::Active)
+                    .map(move |b| (format!("{}/{}", pool.name, b.name), b.in_flight()))
+            })
+            .collect()
+    }
+
+    fn apply(&self, state: TrafficState, generation: u64, force: bool) {
+        if let Some(control) = self.0.upgrade() {
+            tokio::spawn(async move { control.apply_remote(state, generation, force).await });
+        }
+    }
+
+    fn recreate(&self) {
+        let Some(control) = self.0.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let Some(cluster) = control.cluster.get() else {
+                return;
+            };
+            let mut current = control.state.lock().await;
+            match cluster.write(0, &current).await {
+                Ok(generation) => {
+                    current.generation = generation;
+                    control.generation.store(generation, Ordering::Relaxed);
+                    tracing::info!(
+                        generation,
+                        "cluster: wrote the state applied here as the fleet's"
+                    );
+                }
+                Err(e) => tracing::warn!("cluster: cannot write the state: {e}"),
+            }
+        });
+    }
+}
 
 impl From<ClusterError> for ControlError {
     fn from(e: ClusterError) -> ControlError {
@@ -26,6 +87,10 @@ impl Control {
         self.cluster.get()
     }
 
+    fn me(&self) -> Weak<Control> {
+        self.myself.get().cloned().unwrap_or_default()
+    }
+
     /// Joins the fleet: the state in etcd replaces the cached one (or, if the fleet has
     /// none yet, the cached one is written as the first), then the watch and the
     /// registration run in the background. etcd down: the cached state serves, and
@@ -34,6 +99,7 @@ impl Control {
         if self.cluster.set(Arc::clone(&cluster)).is_err() {
             return;
         }
+        let _ = self.myself.set(Arc::downgrade(self));
         match cluster.read().await {
             Ok(Some((state, generation))) => self.apply_remote(state, generation, true).await,
             Ok(None) => {
@@ -52,25 +118,8 @@ impl Control {
                 self.generation.load(Ordering::Relaxed)
             ),
         }
-        let applied = {
-            let control = Arc::downgrade(self);
-            Arc::new(move || {
-                control
-                    .upgrade()
-                    .map_or(0, |c| c.generation.load(Ordering::Relaxed))
-            })
-        };
-        let apply = {
-            let control = Arc::downgrade(self);
-            Arc::new(move |state: TrafficState, generation: u64| {
-                if let Some(control) = control.upgrade() {
-                    tokio::spawn(
-                        async move { control.apply_remote(state, generation, false).await },
-                    );
-                }
-            })
-        };
-        crate::cluster::run(cluster, applied, apply);
+        let handle: Arc<dyn FleetState> = Arc::new(FleetHandle(Arc::downgrade(self)));
+        crate::cluster::run(cluster, handle);
     }
 
     /// Applies a state read from etcd: newer than what is applied here (or any, when
@@ -94,9 +143,10 @@ impl Control {
         self.generation.store(generation, Ordering::Relaxed);
         *current = next;
         tracing::info!(generation, "cluster: applied the fleet's state");
+        drop(current);
         if let Some(cluster) = self.cluster.get() {
             cluster.generation_gauge.set(generation as i64);
-            cluster.announce(generation).await;
+            cluster.announce(&FleetHandle(self.me())).await;
         }
     }
 
@@ -130,7 +180,8 @@ impl Control {
             tracing::warn!("cluster: cannot cache the state locally: {e}");
         }
         let cluster = Arc::clone(cluster);
-        tokio::spawn(async move { cluster.announce(generation).await });
+        let handle = FleetHandle(self.me());
+        tokio::spawn(async move { cluster.announce(&handle).await });
         Ok(())
     }
 

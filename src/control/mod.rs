@@ -148,6 +148,8 @@ pub struct Control {
     corrupt_at_start: Option<state::CorruptFile>,
     /// The fleet this instance belongs to, once joined (`[cluster]`).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// A weak handle on itself, for the fleet tasks (set when joining).
+    myself: std::sync::OnceLock<std::sync::Weak<Control>>,
     /// What backend host names resolved to (see `names`).
     names: std::sync::Mutex<names::NameTable>,
     resolved: ArcSwap<ResolvedPools>,
@@ -221,6 +223,7 @@ impl Control {
             corrupt_at_start: corrupt,
             frozen: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
+            myself: std::sync::OnceLock::new(),
             names: std::sync::Mutex::new(names::NameTable::new()),
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),
