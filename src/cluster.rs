@@ -105,6 +105,27 @@ impl Cluster {
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if config.ca_file.is_some() || config.cert_file.is_some() {
+            let read = |key: &str, path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| {
+                    ClusterError::Config(format!(
+                        "cluster.{key}: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })
+            };
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &config.ca_file {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read("ca_file", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read("cert_file", cert)?,
+                    read("key_file", key)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
         if let (Some(user), Some(file)) = (&config.username, &config.password_file) {
             let password = std::fs::read_to_string(file).map_err(|e| {
                 ClusterError::Config(format!(

@@ -418,3 +418,46 @@ async fn an_instance_frozen_through_a_compaction_reads_the_whole_state_again() {
     let answer = send(&client(), get(b.proxy_addr, "/")).await;
     assert_eq!(answer.header("x-upstream"), Some("green-1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_an_etcd_that_wants_tls_client_certificates() {
+    use common::tls::TestCa;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("etcd CA");
+    let ca_file = ca.write(dir.path());
+    let (server_cert, server_key) = ca
+        .issue(&["127.0.0.1", "localhost"])
+        .write(dir.path(), "etcd");
+    let (client_cert, client_key) = ca.issue_client("switchyard").write(dir.path(), "client");
+    let etcd = Etcd::start_tls(&ca_file, &server_cert, &server_key);
+    let blue = Upstream::start("blue-1").await;
+    let green = Upstream::start("green-1").await;
+    let config = fleet_config(
+        &etcd,
+        "lb-tls",
+        &[("blue", &[blue.addr]), ("green", &[green.addr])],
+    )
+    .replace(
+        "lease_ttl = \"2s\"\n",
+        &format!(
+            "lease_ttl = \"2s\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca_file.display(),
+            client_cert.display(),
+            client_key.display()
+        ),
+    );
+    let proxy = ProxyProcess::start(&config);
+    wait_ready(proxy.admin_addr).await;
+    wait_members(proxy.admin_addr, &["lb-tls"]).await;
+    let (status, answer) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch",
+        Some(json!({"to": "green"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, view) = get_json(proxy.admin_addr, "/api/v1/cluster").await;
+    assert_eq!(view["connected"], true, "{view}");
+}

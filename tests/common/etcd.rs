@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 pub struct Etcd {
     pub client_url: String,
     peer_url: String,
+    /// `--cert-file` and the like, for an etcd that serves TLS and wants client
+    /// certificates.
+    tls_args: Vec<String>,
     data: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -27,6 +30,26 @@ impl Etcd {
         let mut etcd = Etcd {
             client_url: format!("http://127.0.0.1:{}", free_port()),
             peer_url: format!("http://127.0.0.1:{}", free_port()),
+            tls_args: Vec::new(),
+            data: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        etcd.resume();
+        etcd
+    }
+
+    /// An etcd that serves TLS with `cert`/`key` and accepts only clients with a
+    /// certificate from `ca`.
+    pub fn start_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Etcd {
+        let mut etcd = Etcd {
+            client_url: format!("https://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            tls_args: vec![
+                format!("--cert-file={}", cert.display()),
+                format!("--key-file={}", key.display()),
+                format!("--trusted-ca-file={}", ca.display()),
+                "--client-cert-auth".into(),
+            ],
             data: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -46,6 +69,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
             .args(["--initial-cluster", &format!("test={}", self.peer_url)])
+            .args(&self.tls_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -53,10 +77,21 @@ impl Etcd {
                 "etcd is needed for this test (Debian package `etcd-server`; .ci/run installs it)",
             );
         self.child = Some(child);
-        let addr = self.client_url.trim_start_matches("http://").to_string();
+        let tls = !self.tls_args.is_empty();
+        let addr = self
+            .client_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let healthy = health(&addr);
+            // A TLS etcd is taken as up once it listens; switchyard's own connection
+            // is what the test then checks.
+            let healthy = if tls {
+                std::net::TcpStream::connect(&addr).is_ok()
+            } else {
+                health(&addr)
+            };
             if healthy {
                 return;
             }
