@@ -141,7 +141,21 @@ impl Cluster {
         )
         .await
         .map_err(|_| unavailable("connecting timed out"))?
-        .map_err(unavailable)?;
+        .map_err(|e| match &e {
+            // etcd answered, and refused who we are: a config error, not an outage.
+            etcd_client::Error::GRpcStatus(status)
+                if matches!(
+                    format!("{:?}", status.code()).as_str(),
+                    "Unauthenticated" | "PermissionDenied" | "InvalidArgument"
+                ) =>
+            {
+                ClusterError::Config(format!(
+                    "etcd refused the credentials: {}",
+                    status.message()
+                ))
+            }
+            _ => unavailable(e),
+        })?;
         Ok(Cluster {
             client,
             state_key: format!("{}state", config.prefix),

@@ -461,3 +461,94 @@ async fn a_fleet_on_an_etcd_that_wants_tls_client_certificates() {
     let (_, view) = get_json(proxy.admin_addr, "/api/v1/cluster").await;
     assert_eq!(view["connected"], true, "{view}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_an_etcd_with_authentication() {
+    let mut etcd = Etcd::start();
+    for args in [
+        &["user", "add", "root", "--new-user-password=s3cret"][..],
+        &["auth", "enable"][..],
+    ] {
+        let out = etcd.etcdctl(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let blue = Upstream::start("blue-1").await;
+    let green = Upstream::start("green-1").await;
+    let config = fleet_config(
+        &etcd,
+        "lb-auth",
+        &[("blue", &[blue.addr]), ("green", &[green.addr])],
+    );
+    let with_password = config.replace(
+        "lease_ttl = \"2s\"\n",
+        &format!(
+            "lease_ttl = \"2s\"\nusername = \"root\"\npassword_file = \"{}\"\n",
+            password.display()
+        ),
+    );
+    let proxy = ProxyProcess::start(&with_password);
+    wait_ready(proxy.admin_addr).await;
+    wait_members(proxy.admin_addr, &["lb-auth"]).await;
+    let (status, answer) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch",
+        Some(json!({"to": "green"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // Started while etcd is down, an instance serves, refuses changes, then joins.
+    etcd.kill();
+    let late = ProxyProcess::start(&with_password.replace("lb-auth", "lb-late"));
+    wait_ready(late.admin_addr).await;
+    assert_eq!(
+        send(&client(), get(late.proxy_addr, "/")).await.status,
+        StatusCode::OK
+    );
+    let (status, answer) = admin(
+        late.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch",
+        Some(json!({"to": "blue"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "cluster-unavailable");
+    etcd.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while send(&client(), get(late.proxy_addr, "/"))
+        .await
+        .header("x-upstream")
+        != Some("green-1")
+    {
+        assert!(Instant::now() < deadline, "the late instance never joined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without the password etcd refuses, and switchyard says so at start.
+    std::fs::write(&password, "wrong\n").unwrap();
+    // Bounded: an instance that took the refusal for an outage would run on.
+    let mut command = std::process::Command::new("timeout");
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, &with_password).unwrap();
+    command
+        .arg("20")
+        .arg(binary())
+        .args(["run", "--config"])
+        .arg(&path);
+    let out = command.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -87,6 +87,12 @@ impl Control {
         self.cluster.get()
     }
 
+    /// This instance belongs to a fleet it has not joined yet (etcd was down at start):
+    /// changes are refused until it has.
+    pub fn expect_cluster(&self) {
+        self.cluster_pending.store(true, Ordering::SeqCst);
+    }
+
     fn me(&self) -> Weak<Control> {
         self.myself.get().cloned().unwrap_or_default()
     }
@@ -158,6 +164,12 @@ impl Control {
         next: &mut TrafficState,
     ) -> Result<(), ControlError> {
         let Some(cluster) = self.cluster.get() else {
+            if self.cluster_pending.load(Ordering::SeqCst) {
+                // In a fleet but not joined yet: a change made only here would be lost.
+                return Err(ControlError::ClusterUnavailable(
+                    "not connected to etcd yet".into(),
+                ));
+            }
             return self.save(next.clone()).await;
         };
         let generation = cluster

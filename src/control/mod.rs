@@ -148,6 +148,8 @@ pub struct Control {
     corrupt_at_start: Option<state::CorruptFile>,
     /// The fleet this instance belongs to, once joined (`[cluster]`).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// In `[cluster]` mode: set before joining, so no change is made locally only.
+    cluster_pending: AtomicBool,
     /// A weak handle on itself, for the fleet tasks (set when joining).
     myself: std::sync::OnceLock<std::sync::Weak<Control>>,
     /// What backend host names resolved to (see `names`).
@@ -224,6 +226,7 @@ impl Control {
             frozen: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
             myself: std::sync::OnceLock::new(),
+            cluster_pending: AtomicBool::new(false),
             names: std::sync::Mutex::new(names::NameTable::new()),
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),

@@ -121,21 +121,46 @@ pub async fn start_with(
     control.refresh_names().await;
     control.start_name_refresh();
     if let Some(cluster_config) = &config.cluster {
+        control.expect_cluster();
         let default_name = format!("{}-{}", host_name(), listen.admin.port());
-        let cluster = crate::cluster::Cluster::new(
-            cluster_config,
-            format!("http://{}", listen.admin),
-            default_name,
-            control.metrics(),
-        )
-        .await
-        .map_err(|e| crate::config::ConfigError {
-            file: config.origin.path().to_path_buf(),
-            key: "cluster".into(),
-            line: None,
-            message: e.to_string(),
-        })?;
-        control.join_cluster(Arc::new(cluster)).await;
+        let admin_url = format!("http://{}", listen.admin);
+        let connect = {
+            let cluster_config = cluster_config.clone();
+            let metrics = Arc::clone(control.metrics());
+            move || {
+                let (cluster_config, metrics) = (cluster_config.clone(), Arc::clone(&metrics));
+                let (admin_url, default_name) = (admin_url.clone(), default_name.clone());
+                async move {
+                    crate::cluster::Cluster::new(&cluster_config, admin_url, default_name, &metrics)
+                        .await
+                }
+            }
+        };
+        match connect().await {
+            Ok(cluster) => control.join_cluster(Arc::new(cluster)).await,
+            Err(crate::cluster::ClusterError::Unavailable(e)) => {
+                tracing::warn!("cluster: etcd unavailable at start, serving the cached state; changes wait for it: {e}");
+                let control = Arc::clone(&control);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Ok(cluster) = connect().await {
+                            control.join_cluster(Arc::new(cluster)).await;
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                return Err(crate::config::ConfigError {
+                    file: config.origin.path().to_path_buf(),
+                    key: "cluster".into(),
+                    line: None,
+                    message: e.to_string(),
+                }
+                .into())
+            }
+        }
     }
     control.persist_now().await?;
     control.sync_health_checks();
