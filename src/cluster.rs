@@ -72,6 +72,9 @@ pub struct Cluster {
     lease_ttl: Duration,
     lease: AtomicI64,
     connected: AtomicBool,
+    /// Set when this process leaves the fleet (handed over, or shut down): it stops
+    /// publishing its entry.
+    retired: AtomicBool,
     pub connected_gauge: prometheus::IntGauge,
     pub generation_gauge: prometheus::IntGauge,
 }
@@ -165,6 +168,7 @@ impl Cluster {
             lease_ttl: config.lease_ttl,
             lease: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             connected_gauge: metrics.cluster_connected.clone(),
             generation_gauge: metrics.cluster_generation.clone(),
         })
@@ -193,17 +197,24 @@ impl Cluster {
 
     /// The state in etcd and its generation, if it has been written.
     pub async fn read(&self) -> Result<Option<(TrafficState, u64)>, ClusterError> {
+        Ok(self.read_at().await?.0)
+    }
+
+    /// As `read`, with etcd's store revision at the read: a watch from there on misses
+    /// nothing, and one lower than what was applied means etcd went back in time.
+    pub async fn read_at(&self) -> Result<(Option<(TrafficState, u64)>, u64), ClusterError> {
         let mut kv = self.client.kv_client();
         let got = self.observe(bounded(kv.get(self.state_key.clone(), None)).await)?;
+        let revision = got.header().map_or(0, |h| h.revision()) as u64;
         let Some(kv) = got.kvs().first() else {
-            return Ok(None);
+            return Ok((None, revision));
         };
         let mut state: TrafficState = serde_json::from_slice(kv.value())
             .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", self.state_key)))?;
         let generation = kv.mod_revision() as u64;
         state.generation = generation;
         fill_history_generations(&mut state, generation);
-        Ok(Some((state, generation)))
+        Ok((Some((state, generation)), revision))
     }
 
     /// Writes `state` if the key was last written at `expected` (0: if it does not exist
@@ -229,7 +240,18 @@ impl Cluster {
             self.generation_gauge.set(revision as i64);
             Ok(revision)
         } else {
-            Err(ClusterError::Conflict { current: revision })
+            // The generation to retry with is the key's, not the store's revision.
+            let current = answer
+                .op_responses()
+                .into_iter()
+                .find_map(|op| match op {
+                    etcd_client::TxnOpResponse::Get(get) => {
+                        Some(get.kvs().first().map_or(0, |kv| kv.mod_revision() as u64))
+                    }
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Err(ClusterError::Conflict { current })
         }
     }
 
@@ -311,12 +333,26 @@ impl Cluster {
         }
     }
 
+    /// Leaves the fleet: no more entry updates, and the lease is revoked so the entry
+    /// goes at once (a new process of the same name publishes its own).
+    pub async fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        let lease = self.lease.swap(0, Ordering::SeqCst);
+        if lease != 0 {
+            let mut leases = self.client.lease_client();
+            let _ = bounded(leases.revoke(lease)).await;
+        }
+    }
+
     async fn publish(
         &self,
         lease: i64,
         generation: u64,
         in_flight: std::collections::BTreeMap<String, u64>,
     ) -> Result<(), ClusterError> {
+        if self.retired.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let member = Member {
             name: self.name.clone(),
             admin: self.admin.clone(),
@@ -440,6 +476,9 @@ pub fn run(cluster: Arc<Cluster>, fleet: Arc<dyn FleetState>) {
         let fleet = Arc::clone(&fleet);
         tokio::spawn(async move {
             loop {
+                if cluster.retired.load(Ordering::SeqCst) {
+                    return;
+                }
                 if let Err(e) = cluster.keep_registered(fleet.as_ref()).await {
                     tracing::warn!("cluster: registration lost, retrying: {e}");
                 }
@@ -451,23 +490,27 @@ pub fn run(cluster: Arc<Cluster>, fleet: Arc<dyn FleetState>) {
         loop {
             // A full read first, every time: after an outage, a compaction or a
             // restored etcd, the watch resumes from what etcd has, never a mix.
-            match cluster.read().await {
-                Ok(Some((state, generation))) => {
-                    let applied = fleet.applied();
-                    if generation != applied {
-                        // Lower than applied: etcd was restored from an older snapshot
-                        // (or replaced); what it holds now is the fleet's state.
-                        if generation < applied {
-                            tracing::warn!(
-                                generation,
-                                applied,
-                                "cluster: etcd's state is older than the one applied here; applying etcd's"
-                            );
-                        }
-                        fleet.apply(state, generation, generation < applied);
+            let applied = fleet.applied();
+            match cluster.read_at().await {
+                Ok((Some((state, generation)), revision)) => {
+                    // etcd's whole store older than what was applied here: restored from
+                    // an older snapshot, or another cluster. What it holds now is the
+                    // fleet's state.
+                    let restored = revision < applied;
+                    if restored {
+                        tracing::warn!(
+                            revision,
+                            applied,
+                            "cluster: etcd is older than the state applied here; applying etcd's"
+                        );
                     }
+                    if generation != applied {
+                        fleet.apply(state, generation, restored);
+                    }
+                    // From the store's revision, not the key's: other keys move it on,
+                    // and a compaction past the key's would cancel every watch.
                     let result = cluster
-                        .watch(generation, |change| match change {
+                        .watch(revision, |change| match change {
                             Some((state, generation)) => fleet.apply(state, generation, false),
                             None => fleet.recreate(),
                         })
@@ -476,7 +519,7 @@ pub fn run(cluster: Arc<Cluster>, fleet: Arc<dyn FleetState>) {
                         tracing::warn!("cluster: watch interrupted, reading the state again: {e}");
                     }
                 }
-                Ok(None) => {
+                Ok((None, _)) => {
                     tracing::warn!("cluster: the fleet's state is missing from etcd; writing the one applied here");
                     fleet.recreate();
                 }

@@ -552,3 +552,57 @@ async fn a_fleet_on_an_etcd_with_authentication() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_config_lags_keeps_what_it_does_not_know() {
+    let etcd = Etcd::start();
+    let (blue, green) = (
+        Upstream::start("blue-1").await,
+        Upstream::start("green-1").await,
+    );
+    let pools: &[(&str, &[std::net::SocketAddr])] =
+        &[("blue", &[blue.addr]), ("green", &[green.addr])];
+    // lb-1 knows a service `api` that lb-2 (an older config) does not.
+    let newer = fleet_config(&etcd, "lb-1", pools)
+        + "[services.api]\npath_prefix = \"/api\"\nactive = \"green\"\n";
+    let a = ProxyProcess::start(&newer);
+    let b = ProxyProcess::start(&fleet_config(&etcd, "lb-2", pools));
+    wait_ready(a.admin_addr).await;
+    wait_ready(b.admin_addr).await;
+    let (status, answer) = admin(
+        a.admin_addr,
+        "POST",
+        "/api/v1/services/api/switch?wait=converged",
+        Some(json!({"to": "blue"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // A change through lb-2 writes the whole state: `api` must survive it.
+    let (status, answer) = admin(
+        b.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch?wait=converged",
+        Some(json!({"to": "green"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, state) = get_json(a.admin_addr, "/api/v1/state").await;
+    let api = state["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api")
+        .cloned()
+        .expect("api is gone from lb-1");
+    assert_eq!(api["active"], "blue", "{state}");
+    let app = state["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "app")
+        .unwrap()
+        .clone();
+    assert_eq!(app["active"], "green");
+}

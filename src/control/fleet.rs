@@ -14,8 +14,12 @@ use crate::backend::AdminState;
 use crate::cluster::{Cluster, ClusterError, FleetState};
 use crate::state::TrafficState;
 
-/// The control plane as the fleet tasks see it (weak: they end with it).
-struct FleetHandle(Weak<Control>);
+/// The control plane as the fleet tasks see it (weak: they end with it). States from
+/// etcd go through one queue, applied in the order they came.
+struct FleetHandle(
+    Weak<Control>,
+    Option<tokio::sync::mpsc::UnboundedSender<(TrafficState, u64, bool)>>,
+);
 
 impl FleetState for FleetHandle {
     fn applied(&self) -> u64 {
@@ -42,8 +46,8 @@ impl FleetState for FleetHandle {
     }
 
     fn apply(&self, state: TrafficState, generation: u64, force: bool) {
-        if let Some(control) = self.0.upgrade() {
-            tokio::spawn(async move { control.apply_remote(state, generation, force).await });
+        if let Some(queue) = &self.1 {
+            let _ = queue.send((state, generation, force));
         }
     }
 
@@ -124,7 +128,19 @@ impl Control {
                 self.generation.load(Ordering::Relaxed)
             ),
         }
-        let handle: Arc<dyn FleetState> = Arc::new(FleetHandle(Arc::downgrade(self)));
+        let (queue, mut arriving) = tokio::sync::mpsc::unbounded_channel();
+        {
+            let control = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some((state, generation, force)) = arriving.recv().await {
+                    let Some(control) = control.upgrade() else {
+                        return;
+                    };
+                    control.apply_remote(state, generation, force).await;
+                }
+            });
+        }
+        let handle: Arc<dyn FleetState> = Arc::new(FleetHandle(Arc::downgrade(self), Some(queue)));
         crate::cluster::run(cluster, handle);
     }
 
@@ -132,8 +148,16 @@ impl Control {
     /// `force`d at join), reconciled with this instance's config.
     pub(super) async fn apply_remote(&self, state: TrafficState, generation: u64, force: bool) {
         let mut current = self.state.lock().await;
+        if self.frozen.load(Ordering::SeqCst) {
+            // Handing over to a new process, which applies it; thawed, this one reads
+            // the state again.
+            return;
+        }
         if !force && generation <= current.generation {
             return;
+        }
+        if let Ok(mut raw) = self.fleet_raw.lock() {
+            *raw = Some(state.clone());
         }
         let (mut next, warnings) = state.reconcile(&self.config.load());
         for warning in warnings {
@@ -152,7 +176,7 @@ impl Control {
         drop(current);
         if let Some(cluster) = self.cluster.get() {
             cluster.generation_gauge.set(generation as i64);
-            cluster.announce(&FleetHandle(self.me())).await;
+            cluster.announce(&FleetHandle(self.me(), None)).await;
         }
     }
 
@@ -172,16 +196,18 @@ impl Control {
             }
             return self.save(next.clone()).await;
         };
-        let generation = cluster
-            .write(current.generation, next)
-            .await
-            .map_err(|e| match e {
-                ClusterError::Conflict { current: now } => ControlError::StaleGeneration {
-                    given: current.generation,
-                    current: now,
-                },
-                other => other.into(),
-            })?;
+        let written = self.keeping_what_others_know(next);
+        let generation =
+            cluster
+                .write(current.generation, &written)
+                .await
+                .map_err(|e| match e {
+                    ClusterError::Conflict { current: now } => ControlError::StaleGeneration {
+                        given: current.generation,
+                        current: now,
+                    },
+                    other => other.into(),
+                })?;
         next.generation = generation;
         for traffic in next.services.values_mut() {
             for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
@@ -192,9 +218,74 @@ impl Control {
             tracing::warn!("cluster: cannot cache the state locally: {e}");
         }
         let cluster = Arc::clone(cluster);
-        let handle = FleetHandle(self.me());
+        let handle = FleetHandle(self.me(), None);
         tokio::spawn(async move { cluster.announce(&handle).await });
         Ok(())
+    }
+
+    /// `next` with what the fleet's last state holds and this instance's config does not
+    /// know (services, pools, a service on a pool unknown here): written back as it
+    /// was, so an instance whose config lags never deletes the fleet's state.
+    fn keeping_what_others_know(&self, next: &TrafficState) -> TrafficState {
+        let raw = self.fleet_raw.lock().ok().and_then(|r| r.clone());
+        let Some(raw) = raw else {
+            return next.clone();
+        };
+        let config = self.config.load();
+        let known_pool = |name: &str| config.pools.iter().any(|p| p.name == name);
+        let mut out = next.clone();
+        for (name, traffic) in &raw.services {
+            let known_service = config.services.iter().any(|s| s.name == *name);
+            let unknown_pools = !known_pool(&traffic.active)
+                || traffic
+                    .canary
+                    .as_ref()
+                    .is_some_and(|c| !known_pool(&c.pool));
+            if !known_service || unknown_pools {
+                out.services.insert(name.clone(), traffic.clone());
+            }
+        }
+        for (pool, modes) in &raw.backends {
+            if !known_pool(pool) {
+                out.backends.insert(pool.clone(), modes.clone());
+            }
+        }
+        for (pool, members) in &raw.members {
+            if !known_pool(pool) {
+                out.members.insert(pool.clone(), members.clone());
+            }
+        }
+        out
+    }
+
+    /// Stops every change (and the applying of the fleet's) for a binary upgrade's
+    /// handover, once the change in progress, if any, is done: the new process reads
+    /// the state after this.
+    pub async fn freeze_for_handover(&self) {
+        let _done = self.state.lock().await;
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// The handover failed: changes are taken again, and the fleet's state, which was
+    /// not applied meanwhile, is read again.
+    pub fn thaw(self: &Arc<Self>) {
+        self.frozen.store(false, Ordering::SeqCst);
+        let Some(cluster) = self.cluster.get().cloned() else {
+            return;
+        };
+        let control = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Ok(Some((state, generation))) = cluster.read().await {
+                control.apply_remote(state, generation, false).await;
+            }
+        });
+    }
+
+    /// This process leaves the fleet (handed over, or shutting down).
+    pub async fn leave_cluster(&self) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.retire().await;
+        }
     }
 
     /// The generation a change based on `current` records in its history before the

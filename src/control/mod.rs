@@ -148,6 +148,8 @@ pub struct Control {
     corrupt_at_start: Option<state::CorruptFile>,
     /// The fleet this instance belongs to, once joined (`[cluster]`).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The fleet's state as last read from etcd, before it was fitted to this config.
+    fleet_raw: std::sync::Mutex<Option<TrafficState>>,
     /// In `[cluster]` mode: set before joining, so no change is made locally only.
     cluster_pending: AtomicBool,
     /// A weak handle on itself, for the fleet tasks (set when joining).
@@ -227,6 +229,7 @@ impl Control {
             cluster: std::sync::OnceLock::new(),
             myself: std::sync::OnceLock::new(),
             cluster_pending: AtomicBool::new(false),
+            fleet_raw: std::sync::Mutex::new(None),
             names: std::sync::Mutex::new(names::NameTable::new()),
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),
@@ -449,11 +452,6 @@ impl Control {
         self.commit(state, next, Some((service, kind))).await?;
         self.service_view(state, service)
             .ok_or_else(|| unknown_service(service))
-    }
-
-    /// Refuses (or allows again) every change, for a binary upgrade's handover.
-    pub fn freeze(&self, frozen: bool) {
-        self.frozen.store(frozen, Ordering::SeqCst);
     }
 
     /// The writer lock, unless a handover has frozen the state.

@@ -49,7 +49,11 @@ impl Control {
         );
         // A reload that changes nothing keeps the generation, so a script's If-Match
         // stays valid (the files the config names are still read again).
-        let unchanged = changes.is_empty() && next == *state;
+        // In a fleet the state is shared: a reload that changes only this instance's
+        // config (timeouts, listeners) writes nothing to etcd, so reloading every
+        // instance at once does not make them race.
+        let same_traffic = next == *state;
+        let unchanged = same_traffic && (changes.is_empty() || self.cluster.get().is_some());
         next.generation = if unchanged {
             state.generation
         } else {

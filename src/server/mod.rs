@@ -582,6 +582,7 @@ async fn lifecycle(
         ),
     }
     shared.control.stop_health_checks();
+    shared.control.leave_cluster().await;
     // An admin long poll (wait-drained) must not hold the exit: a moment to answer,
     // then the admin listener is dropped.
     let admin = std::mem::replace(&mut live.admin, Bound::closed());

@@ -368,7 +368,7 @@ impl super::reload::Runtime {
         let control = &self.shared.control;
         // From here the new process may read the state file: a change made here would
         // not reach it.
-        control.freeze(true);
+        control.freeze_for_handover().await;
         let completed =
             tokio::task::spawn_blocking(move || spawn(&executable, &args)?.complete(&offered))
                 .await
@@ -376,11 +376,13 @@ impl super::reload::Runtime {
         let new_pid = match completed {
             Ok(pid) => pid,
             Err(e) => {
-                control.freeze(false);
+                control.thaw();
                 return Err(e);
             }
         };
         drop(live);
+        // The new process is this instance in the fleet now.
+        control.leave_cluster().await;
         let _ = self.handover.send(true);
         Ok(crate::admin::Upgraded {
             old_pid: std::process::id(),
