@@ -375,13 +375,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Republishes this instance's entry now (after applying a generation), if it is
-    /// registered; failures are left to the keep-alive loop.
-    pub async fn announce(&self, fleet: &dyn FleetState) {
+    /// Republishes this instance's entry now, saying it has applied `generation` (the
+    /// caller's, which may not be in `fleet.applied()` yet), if it is registered;
+    /// failures are left to the keep-alive loop.
+    pub async fn announce(&self, fleet: &dyn FleetState, generation: u64) {
         let lease = self.lease.load(Ordering::SeqCst);
         if lease != 0 {
+            let generation = generation.max(fleet.applied());
             let _ = self
-                .publish(lease, fleet.applied(), fleet.draining_in_flight())
+                .publish(lease, generation, fleet.draining_in_flight())
                 .await;
         }
     }

@@ -176,7 +176,9 @@ impl Control {
         drop(current);
         if let Some(cluster) = self.cluster.get() {
             cluster.generation_gauge.set(generation as i64);
-            cluster.announce(&FleetHandle(self.me(), None)).await;
+            cluster
+                .announce(&FleetHandle(self.me(), None), generation)
+                .await;
         }
     }
 
@@ -219,7 +221,7 @@ impl Control {
         }
         let cluster = Arc::clone(cluster);
         let handle = FleetHandle(self.me(), None);
-        tokio::spawn(async move { cluster.announce(&handle).await });
+        tokio::spawn(async move { cluster.announce(&handle, generation).await });
         Ok(())
     }
 
