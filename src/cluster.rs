@@ -403,7 +403,14 @@ impl Cluster {
                     .filter(|m| m.name != self.name)
                     .filter(|m| m.generation < generation || m.in_flight.get(backend) != Some(&0))
                     .collect(),
-                Err(_) => return Err(Vec::new()),
+                // etcd away for a moment: try again until the deadline.
+                Err(_) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Vec::new());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             if busy.is_empty() {
                 return Ok(());

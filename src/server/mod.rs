@@ -45,7 +45,8 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
 }
 
-/// A started server. Dropping it does not stop it; call `shutdown`.
+/// A started server. Dropping it starts the graceful shutdown (the stop signal goes
+/// with it); `shutdown` does the same and waits for the end.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
