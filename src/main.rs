@@ -45,6 +45,11 @@ enum Command {
     },
     /// The admin API from a shell: status, switch, canary, promote, rollback, drain...
     Ctl(switchyard::ctl::CtlArgs),
+    /// Print a shell completion script: `switchyard completions bash > /etc/bash_completion.d/switchyard`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// One stand-in app server (for benchmarks and example scripts): answers
     /// "hello from NAME (ADDR)", and 200 on /health. Single-threaded.
     #[command(hide = true)]
@@ -66,6 +71,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Ctl(args) => return ctl(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "switchyard",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
         other => other,
     };
     init_logging();
@@ -80,6 +95,7 @@ fn main() -> ExitCode {
             health_file,
         } => stand_in(listen, &name, count, health_file),
         Command::Ctl(args) => return ctl(&args),
+        Command::Completions { .. } => return ExitCode::SUCCESS,
         Command::DeployDemo {
             backends,
             requests_per_phase,

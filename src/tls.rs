@@ -448,141 +448,31 @@ pub async fn watch_files(
 }
 
 // ---------------------------------------------------------------------------------------
-// Just enough DER to read a certificate's DNS names and expiry: rustls does not expose
-// them, and a full X.509 parser would be a large dependency for two fields.
+// A certificate's DNS names and expiry, which rustls does not expose: read with
+// x509-parser (a maintained X.509 parser) rather than by hand.
 
 struct ParsedCertificate {
     dns_names: Vec<String>,
     not_after: Option<i64>,
 }
 
-const SEQUENCE: u8 = 0x30;
-const EXTENSIONS: u8 = 0xa3;
-const OCTET_STRING: u8 = 0x04;
-const OID: u8 = 0x06;
-const DNS_NAME: u8 = 0x82;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
-const SUBJECT_ALT_NAME: [u8; 3] = [0x55, 0x1d, 0x11];
-
-/// Splits one TLV off the front of `input`: (tag, contents, rest).
-fn tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), &'static str> {
-    let (&tag, rest) = input.split_first().ok_or("truncated")?;
-    let (&first, rest) = rest.split_first().ok_or("truncated")?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let count = (first & 0x7f) as usize;
-        if count == 0 || count > 4 || rest.len() < count {
-            return Err("bad length");
+fn parse_certificate(der: &[u8]) -> Result<ParsedCertificate, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut dns_names = Vec::new();
+    if let Some(names) = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("subjectAltName: {e}"))?
+    {
+        for name in &names.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(name) = name {
+                dns_names.push(name.to_ascii_lowercase());
+            }
         }
-        let len = rest[..count]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        (len, &rest[count..])
-    };
-    if rest.len() < len {
-        return Err("truncated");
     }
-    Ok((tag, &rest[..len], &rest[len..]))
-}
-
-fn children(mut input: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8]), &'static str>> {
-    std::iter::from_fn(move || {
-        if input.is_empty() {
-            return None;
-        }
-        Some(tlv(input).map(|(tag, value, rest)| {
-            input = rest;
-            (tag, value)
-        }))
+    Ok(ParsedCertificate {
+        dns_names,
+        not_after: Some(cert.validity().not_after.timestamp()),
     })
-}
-
-fn parse_certificate(der: &[u8]) -> Result<ParsedCertificate, &'static str> {
-    let (tag, certificate, _) = tlv(der)?;
-    if tag != SEQUENCE {
-        return Err("not a certificate");
-    }
-    let (tag, tbs, _) = tlv(certificate)?;
-    if tag != SEQUENCE {
-        return Err("not a certificate");
-    }
-    let mut parsed = ParsedCertificate {
-        dns_names: Vec::new(),
-        not_after: None,
-    };
-    // tbsCertificate: [0] version, serial, signature, issuer, validity, subject, spki,
-    // then optional [1], [2], [3] extensions. Validity is the third SEQUENCE.
-    let mut sequences = 0;
-    for child in children(tbs) {
-        let (tag, value) = child?;
-        if tag == SEQUENCE {
-            sequences += 1;
-            if sequences == 3 {
-                parsed.not_after = validity_end(value);
-            }
-        }
-        if tag == EXTENSIONS {
-            let (_, list, _) = tlv(value)?;
-            for extension in children(list) {
-                let (_, extension) = extension?;
-                let mut fields = children(extension);
-                let Some(Ok((OID, oid))) = fields.next() else {
-                    continue;
-                };
-                if oid != SUBJECT_ALT_NAME {
-                    continue;
-                }
-                for field in fields {
-                    let (tag, value) = field?;
-                    if tag == OCTET_STRING {
-                        let (_, names, _) = tlv(value)?;
-                        for name in children(names) {
-                            let (tag, value) = name?;
-                            if tag == DNS_NAME {
-                                let name = std::str::from_utf8(value)
-                                    .map_err(|_| "a DNS name is not text")?;
-                                parsed.dns_names.push(name.to_ascii_lowercase());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(parsed)
-}
-
-fn validity_end(validity: &[u8]) -> Option<i64> {
-    let mut times = children(validity);
-    times.next()?.ok()?;
-    let (tag, value) = times.next()?.ok()?;
-    let text = std::str::from_utf8(value).ok()?;
-    let full = match tag {
-        // Two-digit years: 50-99 are 19xx (RFC 5280).
-        UTC_TIME => {
-            let yy: u32 = text.get(..2)?.parse().ok()?;
-            format!("{}{text}", if yy >= 50 { "19" } else { "20" })
-        }
-        GENERALIZED_TIME => text.to_string(),
-        _ => return None,
-    };
-    let digits = |range: std::ops::Range<usize>| full.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (digits(0..4)?, digits(4..6)?, digits(6..8)?);
-    let (hour, minute, second) = (digits(8..10)?, digits(10..12)?, digits(12..14)?);
-    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 pub fn now_unix() -> i64 {
@@ -624,13 +514,6 @@ mod tests {
         assert_eq!(parsed.dns_names, ["app.example.com", "*.example.org"]);
         // 2031-07-09T00:00:00Z
         assert_eq!(parsed.not_after, Some(1_941_321_600));
-    }
-
-    #[test]
-    fn days_from_civil_matches_known_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
     }
 
     #[test]

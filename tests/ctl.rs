@@ -173,3 +173,44 @@ async fn ctl_shows_and_reloads_certificates() {
         "{err}"
     );
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_switchyard()"),
+        ("zsh", "#compdef switchyard"),
+        ("fish", "complete -c switchyard"),
+    ] {
+        let out = std::process::Command::new(binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains(marker),
+            "{shell}: {}",
+            &script[..script.len().min(200)]
+        );
+        assert!(script.contains("ctl"), "{shell} completes no ctl");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_output_to_a_pipe_has_no_terminal_escapes() {
+    let blue = Upstream::start("blue-1").await;
+    let proxy = start_proxy(&config_text("", &[("blue", &[blue.addr])], "")).await;
+    let admin_url = format!("http://{}", proxy.admin_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary())
+            .args(["ctl", "--admin", &admin_url, "status"])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    assert!(!out.stdout.contains(&0x1b), "an escape sequence on a pipe");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("blue"));
+}
