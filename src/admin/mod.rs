@@ -281,7 +281,11 @@ async fn tls_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiEr
 /// Re-reads the whole config file: 200 `{"generation", "changes"}`, or 400 with the
 /// same text as `switchyard check` and nothing changed.
 async fn config_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    match shared.reload_config().await {
+    // Its own task, as for every change: a client hanging up must not cut it in half.
+    let reloaded = tokio::spawn(async move { shared.reload_config().await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match reloaded {
         Ok(reloaded) => Ok(answer(reloaded.generation, &reloaded)),
         Err(ConfigReloadError::Invalid(e)) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -307,7 +311,10 @@ async fn config_reload(State(shared): State<Arc<Shared>>) -> Result<Response, Ap
 /// Hands the listeners to a new process started from this one's executable path; 200
 /// once the new process serves, with both pids. This process then drains and exits.
 async fn upgrade(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    match shared.upgrade().await {
+    let upgraded = tokio::spawn(async move { shared.upgrade().await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match upgraded {
         Ok(done) => Ok(Json(done).into_response()),
         Err(refusal) => {
             let status = match refusal.code {
@@ -713,8 +720,8 @@ async fn change<B, V, Fut>(
 ) -> Result<Response, ApiError>
 where
     B: DeserializeOwned + Default,
-    V: Serialize + Generation,
-    Fut: std::future::Future<Output = Result<V, ApiError>>,
+    V: Serialize + Generation + Send + 'static,
+    Fut: std::future::Future<Output = Result<V, ApiError>> + Send + 'static,
 {
     let expected = if_match(headers)?;
     let body = match kind {
@@ -722,7 +729,11 @@ where
         Body::Optional => parse_body(body, true)?,
         Body::Ignored => B::default(),
     };
-    let view = call(body, expected).await?;
+    // On a task of its own: a client that hangs up mid-change drops this handler, and a
+    // change cut off between its save and its swap would be on disk but not in force.
+    let view = tokio::spawn(call(body, expected)).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })??;
     Ok(answer(view.generation(), &view))
 }
 
