@@ -23,6 +23,23 @@ fn fleet_config(etcd: &Etcd, name: &str, pools: &[(&str, &[std::net::SocketAddr]
     )
 }
 
+/// `POST /api/v1/services/{service}/switch{query}` to `to`, through `addr`.
+async fn switch(
+    addr: std::net::SocketAddr,
+    service: &str,
+    to: &str,
+    query: &str,
+) -> (StatusCode, serde_json::Value) {
+    admin(
+        addr,
+        "POST",
+        &format!("/api/v1/services/{service}/switch{query}"),
+        Some(json!({ "to": to })),
+        &[],
+    )
+    .await
+}
+
 async fn get_json(addr: std::net::SocketAddr, path: &str) -> (StatusCode, serde_json::Value) {
     admin(addr, "GET", path, None, &[]).await
 }
@@ -113,14 +130,7 @@ async fn a_switch_through_one_instance_reaches_the_others_under_load() {
     let load_c = LoadRun::start(c.proxy_addr, "/", 3);
     load_b.wait_for(200).await;
     let started = Instant::now();
-    let (status, answer) = admin(
-        a.admin_addr,
-        "POST",
-        "/api/v1/services/app/switch?wait=converged",
-        Some(json!({"to": "green"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(a.admin_addr, "app", "green", "?wait=converged").await;
     let converged_in = started.elapsed();
     assert_eq!(status, StatusCode::OK, "{answer}");
     let switched_at = answer["generation"].as_u64().unwrap();
@@ -239,14 +249,7 @@ async fn etcd_down_keeps_serving_refuses_changes_then_accepts_them() {
     etcd.kill();
     let deadline = Instant::now() + Duration::from_secs(20);
     let refused = loop {
-        let (status, answer) = admin(
-            a.admin_addr,
-            "POST",
-            "/api/v1/services/app/switch",
-            Some(json!({"to": "green"})),
-            &[],
-        )
-        .await;
+        let (status, answer) = switch(a.admin_addr, "app", "green", "").await;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             break answer;
         }
@@ -282,14 +285,7 @@ async fn etcd_down_keeps_serving_refuses_changes_then_accepts_them() {
     etcd.resume();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, answer) = admin(
-            a.admin_addr,
-            "POST",
-            "/api/v1/services/app/switch",
-            Some(json!({"to": "green"})),
-            &[],
-        )
-        .await;
+        let (status, answer) = switch(a.admin_addr, "app", "green", "").await;
         if status == StatusCode::OK {
             break;
         }
@@ -389,14 +385,7 @@ async fn an_instance_frozen_through_a_compaction_reads_the_whole_state_again() {
     b.signal("STOP");
     let mut last = 0;
     for to in ["green", "blue", "green"] {
-        let (status, answer) = admin(
-            a.admin_addr,
-            "POST",
-            "/api/v1/services/app/switch",
-            Some(json!({"to": to})),
-            &[],
-        )
-        .await;
+        let (status, answer) = switch(a.admin_addr, "app", to, "").await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         last = answer["generation"].as_u64().unwrap();
     }
@@ -449,14 +438,7 @@ async fn a_fleet_on_an_etcd_that_wants_tls_client_certificates() {
     let proxy = ProxyProcess::start(&config);
     wait_ready(proxy.admin_addr).await;
     wait_members(proxy.admin_addr, &["lb-tls"]).await;
-    let (status, answer) = admin(
-        proxy.admin_addr,
-        "POST",
-        "/api/v1/services/app/switch",
-        Some(json!({"to": "green"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(proxy.admin_addr, "app", "green", "").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let (_, view) = get_json(proxy.admin_addr, "/api/v1/cluster").await;
     assert_eq!(view["connected"], true, "{view}");
@@ -496,14 +478,7 @@ async fn a_fleet_on_an_etcd_with_authentication() {
     let proxy = ProxyProcess::start(&with_password);
     wait_ready(proxy.admin_addr).await;
     wait_members(proxy.admin_addr, &["lb-auth"]).await;
-    let (status, answer) = admin(
-        proxy.admin_addr,
-        "POST",
-        "/api/v1/services/app/switch",
-        Some(json!({"to": "green"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(proxy.admin_addr, "app", "green", "").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     // Started while etcd is down, an instance serves, refuses changes, then joins.
     etcd.kill();
@@ -513,14 +488,7 @@ async fn a_fleet_on_an_etcd_with_authentication() {
         send(&client(), get(late.proxy_addr, "/")).await.status,
         StatusCode::OK
     );
-    let (status, answer) = admin(
-        late.admin_addr,
-        "POST",
-        "/api/v1/services/app/switch",
-        Some(json!({"to": "blue"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(late.admin_addr, "app", "blue", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(answer["code"], "cluster-unavailable");
     etcd.resume();
@@ -569,24 +537,10 @@ async fn an_instance_whose_config_lags_keeps_what_it_does_not_know() {
     let b = ProxyProcess::start(&fleet_config(&etcd, "lb-2", pools));
     wait_ready(a.admin_addr).await;
     wait_ready(b.admin_addr).await;
-    let (status, answer) = admin(
-        a.admin_addr,
-        "POST",
-        "/api/v1/services/api/switch?wait=converged",
-        Some(json!({"to": "blue"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(a.admin_addr, "api", "blue", "?wait=converged").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     // A change through lb-2 writes the whole state: `api` must survive it.
-    let (status, answer) = admin(
-        b.admin_addr,
-        "POST",
-        "/api/v1/services/app/switch?wait=converged",
-        Some(json!({"to": "green"})),
-        &[],
-    )
-    .await;
+    let (status, answer) = switch(b.admin_addr, "app", "green", "?wait=converged").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let (_, state) = get_json(a.admin_addr, "/api/v1/state").await;
     let api = state["services"]
