@@ -72,6 +72,8 @@ pub struct Backend {
     /// Active checks run, and the last one's result.
     checks: AtomicU64,
     last_check_ok: std::sync::atomic::AtomicBool,
+    /// Why the last active check failed; empty while it passes.
+    last_check_error: arc_swap::ArcSwapOption<String>,
     epoch: Instant,
 }
 
@@ -94,6 +96,7 @@ impl Backend {
             healthy_since_ms: AtomicU64::new(0),
             checks: AtomicU64::new(0),
             last_check_ok: std::sync::atomic::AtomicBool::new(false),
+            last_check_error: arc_swap::ArcSwapOption::empty(),
             epoch: Instant::now(),
         }
     }
@@ -107,10 +110,25 @@ impl Backend {
         self
     }
 
-    /// One active health check ran, with this result.
-    pub fn record_check(&self, ok: bool) {
-        self.last_check_ok.store(ok, Ordering::Relaxed);
+    /// One active health check ran, with this result (the reason it failed, if it did).
+    pub fn record_check(&self, outcome: Result<(), &str>) {
+        match outcome {
+            Ok(()) => self.last_check_error.store(None),
+            // A backend that stays down fails the same way every interval: keep the text.
+            Err(reason)
+                if self.last_check_error().as_deref().map(String::as_str) != Some(reason) =>
+            {
+                self.last_check_error
+                    .store(Some(Arc::new(reason.to_string())))
+            }
+            Err(_) => {}
+        }
+        self.last_check_ok.store(outcome.is_ok(), Ordering::Relaxed);
         self.checks.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn last_check_error(&self) -> Option<Arc<String>> {
+        self.last_check_error.load_full()
     }
 
     pub fn checks(&self) -> u64 {

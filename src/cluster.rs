@@ -36,7 +36,7 @@ pub enum ClusterError {
 }
 
 /// This instance as the others see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Member {
     pub name: String,
     pub admin: String,

@@ -93,7 +93,7 @@ pub async fn check_loop(
     tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
     loop {
         let outcome = check_once(&backend, &config, &upstream).await;
-        backend.record_check(outcome.is_ok());
+        backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         if outcome.is_ok() {
             successes.inc()
         } else {

@@ -31,4 +31,5 @@ pub mod server;
 pub mod setup;
 pub mod split;
 pub mod state;
+pub mod stats;
 pub mod tls;

@@ -286,6 +286,50 @@ impl Metrics {
         })
     }
 
+    /// Each pool's totals so far, summed over services and backends: what the status
+    /// page's recent-traffic charts are made from. Reads two families, not the registry.
+    pub fn pool_totals(&self) -> std::collections::BTreeMap<String, PoolTotals> {
+        let mut totals = std::collections::BTreeMap::<String, PoolTotals>::new();
+        for family in self.requests.collect() {
+            for metric in family.get_metric() {
+                let (mut pool, mut code) = (None, 0u16);
+                for label in metric.get_label() {
+                    match label.name() {
+                        "pool" => pool = Some(label.value()),
+                        "code" => code = label.value().parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                let Some(pool) = pool else { continue };
+                let entry = totals.entry(pool.to_string()).or_default();
+                let count = metric.get_counter().get_value() as u64;
+                entry.requests += count;
+                if code >= 500 {
+                    entry.errors += count;
+                }
+            }
+        }
+        for family in self.duration.collect() {
+            for metric in family.get_metric() {
+                let Some(pool) = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "pool")
+                    .map(|l| l.value())
+                else {
+                    continue;
+                };
+                let entry = totals.entry(pool.to_string()).or_default();
+                let histogram = metric.get_histogram();
+                entry.timed += histogram.get_sample_count();
+                for (slot, bucket) in entry.buckets.iter_mut().zip(histogram.get_bucket()) {
+                    *slot += bucket.cumulative_count();
+                }
+            }
+        }
+        totals
+    }
+
     pub fn unrouted(&self) -> &CodeCounters {
         &self.unrouted
     }
@@ -325,6 +369,22 @@ impl Metrics {
         self.connections_refused.with_label_values(&[listener])
     }
 }
+
+/// One pool's counters at one moment (see `Metrics::pool_totals`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolTotals {
+    /// Answers, from `switchyard_requests_total`.
+    pub requests: u64,
+    /// Of those, 5xx (the backend's and the proxy's own).
+    pub errors: u64,
+    /// Observations of `switchyard_request_duration_seconds`, and its cumulative
+    /// buckets (bounds in `DURATION_BOUNDS`).
+    pub timed: u64,
+    pub buckets: [u64; DURATION_BUCKETS.len()],
+}
+
+/// The upper bounds of `PoolTotals::buckets`, in seconds.
+pub const DURATION_BOUNDS: &[f64] = &DURATION_BUCKETS;
 
 /// Per (service, pool): what a request records once its backend is known.
 pub struct RouteMetrics {

@@ -34,11 +34,13 @@ pub struct TrafficState {
     pub members: BTreeMap<String, Vec<MemberSpec>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemberSpec {
+    /// `IP:port`, or `host:port` resolved as the pool's configured names are.
     pub addr: String,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub weight: u32,
 }
 
@@ -72,14 +74,14 @@ pub struct CanarySpec {
     pub sticky: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryEntry {
     pub generation: u64,
@@ -302,10 +304,11 @@ pub enum StateError {
 }
 
 /// A state file that could not be parsed, and what became of it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CorruptFile {
     pub error: String,
     /// Where the file was moved; `None` if it could not be moved.
+    #[schema(value_type = Option<String>)]
     pub moved_to: Option<PathBuf>,
     /// The generation the state restarted from, above any the file can have had.
     pub restarted_at_generation: u64,

@@ -636,3 +636,60 @@ fn collect_exprs(value: &serde_json::Value, out: &mut String) {
         _ => {}
     }
 }
+
+#[tokio::test]
+async fn recent_traffic_counts_each_pools_requests_errors_and_latency() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let config = config_text("", &[("blue", &[blue.addr]), ("green", &[green.addr])], "");
+    let proxy = start_proxy(&config).await;
+    // 30 answers of which 10 are 500s, interleaved so that any interval they straddle
+    // holds both kinds.
+    for i in 0..30 {
+        let path = if i % 3 == 2 { "/status/500" } else { "/" };
+        let status = send(&client(), get(proxy.proxy_addr, path)).await.status;
+        assert_eq!(status.as_u16(), if i % 3 == 2 { 500 } else { 200 });
+    }
+    let admin = proxy.admin_addr;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let view = loop {
+        let (status, view) = common::admin(admin, "GET", "/api/v1/traffic", None, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let counted: f64 = view["pools"]["blue"]
+            .as_array()
+            .map(|points| {
+                points
+                    .iter()
+                    .map(|p| p["requests_per_second"].as_f64().unwrap())
+                    .sum::<f64>()
+                    * view["interval_seconds"].as_f64().unwrap()
+            })
+            .unwrap_or(0.0);
+        // Each interval's rate is over its measured length, close to the nominal 2 s.
+        if (counted - 30.0).abs() < 1.0 {
+            break view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 requests not all counted in /api/v1/traffic: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let points = view["pools"]["blue"].as_array().unwrap();
+    let busy: Vec<_> = points
+        .iter()
+        .filter(|p| p["requests_per_second"].as_f64().unwrap() > 0.0)
+        .collect();
+    for point in &busy {
+        let errors = point["error_rate"].as_f64().unwrap();
+        assert!(errors > 0.0 && errors < 1.0, "{point}");
+        assert!(point["p99_seconds"].as_f64().unwrap() > 0.0, "{point}");
+    }
+    // A pool without traffic (green serves no service) has no points, or points of
+    // zero without rates that would mean nothing.
+    for point in view["pools"]["green"].as_array().into_iter().flatten() {
+        assert_eq!(point["requests_per_second"], 0.0, "{point}");
+        assert!(point.get("error_rate").is_none() && point.get("p99_seconds").is_none());
+    }
+    proxy.shutdown().await;
+}

@@ -1,76 +1,82 @@
-//! The admin listener: liveness, readiness and the traffic-control API. Handlers only
-//! translate HTTP to `Control` calls; every change is made (and persisted) there.
+//! The admin listener: liveness, readiness, the status page, the traffic-control API
+//! and its OpenAPI description. Handlers only translate HTTP to `Control` calls; every
+//! change is made (and persisted) there.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use axum::{Extension, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::control::{BackendView, CanaryRequest, ControlError, PoolView, ServiceView};
-use crate::state::{BackendMode, MemberSpec};
-
+mod change;
+mod error;
+mod openapi;
+mod page;
+mod pools;
+mod process;
 mod shared;
+mod traffic;
 
+pub use error::ApiError;
 pub use shared::{
     record_reload, ConfigReloadError, Lifecycle, ListenAddrs, ProcessInfo, ReloadError, Shared,
     UpgradeRefusal, Upgraded,
 };
 
-/// Longest `wait-drained` long poll.
-const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The OpenAPI description, rendered once when the router is built.
+#[derive(Clone)]
+struct Description(Arc<str>);
 
 pub fn app(shared: Arc<Shared>) -> Router {
-    let api = Router::new()
-        .route("/api/v1/state", get(state))
-        .route("/api/v1/services/{service}/switch", post(switch))
-        .route(
-            "/api/v1/services/{service}/canary",
-            axum::routing::put(set_canary).delete(abort_canary),
-        )
-        .route("/api/v1/services/{service}/promote", post(promote))
-        .route("/api/v1/services/{service}/rollback", post(rollback))
-        .route("/api/v1/services/{service}/history", get(history))
-        .route("/api/v1/pools/{pool}/backends/{addr}/drain", post(drain))
-        .route(
-            "/api/v1/pools/{pool}/backends/{addr}/disable",
-            post(disable),
-        )
-        .route("/api/v1/pools/{pool}/backends/{addr}/enable", post(enable))
-        .route(
-            "/api/v1/pools/{pool}/backends/{addr}/wait-drained",
-            get(wait_drained),
-        )
-        .route("/api/v1/pools/{pool}", get(pool_view))
-        .route("/api/v1/tls", get(tls_view))
-        .route("/api/v1/config/reload", post(config_reload))
-        .route("/api/v1/info", get(info))
-        .route("/api/v1/upgrade", post(upgrade))
-        .route("/api/v1/cluster", get(cluster_view))
-        .route("/api/v1/cluster/converged", get(cluster_converged))
-        .route("/api/v1/tls/reload", post(tls_reload))
-        .route(
-            "/api/v1/pools/{pool}/backends",
-            axum::routing::put(set_members).post(add_member),
-        )
-        .route(
-            "/api/v1/pools/{pool}/backends/{addr}",
-            axum::routing::delete(remove_member),
-        )
+    let (api, api_doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(traffic::state))
+        .routes(routes!(traffic::history))
+        .routes(routes!(traffic::recent_traffic))
+        .routes(routes!(traffic::switch))
+        .routes(routes!(traffic::set_canary, traffic::abort_canary))
+        .routes(routes!(traffic::promote))
+        .routes(routes!(traffic::rollback))
+        .routes(routes!(pools::pool_view))
+        .routes(routes!(pools::drain))
+        .routes(routes!(pools::disable))
+        .routes(routes!(pools::enable))
+        .routes(routes!(pools::wait_drained))
+        .routes(routes!(pools::set_members, pools::add_member))
+        .routes(routes!(pools::remove_member))
+        .routes(routes!(process::tls_view))
+        .routes(routes!(process::tls_reload))
+        .routes(routes!(process::config_reload))
+        .routes(routes!(process::info))
+        .routes(routes!(process::upgrade))
+        .routes(routes!(process::cluster_view))
+        .routes(routes!(process::cluster_converged))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    let (probes, probe_doc) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(page::status_page))
+        .routes(routes!(page::script))
+        .routes(routes!(page::style))
+        .split_for_parts();
+    let (metrics, metrics_doc) = OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .split_for_parts();
+    let mut doc = api_doc;
+    doc.merge(probe_doc);
+    doc.merge(metrics_doc);
+    let description = Description(Arc::from(doc.to_json().unwrap_or_default()));
+
+    let api = api
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&shared),
-            wait_converged,
-        ))
+        .layer(Extension(description))
         // `layer`, not `route_layer`: unknown paths need the token too, so the API's
         // shape is not revealed to callers without it.
         .layer(middleware::from_fn_with_state(
@@ -78,16 +84,11 @@ pub fn app(shared: Arc<Shared>) -> Router {
             require_token,
         ));
     // Whether `/metrics` needs the token is read per scrape: a reload may change it.
-    let metrics =
-        Router::new()
-            .route("/metrics", get(metrics))
-            .route_layer(middleware::from_fn_with_state(
-                Arc::clone(&shared),
-                require_token_for_metrics,
-            ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let metrics = metrics.route_layer(middleware::from_fn_with_state(
+        Arc::clone(&shared),
+        require_token_for_metrics,
+    ));
+    probes
         .merge(metrics)
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -102,6 +103,20 @@ pub fn app(shared: Arc<Shared>) -> Router {
 /// Largest admin request body: a full pool of `max_backends_per_pool` weighted
 /// backends fits many times over.
 const MAX_BODY: usize = 1 << 20;
+
+/// This API as OpenAPI 3, made from the handlers themselves.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "process",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object), error::AuthErrors))]
+async fn openapi_json(Extension(description): Extension<Description>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        description.0.to_string(),
+    )
+        .into_response()
+}
 
 /// axum's own rejections (a body over the limit, a path that does not decode, a
 /// wrong content type) answer in plain text; every error of this API is
@@ -135,10 +150,17 @@ async fn errors_as_json(response: Response) -> Response {
     ApiError::new(status, code, message).into_response()
 }
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "probes", security(()),
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// The Prometheus text exposition. Needs the token only with
+/// `[admin] metrics_require_token = true`.
+#[utoipa::path(get, path = "/metrics", tag = "probes", security((), ("bearer" = [])),
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String), error::AuthErrors))]
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     // Rendering walks every series: at thousands of backends, milliseconds that must
     // not be taken from a worker serving requests.
@@ -156,322 +178,20 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+/// Readiness: 200 once the first health-check round is done, 503 (`not_ready`) before
+/// that and from the moment shutdown begins.
+#[utoipa::path(get, path = "/readyz", tag = "probes", security(()),
+    responses((status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 503, description = "starting or shutting down", body = error::ErrorBody)))]
+async fn readyz(State(shared): State<Arc<Shared>>) -> Result<&'static str, ApiError> {
+    let not_ready = |why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why);
     if !shared.ready.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        Err(not_ready("shutting down"))
     } else if !shared.is_ready() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "first health-check round not finished\n",
-        )
+        Err(not_ready("first health-check round not finished"))
     } else {
-        (StatusCode::OK, "ready\n")
+        Ok("ready\n")
     }
-}
-
-/// `{"error", "code"}` with the status the contract gives each case.
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    extra: Option<(&'static str, serde_json::Value)>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            extra: None,
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-}
-
-impl From<ControlError> for ApiError {
-    fn from(e: ControlError) -> ApiError {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            tracing::error!("admin change failed: {e}");
-        }
-        ApiError::new(status, e.code(), e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = serde_json::json!({ "error": self.message, "code": self.code });
-        if let Some((key, value)) = self.extra {
-            body[key] = value;
-        }
-        let mut response = (self.status, Json(body)).into_response();
-        if self.code == "cluster-unavailable" {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
-#[derive(Serialize)]
-struct CertificateView {
-    cert_file: String,
-    names: Vec<String>,
-    /// RFC 3339, UTC.
-    not_after: Option<String>,
-}
-
-fn certificate_views(certs: &[crate::tls::CertificateInfo]) -> serde_json::Value {
-    let views: Vec<CertificateView> = certs
-        .iter()
-        .map(|c| CertificateView {
-            cert_file: c.cert_file.display().to_string(),
-            names: c.names.clone(),
-            not_after: c.not_after.and_then(|t| {
-                let time = std::time::UNIX_EPOCH
-                    .checked_add(std::time::Duration::from_secs(u64::try_from(t).ok()?))?;
-                Some(humantime::format_rfc3339_seconds(time).to_string())
-            }),
-        })
-        .collect();
-    serde_json::json!({ "certificates": views })
-}
-
-fn tls_not_configured() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no [proxy.tls] listener is configured",
-    )
-}
-
-/// The certificates the HTTPS listener is using now.
-async fn tls_view(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let certificates = shared
-        .certificates
-        .load_full()
-        .ok_or_else(tls_not_configured)?;
-    Ok(Json(certificate_views(&certificates.current().info)).into_response())
-}
-
-/// Reads the certificate files again. A bad file is refused with 400 and the reason,
-/// and the certificates in use stay.
-async fn tls_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    match shared.reload_tls().await {
-        Ok(info) => Ok(Json(certificate_views(&info)).into_response()),
-        Err(ReloadError::NotConfigured) => Err(tls_not_configured()),
-        Err(ReloadError::Refused(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "tls_reload_refused",
-            format!("{e}; the previous certificates stay in use"),
-        )),
-    }
-}
-
-/// Re-reads the whole config file: 200 `{"generation", "changes"}`, or 400 with the
-/// same text as `switchyard check` and nothing changed.
-async fn config_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    // Its own task, as for every change: a client hanging up must not cut it in half.
-    let reloaded = tokio::spawn(async move { shared.reload_config().await })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    match reloaded {
-        Ok(reloaded) => Ok(answer(reloaded.generation, &reloaded)),
-        Err(ConfigReloadError::Invalid(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_config",
-            format!("{e}; nothing changed"),
-        )),
-        Err(ConfigReloadError::Control(e)) => Err(e.into()),
-        Err(e @ ConfigReloadError::Bind { .. }) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "bind_failed",
-            e.to_string(),
-        )),
-        Err(e @ (ConfigReloadError::ShuttingDown | ConfigReloadError::NotRunning)) => {
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_running",
-                e.to_string(),
-            ))
-        }
-    }
-}
-
-/// Hands the listeners to a new process started from this one's executable path; 200
-/// once the new process serves, with both pids. This process then drains and exits.
-async fn upgrade(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let upgraded = tokio::spawn(async move { shared.upgrade().await })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    match upgraded {
-        Ok(done) => Ok(Json(done).into_response()),
-        Err(refusal) => {
-            let status = match refusal.code {
-                "upgrade_in_progress" => StatusCode::CONFLICT,
-                "not_running" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(ApiError::new(status, refusal.code, refusal.message))
-        }
-    }
-}
-
-fn no_cluster() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no [cluster] is configured",
-    )
-}
-
-/// `GET /api/v1/cluster`: this instance's connectivity and the live members.
-async fn cluster_view(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let cluster = shared.control.cluster().ok_or_else(no_cluster)?;
-    Ok(Json(cluster_json(&shared, cluster).await).into_response())
-}
-
-async fn cluster_json(shared: &Shared, cluster: &crate::cluster::Cluster) -> serde_json::Value {
-    let members = cluster.members().await.unwrap_or_default();
-    serde_json::json!({
-        "name": cluster.name(),
-        "connected": cluster.is_connected(),
-        "generation": shared.control.generation().await,
-        "members": members,
-    })
-}
-
-#[derive(Deserialize)]
-struct ConvergedQuery {
-    generation: u64,
-    #[serde(default)]
-    timeout: Option<String>,
-}
-
-/// How long `converged` and `?wait=converged` wait: `timeout=`, default 10s, at most 10m.
-fn converge_timeout(text: Option<&str>) -> Result<Duration, ApiError> {
-    match text {
-        None => Ok(Duration::from_secs(10)),
-        Some(text) => humantime::parse_duration(text)
-            .map(|d| d.min(Duration::from_secs(600)))
-            .map_err(|e| ApiError::bad_request(format!("timeout `{text}`: {e}"))),
-    }
-}
-
-/// `GET /api/v1/cluster/converged?generation=N&timeout=10s`: 200 once every live
-/// member has applied N, 504 naming the laggards.
-async fn cluster_converged(
-    State(shared): State<Arc<Shared>>,
-    Query(query): Query<ConvergedQuery>,
-) -> Result<Response, ApiError> {
-    let cluster = shared.control.cluster().ok_or_else(no_cluster)?;
-    let timeout = converge_timeout(query.timeout.as_deref())?;
-    converged_answer(cluster, query.generation, timeout).await
-}
-
-async fn converged_answer(
-    cluster: &crate::cluster::Cluster,
-    generation: u64,
-    timeout: Duration,
-) -> Result<Response, ApiError> {
-    match cluster.converged(generation, timeout).await {
-        Ok(()) => Ok(
-            Json(serde_json::json!({ "generation": generation, "converged": true }))
-                .into_response(),
-        ),
-        Err(laggards) => {
-            let names: Vec<&str> = laggards.iter().map(|m| m.name.as_str()).collect();
-            let mut error = ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "not every member applied generation {generation} within {}: {}",
-                    humantime::format_duration(timeout),
-                    if names.is_empty() {
-                        "etcd unreachable".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ),
-            );
-            error.extra = Some(("laggards", serde_json::json!(laggards)));
-            Err(error)
-        }
-    }
-}
-
-/// `?wait=converged` on a change: answer once every live member has applied it (504,
-/// naming the laggards, if that takes longer than `timeout`; the change stands).
-async fn wait_converged(
-    State(shared): State<Arc<Shared>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let query = request.uri().query().unwrap_or("").to_string();
-    let waits = request.method() != axum::http::Method::GET
-        && query.split('&').any(|kv| kv == "wait=converged");
-    if !waits {
-        return next.run(request).await;
-    }
-    let timeout = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("timeout="))
-        .map(str::to_string);
-    let response = next.run(request).await;
-    let Some(cluster) = shared.control.cluster() else {
-        return response;
-    };
-    if !response.status().is_success() {
-        return response;
-    }
-    let generation = shared.control.generation().await;
-    let timeout = match converge_timeout(timeout.as_deref()) {
-        Ok(timeout) => timeout,
-        Err(e) => return e.into_response(),
-    };
-    match converged_answer(cluster, generation, timeout).await {
-        Ok(_) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-/// This process: version, pid, start time, config file, generation and listeners.
-async fn info(State(shared): State<Arc<Shared>>) -> Response {
-    let generation = shared.control.generation().await;
-    let info = &shared.info;
-    let listen = **shared.listen.load();
-    Json(serde_json::json!({
-        "version": info.version,
-        "pid": info.pid,
-        "started_at": info.started_at,
-        "config_path": info.config_path,
-        "generation": generation,
-        "listen": listen,
-        "cluster": match shared.control.cluster() {
-            Some(cluster) => cluster_json(&shared, cluster).await,
-            None => serde_json::Value::Null,
-        },
-    }))
-    .into_response()
-}
-
-/// A successful answer: the JSON view, with its generation also as `ETag`.
-fn answer<T: Serialize>(generation: u64, value: &T) -> Response {
-    let mut response = Json(value).into_response();
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{generation}\"")) {
-        response.headers_mut().insert(header::ETAG, etag);
-    }
-    response
 }
 
 /// Once the process is stopping or has handed over, every answer says
@@ -557,455 +277,6 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MembersBody {
-    backends: Vec<MemberEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a backend: \"IP:port\" or {\"addr\": \"IP:port\", \"weight\": N}"
-)]
-enum MemberEntry {
-    Addr(String),
-    Weighted(MemberSpec),
-}
-
-impl From<MemberEntry> for MemberSpec {
-    fn from(entry: MemberEntry) -> MemberSpec {
-        match entry {
-            MemberEntry::Addr(addr) => MemberSpec { addr, weight: 1 },
-            MemberEntry::Weighted(spec) => spec,
-        }
-    }
-}
-
-impl Default for MemberSpec {
-    fn default() -> Self {
-        MemberSpec {
-            addr: String::new(),
-            weight: 1,
-        }
-    }
-}
-
-fn drain_timeout(
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Duration, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let timeout = match query.timeout.as_deref() {
-        None => Duration::from_secs(30),
-        Some(text) => humantime::parse_duration(text).map_err(|e| {
-            ApiError::bad_request(format!("timeout `{text}`: {e} (use e.g. \"30s\")"))
-        })?,
-    };
-    if timeout > MAX_WAIT {
-        return Err(ApiError::bad_request("timeout must be at most 10m"));
-    }
-    Ok(timeout)
-}
-
-async fn pool_view(
-    State(shared): State<Arc<Shared>>,
-    Path(pool): Path<String>,
-) -> Result<Response, ApiError> {
-    let view = shared.control.pool_view(&pool).await?;
-    Ok(answer(view.generation(), &view))
-}
-
-async fn set_members(
-    State(shared): State<Arc<Shared>>,
-    Path(pool): Path<String>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let timeout = drain_timeout(query)?;
-    change(
-        &headers,
-        &body,
-        Body::Required,
-        |body: MembersBody, expected| async move {
-            let members = body.backends.into_iter().map(MemberSpec::from).collect();
-            Ok(shared
-                .control
-                .set_members(&pool, members, timeout, expected)
-                .await?)
-        },
-    )
-    .await
-}
-
-async fn add_member(
-    State(shared): State<Arc<Shared>>,
-    Path(pool): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    change(
-        &headers,
-        &body,
-        Body::Required,
-        |member: MemberSpec, expected| async move {
-            Ok(shared.control.add_member(&pool, member, expected).await?)
-        },
-    )
-    .await
-}
-
-async fn remove_member(
-    State(shared): State<Arc<Shared>>,
-    Path((pool, addr)): Path<(String, String)>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let timeout = drain_timeout(query)?;
-    change(
-        &headers,
-        &Bytes::new(),
-        Body::Ignored,
-        |(): (), expected| async move {
-            Ok(shared
-                .control
-                .remove_member(&pool, &addr, timeout, expected)
-                .await?)
-        },
-    )
-    .await
-}
-
-/// The generation a change's answer carries as its `ETag`.
-trait Generation {
-    fn generation(&self) -> u64;
-}
-
-impl Generation for ServiceView {
-    fn generation(&self) -> u64 {
-        self.generation
-    }
-}
-
-impl Generation for BackendView {
-    fn generation(&self) -> u64 {
-        self.generation
-    }
-}
-
-impl Generation for PoolView {
-    fn generation(&self) -> u64 {
-        self.backends.first().map_or(0, |b| b.generation)
-    }
-}
-
-/// What a change takes as its body.
-#[derive(Clone, Copy)]
-enum Body {
-    /// A JSON object.
-    Required,
-    /// A JSON object, or nothing (the type's default).
-    Optional,
-    /// Whatever is sent is not read (DELETE).
-    Ignored,
-}
-
-/// Every change has this shape: `If-Match`, the body parsed strictly, one `Control`
-/// call, and the new view with its generation as `ETag`.
-async fn change<B, V, Fut>(
-    headers: &HeaderMap,
-    body: &Bytes,
-    kind: Body,
-    call: impl FnOnce(B, Option<u64>) -> Fut,
-) -> Result<Response, ApiError>
-where
-    B: DeserializeOwned + Default,
-    V: Serialize + Generation + Send + 'static,
-    Fut: std::future::Future<Output = Result<V, ApiError>> + Send + 'static,
-{
-    let expected = if_match(headers)?;
-    let body = match kind {
-        Body::Required => parse_body(body, false)?,
-        Body::Optional => parse_body(body, true)?,
-        Body::Ignored => B::default(),
-    };
-    // On a task of its own: a client that hangs up mid-change drops this handler, and a
-    // change cut off between its save and its swap would be on disk but not in force.
-    let view = tokio::spawn(call(body, expected)).await.map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    })??;
-    Ok(answer(view.generation(), &view))
-}
-
-/// `If-Match: 5` or `If-Match: "5"`; absent means unconditional.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(value) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("").trim();
-    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
-    text.parse().map(Some).map_err(|_| {
-        ApiError::bad_request(format!(
-            "If-Match must be a generation number, got `{text}`"
-        ))
-    })
-}
-
-/// Parses a JSON body strictly (unknown fields and wrong types are errors); an empty
-/// body means the type's default when `optional`.
-fn parse_body<T: DeserializeOwned + Default>(body: &Bytes, optional: bool) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return if optional {
-            Ok(T::default())
-        } else {
-            Err(ApiError::bad_request("a JSON body is required"))
-        };
-    }
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    // serde would also take a struct from an array of its fields; the API takes objects.
-    if !value.is_object() {
-        return Err(ApiError::bad_request("the JSON body must be an object"));
-    }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-async fn state(State(shared): State<Arc<Shared>>) -> Response {
-    let view = shared.control.view().await;
-    answer(view.generation, &view)
-}
-
-async fn history(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-) -> Result<Response, ApiError> {
-    let view = shared.control.history(&service).await?;
-    Ok(answer(view.generation, &view))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SwitchBody {
-    to: String,
-    #[serde(default)]
-    force: bool,
-}
-
-async fn switch(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    change(
-        &headers,
-        &body,
-        Body::Required,
-        |body: SwitchBody, expected| async move {
-            if body.to.is_empty() {
-                return Err(ApiError::bad_request("`to` must name a pool"));
-            }
-            Ok(shared
-                .control
-                .switch(&service, &body.to, body.force, expected)
-                .await?)
-        },
-    )
-    .await
-}
-
-impl Default for CanaryRequest {
-    fn default() -> Self {
-        CanaryRequest {
-            pool: String::new(),
-            weight: f64::NAN,
-            header: None,
-            cookie: None,
-            sticky: None,
-            force: false,
-        }
-    }
-}
-
-async fn set_canary(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    change(
-        &headers,
-        &body,
-        Body::Required,
-        |body: CanaryRequest, expected| async move {
-            Ok(shared.control.set_canary(&service, body, expected).await?)
-        },
-    )
-    .await
-}
-
-async fn abort_canary(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    change(&headers, &Bytes::new(), Body::Ignored, |(): (), expected| async move {
-        Ok(shared.control.abort_canary(&service, expected).await?)
-    })
-    .await
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ForceBody {
-    #[serde(default)]
-    force: bool,
-}
-
-async fn promote(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    change(
-        &headers,
-        &body,
-        Body::Optional,
-        |body: ForceBody, expected| async move {
-            Ok(shared
-                .control
-                .promote(&service, body.force, expected)
-                .await?)
-        },
-    )
-    .await
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyBody {}
-
-async fn rollback(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    change(&headers, &body, Body::Optional, |_: EmptyBody, expected| async move {
-        Ok(shared.control.rollback(&service, expected).await?)
-    })
-    .await
-}
-
-/// `drain`, `disable` and `enable` differ only in the mode they set.
-macro_rules! backend_mode_handler {
-    ($name:ident, $mode:expr) => {
-        async fn $name(
-            State(shared): State<Arc<Shared>>,
-            Path((pool, addr)): Path<(String, String)>,
-            headers: HeaderMap,
-            body: Bytes,
-        ) -> Result<Response, ApiError> {
-            change(
-                &headers,
-                &body,
-                Body::Optional,
-                |_: EmptyBody, expected| async move {
-                    Ok(shared
-                        .control
-                        .set_backend_mode(&pool, &addr, $mode, expected)
-                        .await?)
-                },
-            )
-            .await
-        }
-    };
-}
-
-backend_mode_handler!(drain, Some(BackendMode::Draining));
-backend_mode_handler!(disable, Some(BackendMode::Disabled));
-backend_mode_handler!(enable, None);
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WaitQuery {
-    timeout: Option<String>,
-}
-
-/// Long poll until the backend has nothing in flight (200), or `timeout` (default 30s)
-/// passes (408 with the count still in flight).
-async fn wait_drained(
-    State(shared): State<Arc<Shared>>,
-    Path((pool, addr)): Path<(String, String)>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let timeout = drain_timeout(query)?;
-    let backend = shared.control.find_backend(&pool, &addr)?;
-    let deadline = Instant::now() + timeout;
-    // In a fleet, the drain must have reached, and emptied, every instance.
-    let drained_at = shared.control.generation().await;
-    loop {
-        let in_flight = backend.in_flight();
-        if in_flight == 0 {
-            if let Some(cluster) = shared.control.cluster() {
-                let key = format!("{pool}/{}", backend.name);
-                let until = tokio::time::Instant::from_std(deadline);
-                if let Err(busy) = cluster.drained_elsewhere(&key, drained_at, until).await {
-                    let names: Vec<String> = busy
-                        .iter()
-                        .map(|m| {
-                            format!(
-                                "{} ({} in flight)",
-                                m.name,
-                                m.in_flight.get(&key).copied().unwrap_or(0)
-                            )
-                        })
-                        .collect();
-                    let mut error = ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "{} still busy on other instances after {timeout:?}: {}",
-                            backend.name,
-                            if names.is_empty() {
-                                "etcd unreachable".to_string()
-                            } else {
-                                names.join(", ")
-                            }
-                        ),
-                    );
-                    let total: u64 = busy.iter().filter_map(|m| m.in_flight.get(&key)).sum();
-                    error.extra = Some(("in_flight", serde_json::json!(total)));
-                    return Err(error);
-                }
-            }
-            let generation = shared.control.generation().await;
-            return Ok(answer(
-                generation,
-                &serde_json::json!({
-                    "pool": pool, "addr": backend.name.as_ref(), "in_flight": 0,
-                    "state": backend.admin_state().as_str(),
-                }),
-            ));
-        }
-        if Instant::now() >= deadline {
-            let mut error = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!(
-                    "{in_flight} requests still in flight on {} after {timeout:?}",
-                    backend.name
-                ),
-            );
-            error.extra = Some(("in_flight", serde_json::json!(in_flight)));
-            return Err(error);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1036,6 +307,7 @@ mod tests {
             lifecycle: std::sync::OnceLock::new(),
             handed_over: tokio::sync::Notify::new(),
             stop_admin_accepting: tokio::sync::watch::channel(false).0,
+            recent: Arc::default(),
         })
     }
 
@@ -1112,6 +384,96 @@ mod tests {
             app(shared).oneshot(get("/healthz")).await.unwrap().status(),
             StatusCode::OK
         );
+    }
+
+    fn post(path: &str, body: &str) -> axum::http::Request<Body> {
+        axum::http::Request::post(path)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_wrong_wait_or_timeout_is_refused_before_anything_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path(), None);
+        for query in ["?wait=soon", "?wait=converged&timeout=forever"] {
+            let (status, body) = call(
+                app(Arc::clone(&shared)),
+                post(
+                    &format!("/api/v1/services/s/switch{query}"),
+                    r#"{"to": "q", "force": true}"#,
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+            assert_eq!(
+                shared.control.generation().await,
+                0,
+                "{query} changed the state"
+            );
+        }
+        // Without a cluster there is nothing to wait for: the change is made at once.
+        let (status, body) = call(
+            app(Arc::clone(&shared)),
+            post(
+                "/api/v1/services/s/switch?wait=converged",
+                r#"{"to": "q", "force": true}"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["active"], "q");
+    }
+
+    #[tokio::test]
+    async fn an_optional_body_may_be_empty_or_null_but_not_another_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path(), None);
+        let drain = "/api/v1/pools/p/backends/127.0.0.1:1/drain";
+        for body in ["", "null", "{}"] {
+            let (status, answer) = call(app(Arc::clone(&shared)), post(drain, body)).await;
+            assert_eq!(status, StatusCode::OK, "{body:?}: {answer}");
+        }
+        for body in ["[]", "1", "{\"x\": 1}"] {
+            let (status, _) = call(app(Arc::clone(&shared)), post(drain, body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_openapi_description_describes_the_router_it_was_built_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let (status, spec) = call(app(shared(dir.path(), None)), get("/api/v1/openapi.json")).await;
+        assert_eq!(status, StatusCode::OK);
+        let paths = spec["paths"].as_object().unwrap();
+        // Every operation it describes is routed: none answers "no such endpoint" or
+        // "method not allowed" (a GET would wait, so each is sent with a bad If-Match
+        // or a bad query where it takes one).
+        for (path, operations) in paths {
+            for method in operations.as_object().unwrap().keys() {
+                if path == "/api/v1/upgrade" {
+                    continue;
+                }
+                let uri = path
+                    .replace("{service}", "s")
+                    .replace("{pool}", "p")
+                    .replace("{addr}", "127.0.0.1:1")
+                    + "?timeout=x&generation=x";
+                let request = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(uri)
+                    .header("if-match", "x")
+                    .body(Body::empty())
+                    .unwrap();
+                let (status, body) = call(app(shared(dir.path(), None)), request).await;
+                assert!(
+                    status != StatusCode::METHOD_NOT_ALLOWED
+                        && body["error"] != "no such admin endpoint",
+                    "{method} {path}: {status} {body}"
+                );
+            }
+        }
+        assert!(paths.len() >= 28, "{} paths", paths.len());
     }
 
     #[tokio::test]

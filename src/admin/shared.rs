@@ -37,10 +37,12 @@ pub struct Shared {
     /// Set at a handover: the admin listener stops accepting (the new process has the
     /// same socket) but keeps the connections it has.
     pub stop_admin_accepting: tokio::sync::watch::Sender<bool>,
+    /// Recent request rate, error rate and p99 per pool, for the status page.
+    pub recent: Arc<crate::stats::RecentTraffic>,
 }
 
 /// What does not change while the process runs.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ProcessInfo {
     pub version: &'static str,
     pub pid: u32,
@@ -67,10 +69,13 @@ impl ProcessInfo {
     }
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
 pub struct ListenAddrs {
+    #[schema(value_type = String)]
     pub proxy: SocketAddr,
+    #[schema(value_type = Option<String>)]
     pub tls: Option<SocketAddr>,
+    #[schema(value_type = String)]
     pub admin: SocketAddr,
 }
 
@@ -85,7 +90,7 @@ pub trait Lifecycle: Send + Sync {
 }
 
 /// A binary upgrade that has handed over: this process now drains and exits.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Upgraded {
     pub old_pid: u32,
     pub new_pid: u32,

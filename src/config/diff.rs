@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{Config, PoolConfig};
 
 /// One difference, named by its config key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ConfigChange {
     pub key: String,
     /// `added`, `removed`, `changed`, `dropped` (runtime state that no longer fits),

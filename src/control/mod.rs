@@ -112,10 +112,12 @@ impl ControlError {
 }
 
 /// A canary as the admin API takes it: weight in percent.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CanaryRequest {
     pub pool: String,
+    /// Percent of the service's traffic.
+    #[schema(minimum = 0, maximum = 100)]
     pub weight: f64,
     #[serde(default)]
     pub header: Option<MatchSpec>,

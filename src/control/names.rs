@@ -24,7 +24,7 @@ pub(super) struct NameState {
 pub(super) type NameTable = HashMap<(String, NamedBackend), NameState>;
 
 /// A name as the state view shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NameView {
     pub name: String,
     pub addresses: Vec<String>,

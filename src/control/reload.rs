@@ -15,7 +15,7 @@ use crate::routing::PoolSettings;
 use crate::state::TrafficState;
 
 /// What a reload did: the generation it committed and what changed.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Reloaded {
     pub generation: u64,
     pub changes: Vec<ConfigChange>,

@@ -11,7 +11,7 @@ use crate::metrics::{BackendSample, LiveState, ServiceSample};
 use crate::routing::{Pool, RoutingTable};
 use crate::state::{self, MatchSpec, TrafficState};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StateView {
     pub generation: u64,
     pub services: Vec<ServiceView>,
@@ -19,7 +19,7 @@ pub struct StateView {
     pub state_file: StateFileView,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StateFileView {
     pub path: String,
     /// Set when the file found at start was corrupt and the state restarted from the
@@ -27,7 +27,7 @@ pub struct StateFileView {
     pub corrupt_at_start: Option<state::CorruptFile>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub hosts: Vec<String>,
@@ -41,13 +41,13 @@ pub struct ServiceView {
     pub generation: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PreviewView {
     pub header: String,
     pub pools: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CanaryView {
     pub pool: String,
     /// Percent.
@@ -60,7 +60,7 @@ pub struct CanaryView {
     pub sticky: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PoolView {
     pub name: String,
     pub backends: Vec<BackendView>,
@@ -69,7 +69,7 @@ pub struct PoolView {
     pub names: Vec<super::NameView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackendView {
     pub pool: String,
     pub addr: String,
@@ -84,10 +84,13 @@ pub struct BackendView {
     /// wait for a check that ran after it restarted the backend.
     pub checks: u64,
     pub last_check_ok: bool,
+    /// Why the last active check failed (absent while checks pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_check_error: Option<String>,
     pub generation: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HistoryView {
     pub service: String,
     pub generation: u64,
@@ -228,6 +231,7 @@ pub(super) fn backend_view(pool: &Pool, backend: &Backend, generation: u64) -> B
         in_flight: backend.in_flight(),
         checks: backend.checks(),
         last_check_ok: backend.last_check_ok(),
+        last_check_error: backend.last_check_error().map(|e| e.as_ref().clone()),
         generation,
     }
 }

@@ -186,7 +186,12 @@ pub async fn start_with(
         lifecycle: std::sync::OnceLock::new(),
         handed_over: tokio::sync::Notify::new(),
         stop_admin_accepting: watch::channel(false).0,
+        recent: Arc::default(),
     });
+    tokio::spawn(crate::stats::sample(
+        Arc::clone(control.metrics()),
+        Arc::clone(&shared.recent),
+    ));
     if let Some(certificates) = shared.certificates.load_full() {
         announce_certificates(control.metrics(), &certificates);
     }

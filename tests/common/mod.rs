@@ -58,6 +58,17 @@ pub fn state_dir() -> PathBuf {
     dir
 }
 
+/// `[admin]` keys for an admin token `token`, written to a fresh file readable by its
+/// owner only.
+pub fn admin_token_keys(token: &str) -> String {
+    let file = state_dir().join("admin.token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let mut permissions = std::fs::metadata(&file).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
+    std::fs::set_permissions(&file, permissions).unwrap();
+    format!("token_file = \"{}\"\n", file.display())
+}
+
 /// The `[state] path` of a config made by `config_text`.
 pub fn state_path_of(config: &str) -> PathBuf {
     config
