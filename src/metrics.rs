@@ -300,7 +300,10 @@ impl Metrics {
                         _ => {}
                     }
                 }
-                let Some(pool) = pool else { continue };
+                // Requests that matched no service have no pool.
+                let Some(pool) = pool.filter(|p| !p.is_empty()) else {
+                    continue;
+                };
                 let entry = totals.entry(pool.to_string()).or_default();
                 let count = metric.get_counter().get_value() as u64;
                 entry.requests += count;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -16,7 +16,9 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 const KEPT: usize = 151;
 
 struct Snapshot {
+    /// For display; intervals are measured on `taken`, which a clock step cannot move.
     at_ms: u64,
+    taken: Instant,
     totals: BTreeMap<String, PoolTotals>,
 }
 
@@ -53,6 +55,7 @@ impl RecentTraffic {
     pub fn record(&self, totals: BTreeMap<String, PoolTotals>) {
         let snapshot = Snapshot {
             at_ms: now_ms(),
+            taken: Instant::now(),
             totals,
         };
         let mut snapshots = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
@@ -66,7 +69,7 @@ impl RecentTraffic {
         let snapshots = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
         let mut pools: BTreeMap<String, Vec<TrafficPoint>> = BTreeMap::new();
         for (before, after) in snapshots.iter().zip(snapshots.iter().skip(1)) {
-            let seconds = after.at_ms.saturating_sub(before.at_ms) as f64 / 1000.0;
+            let seconds = after.taken.duration_since(before.taken).as_secs_f64();
             if seconds <= 0.0 {
                 continue;
             }
@@ -101,8 +104,8 @@ pub async fn sample(metrics: Arc<Metrics>, recent: Arc<RecentTraffic>) {
     }
 }
 
-/// What happened between two snapshots. Counters only grow, but a series dropped by a
-/// reload can make a total shrink: that interval counts as zero, not as negative.
+/// What happened between two snapshots. The counters only grow; should a total ever
+/// shrink, that interval counts as zero, not as negative.
 fn point(at_ms: u64, seconds: f64, then: &PoolTotals, now: &PoolTotals) -> TrafficPoint {
     let requests = now.requests.saturating_sub(then.requests);
     let errors = now.errors.saturating_sub(then.errors);
@@ -197,12 +200,14 @@ mod tests {
     #[test]
     fn the_view_pairs_consecutive_snapshots_and_keeps_five_minutes() {
         let recent = RecentTraffic::default();
+        let start = Instant::now();
         for i in 0..(KEPT as u64 + 10) {
             let mut map = BTreeMap::new();
             map.insert("blue".to_string(), totals(i * 10, 0, i * 10, 0));
             recent.record(map);
             // Distinct timestamps without sleeping: rewrite the one just taken.
-            recent.snapshots.lock().unwrap().back_mut().unwrap().at_ms = i * 2000;
+            recent.snapshots.lock().unwrap().back_mut().unwrap().taken =
+                start + Duration::from_secs(2 * i);
         }
         let view = recent.view();
         let blue = &view.pools["blue"];

@@ -311,5 +311,23 @@ async fn the_status_page_asks_for_the_token_then_follows_the_traffic_state() {
     )
     .await;
     assert_eq!(state["generation"], body["generation"]);
+
+    // The admin API goes away: the last picture stays, marked stale, with the problem.
+    drop(proxy);
+    until(
+        &browser,
+        Duration::from_secs(10),
+        "the stale mark",
+        &format!(
+            "{}.includes('did not answer') && {}.includes('ago')",
+            text_of("#problem"),
+            text_of("#freshness")
+        ),
+    )
+    .await;
+    assert!(
+        browser.find(Locator::Css(&row)).await.is_ok(),
+        "the last picture stays"
+    );
     browser.close().await.unwrap();
 }

@@ -130,6 +130,10 @@ async fn errors_as_json(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
+    // `Allow` (405) and `Connection: close` (stopping) stay; the body's own go.
+    let mut headers = response.headers().clone();
+    headers.remove(header::CONTENT_TYPE);
+    headers.remove(header::CONTENT_LENGTH);
     let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
         Err(_) => String::new(),
@@ -147,7 +151,11 @@ async fn errors_as_json(response: Response) -> Response {
     } else {
         text
     };
-    ApiError::new(status, code, message).into_response()
+    let mut rewritten = ApiError::new(status, code, message).into_response();
+    for (name, value) in &headers {
+        rewritten.headers_mut().append(name, value.clone());
+    }
+    rewritten
 }
 
 /// Liveness: 200 while the process runs.

@@ -50,7 +50,8 @@ pub(super) enum WaitFor {
     Converged,
 }
 
-/// The query every change takes (read by a middleware, not by the handler).
+/// The query every change takes (read by `change::convergence`, not by the handler's
+/// own parameters).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]

@@ -107,7 +107,11 @@ fn drain_timeout(
     query: Result<Query<DrainQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Duration, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let timeout = match query.timeout.as_deref() {
+    parse_timeout(query.timeout.as_deref())
+}
+
+fn parse_timeout(text: Option<&str>) -> Result<Duration, ApiError> {
+    let timeout = match text {
         None => Duration::from_secs(30),
         Some(text) => humantime::parse_duration(text).map_err(|e| {
             ApiError::bad_request(format!("timeout `{text}`: {e} (use e.g. \"30s\")"))
@@ -117,6 +121,15 @@ fn drain_timeout(
         return Err(ApiError::bad_request("timeout must be at most 10m"));
     }
     Ok(timeout)
+}
+
+/// `wait-drained` takes only its `timeout`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WaitDrainedQuery {
+    /// How long to wait, e.g. `30s` (the default); at most `10m`.
+    timeout: Option<String>,
 }
 
 /// What `wait-drained` answers once the backend is idle.
@@ -131,14 +144,15 @@ pub(super) struct DrainedView {
 /// Long poll until the backend has nothing in flight (200) here and, in a fleet, on
 /// every member, or `timeout` (default 30s) passes (408 with the count still in flight).
 #[utoipa::path(get, path = "/api/v1/pools/{pool}/backends/{addr}/wait-drained", tag = "pools",
-    params(("pool" = String, Path), ("addr" = String, Path), DrainQuery),
+    params(("pool" = String, Path), ("addr" = String, Path), WaitDrainedQuery),
     responses((status = 200, body = DrainedView, headers(("ETag" = String))), DrainErrors, LookupErrors, AuthErrors))]
 pub(super) async fn wait_drained(
     State(shared): State<Arc<Shared>>,
     Path((pool, addr)): Path<(String, String)>,
-    query: Result<Query<DrainQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<WaitDrainedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let timeout = drain_timeout(query)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let timeout = parse_timeout(query.timeout.as_deref())?;
     let backend = shared.control.find_backend(&pool, &addr)?;
     let deadline = Instant::now() + timeout;
     // In a fleet, the drain must have reached, and emptied, every instance.

@@ -72,19 +72,34 @@ pub(super) async fn tls_view(State(shared): State<Arc<Shared>>) -> Result<Respon
     Ok(Json(certificate_views(&certificates.current().info)).into_response())
 }
 
-/// A certificate file that does not load; the previous certificates stay in use.
 #[allow(dead_code)] // only described (in the OpenAPI document), never built
 #[derive(utoipa::IntoResponses)]
-#[response(status = 400)]
-pub(super) struct TlsRefused(ErrorBody);
+pub(super) enum TlsRefused {
+    /// A certificate file that does not load (the previous certificates stay in use),
+    /// or a `wait`/`timeout` that is not valid.
+    #[response(status = 400)]
+    Refused(ErrorBody),
+    /// `?wait=converged`: the fleet did not converge in time.
+    #[response(status = 504)]
+    NotConverged(ErrorBody),
+}
 
 /// Reads the certificate files again. A bad file is refused with 400 and the reason,
 /// and the certificates in use stay.
 #[utoipa::path(post, path = "/api/v1/tls/reload", tag = "process",
+    params(ChangeQuery),
     responses((status = 200, body = CertificatesView), TlsRefused, NoTls, AuthErrors))]
-pub(super) async fn tls_reload(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+pub(super) async fn tls_reload(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let wait = convergence(&uri)?;
     match shared.reload_tls().await {
-        Ok(info) => Ok(Json(certificate_views(&info)).into_response()),
+        Ok(info) => {
+            // Certificates are this instance's; the wait is for the state it serves.
+            converge(&shared, shared.control.generation().await, wait).await?;
+            Ok(Json(certificate_views(&info)).into_response())
+        }
         Err(ReloadError::NotConfigured) => Err(tls_not_configured()),
         Err(ReloadError::Refused(e)) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -169,18 +184,33 @@ pub(super) enum UpgradeErrors {
     /// `not_running`.
     #[response(status = 503)]
     NotRunning(ErrorBody),
+    /// A `wait` or `timeout` that is not valid; no upgrade was started.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `?wait=converged`: the fleet did not converge in time (the upgrade stands).
+    #[response(status = 504)]
+    NotConverged(ErrorBody),
 }
 
 /// Hands the listeners to a new process started from this one's executable path; 200
 /// once the new process serves, with both pids. This process then drains and exits.
 #[utoipa::path(post, path = "/api/v1/upgrade", tag = "process",
+    params(ChangeQuery),
     responses((status = 200, body = Upgraded), UpgradeErrors, AuthErrors))]
-pub(super) async fn upgrade(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let upgraded = tokio::spawn(async move { shared.upgrade().await })
+pub(super) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let wait = convergence(&uri)?;
+    let upgrading = Arc::clone(&shared);
+    let upgraded = tokio::spawn(async move { upgrading.upgrade().await })
         .await
         .map_err(ApiError::internal)?;
     match upgraded {
-        Ok(done) => Ok(Json(done).into_response()),
+        Ok(done) => {
+            converge(&shared, shared.control.generation().await, wait).await?;
+            Ok(Json(done).into_response())
+        }
         Err(refusal) => {
             let status = match refusal.code {
                 "upgrade_in_progress" => StatusCode::CONFLICT,

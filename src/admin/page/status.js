@@ -5,6 +5,8 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+// A request that hangs (the process stopped, packets dropped) must not freeze the page.
+const REQUEST_TIMEOUT_MS = 5000;
 const TOKEN_KEY = "switchyard-token";
 
 class Unauthorized extends Error {}
@@ -13,6 +15,7 @@ let token = sessionStorage.getItem(TOKEN_KEY);
 let lastSuccess = 0;
 let timer = null;
 let refreshing = false;
+let again = false;
 
 const $ = (id) => document.getElementById(id);
 
@@ -29,9 +32,11 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
-async function api(path) {
-  const headers = token ? { Authorization: "Bearer " + token } : {};
-  const response = await fetch(path, { headers, cache: "no-store" });
+async function api(path, used) {
+  const headers = used ? { Authorization: "Bearer " + used } : {};
+  const response = await fetch(path, {
+    headers, cache: "no-store", signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+  });
   if (response.status === 401) throw new Unauthorized();
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
@@ -179,15 +184,22 @@ function renderProcess(info) {
 
 function freshness() {
   const age = lastSuccess ? Math.round((Date.now() - lastSuccess) / 1000) : null;
-  $("freshness").textContent = age === null ? "" : age <= 1 ? "live" : `updated ${age}s ago`;
+  $("freshness").textContent = age === null ? "" : age <= 3 ? "live" : `updated ${age}s ago`;
 }
 
 async function refresh() {
-  if (refreshing) return;
+  if (refreshing) {
+    // A submit while a round is out: run again with the new token once it is back.
+    again = true;
+    return;
+  }
   refreshing = true;
+  clearTimeout(timer);
+  const used = token;
+  let polling = true;
   try {
     const [state, info, traffic] = await Promise.all([
-      api("/api/v1/state"), api("/api/v1/info"), api("/api/v1/traffic"),
+      api("/api/v1/state", used), api("/api/v1/info", used), api("/api/v1/traffic", used),
     ]);
     $("login").hidden = true;
     $("dashboard").hidden = false;
@@ -199,7 +211,14 @@ async function refresh() {
     lastSuccess = Date.now();
   } catch (error) {
     if (error instanceof Unauthorized) {
-      showLogin(token ? "That token was refused." : "");
+      if (used === token) {
+        // Refused: forget it, and wait for the next one typed rather than poll.
+        sessionStorage.removeItem(TOKEN_KEY);
+        token = null;
+        lastSuccess = 0;
+        showLogin(used ? "That token was refused." : "");
+        polling = false;
+      }
     } else {
       // Keep the last picture, marked stale by the age shown next to it.
       $("problem").hidden = false;
@@ -208,8 +227,12 @@ async function refresh() {
   }
   refreshing = false;
   freshness();
-  clearTimeout(timer);
-  timer = setTimeout(refresh, REFRESH_MS);
+  if (again) {
+    again = false;
+    refresh();
+  } else if (polling) {
+    timer = setTimeout(refresh, REFRESH_MS);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -221,5 +244,7 @@ document.addEventListener("DOMContentLoaded", () => {
     $("login-error").hidden = true;
     refresh();
   });
+  // The age of the picture keeps counting even while a request is out.
+  setInterval(freshness, 1000);
   refresh();
 });
