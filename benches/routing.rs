@@ -30,16 +30,21 @@ path_prefix = "/api/"
 active = "api"
 "#;
 
+/// The table a fresh start builds from `config`, without metrics.
+fn table_of(config: &Config) -> RoutingTable {
+    RoutingTable::build(
+        config,
+        &switchyard::routing::PoolSettings::for_config(config, &Default::default()),
+        &Default::default(),
+        &TrafficState::from_config(config),
+        None,
+        None,
+    )
+}
+
 fn routing(c: &mut Criterion) {
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
-    let table = ArcSwap::from_pointee(RoutingTable::build(
-        &config,
-        &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
-        &Default::default(),
-        &TrafficState::from_config(&config),
-        None,
-        None,
-    ));
+    let table = ArcSwap::from_pointee(table_of(&config));
 
     c.bench_function("arcswap_load", |b| {
         b.iter(|| black_box(table.load().services.len()))
@@ -71,6 +76,42 @@ fn routing(c: &mut Criterion) {
             black_box(balancer::pick(&service.active, &[]))
         })
     });
+}
+
+/// The same decision in a table of 10,000 services (one host each, and 1,000 path
+/// prefixes under one host): it should cost what it costs in a table of three.
+fn routing_at_scale(c: &mut Criterion) {
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "[pools.p{i}]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n\
+             [services.s{i}]\nactive = \"p{i}\"\nhosts = [\"s{i}.example.com\", \"*.w{i}.example.com\"]\n"
+        ));
+    }
+    for i in 0..1_000 {
+        text.push_str(&format!(
+            "[services.prefix{i}]\nactive = \"p0\"\nhosts = [\"app.example.com\"]\npath_prefix = \"/p{i}/\"\n"
+        ));
+    }
+    text.push_str("[services.any]\nactive = \"p0\"\n");
+    let config = Config::parse(&text, Path::new("bench.toml")).unwrap();
+    let table = table_of(&config);
+    for (name, host, path) in [
+        ("route_10000_exact", "s9999.example.com", "/"),
+        ("route_10000_suffix", "www.w9999.example.com", "/"),
+        ("route_10000_catch_all", "nobody.example.org", "/"),
+        ("route_1000_prefixes", "app.example.com", "/p999/index.html"),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(
+                    table
+                        .route(black_box(host), black_box(path))
+                        .map(|s| &s.name),
+                )
+            })
+        });
+    }
 }
 
 fn split(c: &mut Criterion) {
@@ -115,24 +156,17 @@ fn metrics(c: &mut Criterion) {
     use std::sync::Arc;
     use switchyard::metrics::{LiveState, Metrics};
     let config = Config::parse(CONFIG, Path::new("bench.toml")).unwrap();
-    let table = Arc::new(RoutingTable::build(
-        &config,
-        &switchyard::routing::PoolSettings::for_config(&config, &Default::default()),
-        &Default::default(),
-        &TrafficState::from_config(&config),
-        None,
-        None,
-    ));
+    let table = Arc::new(table_of(&config));
     let metrics = Metrics::new(Arc::new(LiveState::default));
     let pool = &table.pools[0];
-    let route = metrics.route("web", &pool.name, pool.backends.iter().map(|b| &*b.name));
+    let route = metrics.route("web", &pool.name, pool.backends.iter().map(|b| &b.name));
     c.bench_function("record_request_metrics", |b| {
         b.iter(|| {
             route.codes(black_box(Some(1))).inc(black_box(200));
-            route.duration.observe(black_box(0.0007));
+            route.duration().observe(black_box(0.0007));
         })
     });
 }
 
-criterion_group!(benches, routing, split, metrics);
+criterion_group!(benches, routing, routing_at_scale, split, metrics);
 criterion_main!(benches);

@@ -71,6 +71,9 @@ pub struct Backend {
     healthy_since_ms: AtomicU64,
     /// Active checks run, and the last one's result.
     checks: AtomicU64,
+    /// Of `checks`, those that failed: `switchyard_health_checks_total` is read from
+    /// these at scrape time, not kept in per-backend metric children.
+    failed_checks: AtomicU64,
     last_check_ok: std::sync::atomic::AtomicBool,
     /// Why the last active check failed; empty while it passes.
     last_check_error: arc_swap::ArcSwapOption<String>,
@@ -95,6 +98,7 @@ impl Backend {
             ejected_until_ms: AtomicU64::new(0),
             healthy_since_ms: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            failed_checks: AtomicU64::new(0),
             last_check_ok: std::sync::atomic::AtomicBool::new(false),
             last_check_error: arc_swap::ArcSwapOption::empty(),
             epoch: Instant::now(),
@@ -124,7 +128,19 @@ impl Backend {
             Err(_) => {}
         }
         self.last_check_ok.store(outcome.is_ok(), Ordering::Relaxed);
+        if outcome.is_err() {
+            self.failed_checks.fetch_add(1, Ordering::Relaxed);
+        }
         self.checks.fetch_add(1, Ordering::Release);
+    }
+
+    /// Active checks so far: (passed, failed).
+    pub fn check_counts(&self) -> (u64, u64) {
+        // `checks` is bumped last, so reading it first never shows more failures than
+        // checks.
+        let checks = self.checks.load(Ordering::Acquire);
+        let failed = self.failed_checks.load(Ordering::Relaxed).min(checks);
+        (checks - failed, failed)
     }
 
     pub fn last_check_error(&self) -> Option<Arc<String>> {

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use prometheus::IntCounter;
-
 use crate::backend::{Backend, Health};
 use crate::body::RequestBody;
 use crate::client::{self, Upstream};
@@ -84,7 +82,6 @@ pub async fn check_loop(
     backend: Arc<Backend>,
     config: HealthConfig,
     upstream: Upstream,
-    (successes, failures): (IntCounter, IntCounter),
 ) {
     // From the backend's current health, so a task restarted by a reload does not
     // judge a healthy backend on one failed check.
@@ -92,13 +89,10 @@ pub async fn check_loop(
         .resuming(backend.health());
     tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
     loop {
-        let outcome = check_once(&backend, &config, &upstream).await;
+        // Boxed: a check (an HTTP/TLS handshake inside) is kilobytes of future, which
+        // the task would otherwise hold all the time it sleeps, for every backend.
+        let outcome = Box::pin(check_once(&backend, &config, &upstream)).await;
         backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        if outcome.is_ok() {
-            successes.inc()
-        } else {
-            failures.inc()
-        }
         if let Some(next) = counter.record(outcome.is_ok()) {
             apply_transition(&pool, &backend, next, &outcome);
         }

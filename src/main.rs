@@ -270,8 +270,9 @@ fn run(
         } else {
             None
         };
-        let running = switchyard::server::start_with(config.clone(), inherited).await?;
-        if stand_ins.is_some() {
+        // What the demo guide prints, taken before the config moves into the server
+        // (which keeps the only copy).
+        let guide = stand_ins.is_some().then(|| {
             let services: Vec<switchyard_standins::demo::Service> = config
                 .services
                 .iter()
@@ -280,8 +281,12 @@ fn run(
                     active: s.active.clone(),
                 })
                 .collect();
+            (demo_pools(&config), services)
+        });
+        let running = switchyard::server::start_with(config, inherited).await?;
+        if let Some((pools, services)) = guide {
             switchyard_standins::demo::print_guide(
-                &demo_pools(&config),
+                &pools,
                 &services,
                 running.proxy_addr,
                 running.admin_addr,

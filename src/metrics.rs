@@ -2,10 +2,11 @@
 //! apart). The request path only touches pre-resolved children: label lookups happen
 //! when a routing table is built, or once per status code per backend.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prometheus::core::Collector;
-use prometheus::proto::MetricFamily;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -35,7 +36,6 @@ pub struct Metrics {
     duration: HistogramVec,
     connect: HistogramVec,
     retries: IntCounterVec,
-    health_checks: IntCounterVec,
     traffic_changes: IntCounterVec,
     connections_open: IntGaugeVec,
     pub access_log_dropped: IntCounter,
@@ -96,13 +96,6 @@ impl Metrics {
                 "Requests sent again to another backend after a failure.",
             ),
             &["service", "pool"],
-        ));
-        let health_checks = must(IntCounterVec::new(
-            Opts::new(
-                "switchyard_health_checks_total",
-                "Active health checks, by result (success or failure).",
-            ),
-            &["pool", "backend", "result"],
         ));
         let traffic_changes = must(IntCounterVec::new(
             Opts::new(
@@ -211,7 +204,6 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(connect.clone()),
             Box::new(retries.clone()),
-            Box::new(health_checks.clone()),
             Box::new(traffic_changes.clone()),
             Box::new(connections_open.clone()),
             Box::new(access_log_dropped.clone()),
@@ -231,14 +223,23 @@ impl Metrics {
         ] {
             must(registry.register(collector));
         }
-        let unrouted = Arc::new(CodeCounters::new(requests.clone(), ["", "", ""]));
+        let unrouted = Arc::new(CodeCounters::new(
+            Arc::new(RouteLabels {
+                service: "".into(),
+                pool: "".into(),
+                requests: requests.clone(),
+                duration: duration.clone(),
+                retries: retries.clone(),
+                connect: connect.clone(),
+            }),
+            "".into(),
+        ));
         Arc::new(Metrics {
             registry,
             requests,
             duration,
             connect,
             retries,
-            health_checks,
             traffic_changes,
             connections_open,
             access_log_dropped,
@@ -267,22 +268,33 @@ impl Metrics {
     }
 
     /// The children one (service, pool) pair uses on the request path; `backends` are
-    /// the pool's backend names, in the pool's order.
+    /// the pool's backend names, in the pool's order. Each child is made when it is first
+    /// used, so a route costs a few hundred bytes until it has traffic and a table of
+    /// thousands of idle services adds nothing to a scrape.
     pub fn route<'a>(
         &self,
         service: &str,
         pool: &str,
-        backends: impl IntoIterator<Item = &'a str>,
+        backends: impl IntoIterator<Item = &'a Arc<str>>,
     ) -> Arc<RouteMetrics> {
+        let labels = Arc::new(RouteLabels {
+            service: service.into(),
+            pool: pool.into(),
+            requests: self.requests.clone(),
+            duration: self.duration.clone(),
+            retries: self.retries.clone(),
+            connect: self.connect.clone(),
+        });
         Arc::new(RouteMetrics {
-            duration: self.duration.with_label_values(&[service, pool]),
-            retries: self.retries.with_label_values(&[service, pool]),
-            connect: self.connect.with_label_values(&[pool]),
+            duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            connect: OnceLock::new(),
             backends: backends
                 .into_iter()
-                .map(|b| CodeCounters::new(self.requests.clone(), [service, pool, b]))
+                .map(|b| CodeCounters::new(Arc::clone(&labels), Arc::clone(b)))
                 .collect(),
-            no_backend: CodeCounters::new(self.requests.clone(), [service, pool, ""]),
+            no_backend: CodeCounters::new(Arc::clone(&labels), "".into()),
+            labels,
         })
     }
 
@@ -337,15 +349,6 @@ impl Metrics {
         &self.unrouted
     }
 
-    pub fn health_check_counters(&self, pool: &str, backend: &str) -> (IntCounter, IntCounter) {
-        (
-            self.health_checks
-                .with_label_values(&[pool, backend, "success"]),
-            self.health_checks
-                .with_label_values(&[pool, backend, "failure"]),
-        )
-    }
-
     pub fn traffic_change(&self, service: &str, kind: &str) {
         self.traffic_changes
             .with_label_values(&[service, kind])
@@ -391,13 +394,24 @@ pub const DURATION_BOUNDS: &[f64] = &DURATION_BUCKETS;
 
 /// Per (service, pool): what a request records once its backend is known.
 pub struct RouteMetrics {
-    pub duration: Histogram,
-    pub retries: IntCounter,
-    pub connect: Histogram,
+    labels: Arc<RouteLabels>,
+    duration: OnceLock<Histogram>,
+    retries: OnceLock<IntCounter>,
+    connect: OnceLock<Histogram>,
     /// Aligned with the pool's backends.
-    pub backends: Vec<CodeCounters>,
+    backends: Vec<CodeCounters>,
     /// Answers that never reached a backend (503, 502, 504).
-    pub no_backend: CodeCounters,
+    no_backend: CodeCounters,
+}
+
+/// A route's label values and the families its children come from.
+struct RouteLabels {
+    service: Arc<str>,
+    pool: Arc<str>,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    retries: IntCounterVec,
+    connect: HistogramVec,
 }
 
 impl RouteMetrics {
@@ -406,6 +420,42 @@ impl RouteMetrics {
             .and_then(|i| self.backends.get(i))
             .unwrap_or(&self.no_backend)
     }
+
+    pub fn duration(&self) -> &Histogram {
+        let l = &*self.labels;
+        self.duration
+            .get_or_init(|| l.duration.with_label_values(&[&*l.service, &*l.pool]))
+    }
+
+    pub fn retries(&self) -> &IntCounter {
+        let l = &*self.labels;
+        self.retries
+            .get_or_init(|| l.retries.with_label_values(&[&*l.service, &*l.pool]))
+    }
+
+    pub fn connect(&self) -> &Histogram {
+        let l = &*self.labels;
+        self.connect
+            .get_or_init(|| l.connect.with_label_values(&[&*l.pool]))
+    }
+
+    /// True when these children are for `service` and `pool` with exactly `backends`,
+    /// in that order: a rebuilt table can then keep them, and the children they made.
+    pub fn fits<'a>(
+        &self,
+        service: &str,
+        pool: &str,
+        backends: impl ExactSizeIterator<Item = &'a Arc<str>>,
+    ) -> bool {
+        *self.labels.service == *service
+            && *self.labels.pool == *pool
+            && self.backends.len() == backends.len()
+            && self
+                .backends
+                .iter()
+                .zip(backends)
+                .all(|(c, b)| *c.backend == **b)
+    }
 }
 
 /// `switchyard_requests_total` children for one label set. A status class (2xx, 4xx,
@@ -413,16 +463,16 @@ impl RouteMetrics {
 /// then: a route costs a few words until it has traffic, so tables with thousands of
 /// backends stay small. Afterwards an increment is two atomic loads and one atomic add.
 pub struct CodeCounters {
-    family: IntCounterVec,
-    labels: [String; 3],
+    labels: Arc<RouteLabels>,
+    backend: Arc<str>,
     classes: [OnceLock<Box<[OnceLock<IntCounter>; 100]>>; 6],
 }
 
 impl CodeCounters {
-    fn new(family: IntCounterVec, labels: [&str; 3]) -> CodeCounters {
+    fn new(labels: Arc<RouteLabels>, backend: Arc<str>) -> CodeCounters {
         CodeCounters {
-            family,
-            labels: labels.map(String::from),
+            labels,
+            backend,
             classes: Default::default(),
         }
     }
@@ -434,10 +484,11 @@ impl CodeCounters {
         self.classes[class].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())))
             [slot]
             .get_or_init(|| {
-                self.family.with_label_values(&[
-                    &self.labels[0],
-                    &self.labels[1],
-                    &self.labels[2],
+                let l = &*self.labels;
+                l.requests.with_label_values(&[
+                    &*l.service,
+                    &*l.pool,
+                    &*self.backend,
                     &code.to_string(),
                 ])
             })
@@ -450,7 +501,6 @@ impl CodeCounters {
 #[derive(Debug, Default)]
 pub struct LiveState {
     pub generation: u64,
-    pub pools: Vec<Arc<str>>,
     pub backends: Vec<BackendSample>,
     pub services: Vec<ServiceSample>,
 }
@@ -463,6 +513,8 @@ pub struct BackendSample {
     pub healthy: bool,
     pub ejected: bool,
     pub state: AdminState,
+    /// Active checks so far: passed, failed.
+    pub checks: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -471,128 +523,185 @@ pub struct ServiceSample {
     pub active_pool: Arc<str>,
     /// The canary pool and its weight in percent.
     pub canary: Option<(Arc<str>, f64)>,
+    /// The pools its preview header can name.
+    pub preview_pools: Vec<Arc<str>>,
 }
 
 /// Gauges computed at scrape time from the routing table and backend atomics, so the
-/// request path never updates them.
+/// request path never updates them. Each scrape builds its samples directly rather
+/// than through metric vectors: at 20,000 backends those kept 160,000 children alive
+/// between scrapes and hashed every label set twice.
 struct LiveCollector {
     state: Arc<dyn Fn() -> LiveState + Send + Sync>,
-    in_flight: IntGaugeVec,
-    healthy: IntGaugeVec,
-    ejected: IntGaugeVec,
-    backend_state: IntGaugeVec,
-    canary_weight: GaugeVec,
-    active_pool: IntGaugeVec,
-    generation: IntGauge,
-    /// Scrapes reset and refill the gauges: one at a time.
-    scrape: Mutex<()>,
+    in_flight: Desc,
+    healthy: Desc,
+    ejected: Desc,
+    backend_state: Desc,
+    health_checks: Desc,
+    canary_weight: Desc,
+    active_pool: Desc,
+    generation: Desc,
+    /// Each service's pools so far (see `collect`); one scrape at a time updates it.
+    pools_so_far: Mutex<HashMap<Arc<str>, Vec<Arc<str>>>>,
+}
+
+fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
+    must(Desc::new(
+        name.into(),
+        help.into(),
+        labels.iter().map(|l| l.to_string()).collect(),
+        HashMap::new(),
+    ))
+}
+
+/// One sample; `labels` in name order, as the metric vectors print them.
+fn sample(labels: &[(&str, &str)], kind: MetricType, value: f64) -> Metric {
+    let pairs = labels
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.to_string());
+            pair.set_value(value.to_string());
+            pair
+        })
+        .collect();
+    let mut metric = Metric::from_label(pairs);
+    if kind == MetricType::COUNTER {
+        let mut counter = prometheus::proto::Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    } else {
+        let mut gauge = prometheus::proto::Gauge::default();
+        gauge.set_value(value);
+        metric.set_gauge(gauge);
+    }
+    metric
+}
+
+fn family(desc: &Desc, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(kind);
+    family.set_metric(metrics);
+    family
 }
 
 impl LiveCollector {
     fn new(state: Arc<dyn Fn() -> LiveState + Send + Sync>) -> LiveCollector {
+        let backend = ["pool", "backend"];
+        let service = ["service", "pool"];
         LiveCollector {
             state,
-            in_flight: must(IntGaugeVec::new(
-                Opts::new("switchyard_backend_in_flight", "Requests (and open upgraded connections) in flight on a backend."),
-                &["pool", "backend"],
-            )),
-            healthy: must(IntGaugeVec::new(
-                Opts::new("switchyard_backend_healthy", "1 when the backend is healthy, 0 when unhealthy or not checked yet."),
-                &["pool", "backend"],
-            )),
-            ejected: must(IntGaugeVec::new(
-                Opts::new("switchyard_backend_ejected", "1 while passive ejection (failures of real traffic) keeps the backend out, whatever its active health checks say."),
-                &["pool", "backend"],
-            )),
-            backend_state: must(IntGaugeVec::new(
-                Opts::new("switchyard_backend_state", "1 for the backend's admin state (active, draining, disabled), 0 for the others."),
-                &["pool", "backend", "state"],
-            )),
-            canary_weight: must(GaugeVec::new(
-                Opts::new("switchyard_canary_weight", "Percent of a service's traffic sent to its canary pool (0 when none)."),
-                &["service", "pool"],
-            )),
-            active_pool: must(IntGaugeVec::new(
-                Opts::new("switchyard_active_pool", "1 for a service's active pool, 0 for its other pools."),
-                &["service", "pool"],
-            )),
-            generation: must(IntGauge::new(
-                "switchyard_config_generation",
-                "Generation of the traffic state; every admin change adds one.",
-            )),
-            scrape: Mutex::new(()),
+            in_flight: desc("switchyard_backend_in_flight", "Requests (and open upgraded connections) in flight on a backend.", &backend),
+            healthy: desc("switchyard_backend_healthy", "1 when the backend is healthy, 0 when unhealthy or not checked yet.", &backend),
+            ejected: desc("switchyard_backend_ejected", "1 while passive ejection (failures of real traffic) keeps the backend out, whatever its active health checks say.", &backend),
+            backend_state: desc("switchyard_backend_state", "1 for the backend's admin state (active, draining, disabled), 0 for the others.", &["pool", "backend", "state"]),
+            health_checks: desc("switchyard_health_checks_total", "Active health checks, by result (success or failure).", &["pool", "backend", "result"]),
+            canary_weight: desc("switchyard_canary_weight", "Percent of a service's traffic sent to its canary pool (0 when none).", &service),
+            active_pool: desc("switchyard_active_pool", "1 for a service's active pool, 0 for the other pools it has used.", &service),
+            generation: desc("switchyard_config_generation", "Generation of the traffic state; every admin change adds one.", &[]),
+            pools_so_far: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Collector for LiveCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        let mut descs = Vec::new();
-        descs.extend(self.in_flight.desc());
-        descs.extend(self.healthy.desc());
-        descs.extend(self.ejected.desc());
-        descs.extend(self.backend_state.desc());
-        descs.extend(self.canary_weight.desc());
-        descs.extend(self.active_pool.desc());
-        descs.extend(self.generation.desc());
-        descs
+    fn desc(&self) -> Vec<&Desc> {
+        vec![
+            &self.in_flight,
+            &self.healthy,
+            &self.ejected,
+            &self.backend_state,
+            &self.health_checks,
+            &self.canary_weight,
+            &self.active_pool,
+            &self.generation,
+        ]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let _one_at_a_time = self
-            .scrape
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        use MetricType::{COUNTER, GAUGE};
         let live = (self.state)();
-        self.in_flight.reset();
-        self.healthy.reset();
-        self.ejected.reset();
-        self.backend_state.reset();
-        self.canary_weight.reset();
-        self.active_pool.reset();
+        let n = live.backends.len();
+        let (mut in_flight, mut healthy, mut ejected) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut states = Vec::with_capacity(3 * n);
+        let mut checks = Vec::with_capacity(2 * n);
         for b in &live.backends {
-            let labels = [b.pool.as_ref(), b.backend.as_ref()];
-            self.in_flight
-                .with_label_values(&labels)
-                .set(b.in_flight as i64);
-            self.healthy
-                .with_label_values(&labels)
-                .set(i64::from(b.healthy));
-            self.ejected
-                .with_label_values(&labels)
-                .set(i64::from(b.ejected));
+            let labels = [("backend", &*b.backend), ("pool", &*b.pool)];
+            in_flight.push(sample(&labels, GAUGE, b.in_flight as f64));
+            healthy.push(sample(&labels, GAUGE, f64::from(u8::from(b.healthy))));
+            ejected.push(sample(&labels, GAUGE, f64::from(u8::from(b.ejected))));
+            let (passed, failed) = b.checks;
+            for (result, count) in [("success", passed), ("failure", failed)] {
+                let labels = [labels[0], labels[1], ("result", result)];
+                checks.push(sample(&labels, COUNTER, count as f64));
+            }
             for state in [
                 AdminState::Active,
                 AdminState::Draining,
                 AdminState::Disabled,
             ] {
-                self.backend_state
-                    .with_label_values(&[b.pool.as_ref(), b.backend.as_ref(), state.as_str()])
-                    .set(i64::from(state == b.state));
+                let labels = [labels[0], labels[1], ("state", state.as_str())];
+                states.push(sample(
+                    &labels,
+                    GAUGE,
+                    f64::from(u8::from(state == b.state)),
+                ));
             }
         }
+        // A service's traffic gauges cover the pools it has used since the start (active,
+        // canary, preview), so a pool it leaves reads 0 rather than vanishing, without
+        // a series for every service and pool: that is quadratic, 10^8 series for
+        // 10,000 services of one pool each.
+        let mut pools_so_far = self
+            .pools_so_far
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut kept = HashMap::with_capacity(live.services.len());
+        let (mut active, mut weights) = (Vec::new(), Vec::new());
         for service in &live.services {
-            for pool in &live.pools {
-                let labels = [service.name.as_ref(), pool.as_ref()];
-                self.active_pool
-                    .with_label_values(&labels)
-                    .set(i64::from(service.active_pool == *pool));
+            let mut pools = pools_so_far.remove(&service.name).unwrap_or_default();
+            let now = std::iter::once(&service.active_pool)
+                .chain(service.canary.as_ref().map(|(pool, _)| pool))
+                .chain(&service.preview_pools);
+            for pool in now {
+                if !pools.contains(pool) {
+                    pools.push(Arc::clone(pool));
+                }
+            }
+            for pool in &pools {
+                let labels = [("pool", &**pool), ("service", &*service.name)];
+                let is_active = service.active_pool == *pool;
+                active.push(sample(&labels, GAUGE, f64::from(u8::from(is_active))));
                 let weight = match &service.canary {
                     Some((canary, weight)) if canary == pool => *weight,
                     _ => 0.0,
                 };
-                self.canary_weight.with_label_values(&labels).set(weight);
+                weights.push(sample(&labels, GAUGE, weight));
             }
+            kept.insert(Arc::clone(&service.name), pools);
         }
-        self.generation.set(live.generation as i64);
-        let mut families = Vec::new();
-        families.extend(self.in_flight.collect());
-        families.extend(self.healthy.collect());
-        families.extend(self.ejected.collect());
-        families.extend(self.backend_state.collect());
-        families.extend(self.canary_weight.collect());
-        families.extend(self.active_pool.collect());
-        families.extend(self.generation.collect());
-        families
+        // Services no longer in the table (a reload removed them) are forgotten.
+        *pools_so_far = kept;
+        drop(pools_so_far);
+        vec![
+            family(&self.in_flight, GAUGE, in_flight),
+            family(&self.healthy, GAUGE, healthy),
+            family(&self.ejected, GAUGE, ejected),
+            family(&self.backend_state, GAUGE, states),
+            family(&self.health_checks, COUNTER, checks),
+            family(&self.canary_weight, GAUGE, weights),
+            family(&self.active_pool, GAUGE, active),
+            family(
+                &self.generation,
+                GAUGE,
+                vec![sample(&[], GAUGE, live.generation as f64)],
+            ),
+        ]
     }
 }

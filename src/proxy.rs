@@ -122,10 +122,13 @@ impl Proxy {
         let status = response.status().as_u16();
         match (&trace.route, &self.metrics) {
             (Some(route), _) => {
-                route.duration.observe(started.elapsed().as_secs_f64());
+                route.duration().observe(started.elapsed().as_secs_f64());
                 route.codes(trace.backend).inc(status);
+                // Made with the route's first request, at 0, so `rate()` over it is 0
+                // rather than empty before the first retry.
+                let retries = route.retries();
                 if trace.retries > 0 {
-                    route.retries.inc_by(u64::from(trace.retries));
+                    retries.inc_by(u64::from(trace.retries));
                 }
             }
             (None, Some(metrics)) if trace.service.is_none() => metrics.unrouted().inc(status),
@@ -251,7 +254,7 @@ impl Proxy {
         let mut skipped = 0;
         let mut request = Some(request);
         let mut failure = ProxyError::NoHealthyBackend;
-        let connect_metric = trace.route.as_ref().map(|r| r.connect.clone());
+        let connect_metric = trace.route.as_ref().map(|r| r.connect());
         let mut attempt = 0;
         while attempt < attempts && skipped < MAX_ATTEMPTS {
             let Some(index) = balancer::pick(pool, &excluded[..skipped]) else {
@@ -274,12 +277,7 @@ impl Proxy {
                 break;
             };
             match self
-                .send_to(
-                    backend,
-                    &pool.settings.upstream,
-                    req,
-                    connect_metric.as_ref(),
-                )
+                .send_to(backend, &pool.settings.upstream, req, connect_metric)
                 .await
             {
                 Ok((response, sender)) => {

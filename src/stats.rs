@@ -52,6 +52,15 @@ pub struct RecentTrafficView {
 }
 
 impl RecentTraffic {
+    /// For a process whose counters are all still 0: its first snapshot is that, taken
+    /// now, so requests answered before the sampler's first read count in the first
+    /// interval instead of before it.
+    pub fn starting_now() -> RecentTraffic {
+        let recent = RecentTraffic::default();
+        recent.record(BTreeMap::new());
+        recent
+    }
+
     pub fn record(&self, totals: BTreeMap<String, PoolTotals>) {
         let snapshot = Snapshot {
             at_ms: now_ms(),
@@ -92,7 +101,11 @@ impl RecentTraffic {
 
 /// Reads the counters every `SAMPLE_INTERVAL`, for as long as the process runs.
 pub async fn sample(metrics: Arc<Metrics>, recent: Arc<RecentTraffic>) {
-    let mut ticks = tokio::time::interval(SAMPLE_INTERVAL);
+    // The first snapshot is `starting_now`'s: the first read is an interval later.
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + SAMPLE_INTERVAL,
+        SAMPLE_INTERVAL,
+    );
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

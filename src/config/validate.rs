@@ -146,11 +146,17 @@ impl Validator<'_> {
                 "at least one service is required ([services.NAME])",
             ));
         }
+        // Lookups by name and by (host, prefix), so checking stays linear at 10,000
+        // services rather than comparing each with every other.
+        let pool_names: std::collections::HashSet<&str> =
+            pools.iter().map(|p| p.name.as_str()).collect();
+        let mut routes: std::collections::HashMap<(HostMatch, String), usize> =
+            std::collections::HashMap::new();
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.services.len());
         for (name, service) in raw.services {
             let table = format!("services.{name}");
             check_name(&name).map_err(|m| self.error(&table, "", m))?;
-            if !pools.iter().any(|p| p.name == service.active) {
+            if !pool_names.contains(service.active.as_str()) {
                 return Err(self.error(
                     &table,
                     "active",
@@ -182,9 +188,12 @@ impl Validator<'_> {
                     hosts.push(parsed);
                 }
             }
-            if let Some(other) = services.iter().find(|s| {
-                s.path_prefix == service.path_prefix && s.hosts.iter().any(|h| hosts.contains(h))
-            }) {
+            let same = hosts.iter().find_map(|host| {
+                routes
+                    .get(&(host.clone(), service.path_prefix.clone()))
+                    .map(|&i| &services[i])
+            });
+            if let Some(other) = same {
                 return Err(self.error(
                     &table,
                     "hosts",
@@ -196,8 +205,11 @@ impl Validator<'_> {
             }
             let preview = match service.preview {
                 None => None,
-                Some(preview) => Some(self.preview(&table, preview, &pools)?),
+                Some(preview) => Some(self.preview(&table, preview, &pool_names)?),
             };
+            for host in &hosts {
+                routes.insert((host.clone(), service.path_prefix.clone()), services.len());
+            }
             services.push(ServiceConfig {
                 name,
                 hosts,
@@ -288,7 +300,7 @@ impl Validator<'_> {
         &self,
         table: &str,
         preview: RawPreview,
-        pools: &[PoolConfig],
+        pools: &std::collections::HashSet<&str>,
     ) -> Result<PreviewConfig, ConfigError> {
         let header = preview.header.trim().to_ascii_lowercase();
         // Headers the proxy itself sets or drops would never arrive as the client sent
@@ -314,7 +326,7 @@ impl Validator<'_> {
             return Err(self.error(table, "preview", "pools must list at least one pool"));
         }
         for pool in &preview.pools {
-            if !pools.iter().any(|p| p.name == *pool) {
+            if !pools.contains(pool.as_str()) {
                 return Err(self.error(table, "preview", format!("pool `{pool}` does not exist")));
             }
         }

@@ -504,8 +504,14 @@ impl Control {
         }
         self.persist(current, &mut next).await?;
         let table = self.build_table(&next).await;
-        self.table.store(table);
-        self.sync_health_checks();
+        let same_backends = table.same_backends;
+        let previous = self.table.swap(table);
+        // Freeing a table of 10,000 services takes milliseconds: not on a worker.
+        tokio::task::spawn_blocking(move || drop(previous));
+        if !same_backends {
+            // Walks every backend; a traffic change (switch, canary) never needs it.
+            self.sync_health_checks();
+        }
         if let Some((service, kind)) = record {
             if let Some(traffic) = next.services.get(service) {
                 tracing::info!(

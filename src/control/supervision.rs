@@ -25,15 +25,11 @@ impl Control {
                 );
                 live.insert(key);
                 tasks.entry(key).or_insert_with(|| {
-                    let counters = self
-                        .metrics
-                        .health_check_counters(&pool.name, &backend.name);
                     tokio::spawn(health::check_loop(
                         Arc::clone(&pool.name),
                         Arc::clone(backend),
                         pool.settings.health.clone(),
                         pool.settings.upstream.clone(),
-                        counters,
                     ))
                     .abort_handle()
                 });

@@ -190,7 +190,6 @@ impl Control {
 pub(super) fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
     LiveState {
         generation,
-        pools: table.pools.iter().map(|p| Arc::clone(&p.name)).collect(),
         backends: table
             .pools
             .iter()
@@ -202,6 +201,7 @@ pub(super) fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
                     healthy: b.health() == Health::Healthy,
                     ejected: b.is_ejected(),
                     state: b.admin_state(),
+                    checks: b.check_counts(),
                 })
             })
             .collect(),
@@ -215,6 +215,12 @@ pub(super) fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
                     .canary
                     .as_ref()
                     .map(|c| (Arc::clone(&c.pool.name), f64::from(c.split.weight) / 100.0)),
+                preview_pools: s
+                    .preview
+                    .iter()
+                    .flat_map(|p| &p.pools)
+                    .map(|p| Arc::clone(&p.pool.name))
+                    .collect(),
             })
             .collect(),
     }

@@ -18,9 +18,21 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::split::{self, Reason, Split, StickyKey};
 use crate::state::{CanarySpec, TrafficState};
 
+mod matcher;
+
+use matcher::RouteIndex;
+
 pub struct RoutingTable {
     pub services: Vec<Service>,
     pub pools: Vec<Arc<Pool>>,
+    /// Finds a request's service among `services` (see `route`).
+    index: RouteIndex,
+    /// Positions in `pools` and `services`, by name.
+    pools_by_name: HashMap<Arc<str>, usize>,
+    services_by_name: HashMap<Arc<str>, usize>,
+    /// True when every pool has the same backend objects and settings as the table it
+    /// was built from: no health-check task needs starting or stopping.
+    pub same_backends: bool,
 }
 
 pub struct Service {
@@ -354,8 +366,46 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-fn route_metrics(metrics: &Metrics, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
-    metrics.route(service, &pool.name, pool.backends.iter().map(|b| &*b.name))
+/// Makes each (service, pool) pair's metric children, or hands back the previous
+/// table's when they still fit: the children each made on first use then carry over,
+/// and a rebuild at thousands of services does not touch the registry.
+struct RouteMetricsCache<'a> {
+    metrics: &'a Metrics,
+    previous: HashMap<(&'a str, &'a str), &'a Arc<RouteMetrics>>,
+}
+
+impl<'a> RouteMetricsCache<'a> {
+    fn new(metrics: &'a Metrics, previous: Option<&'a RoutingTable>) -> Self {
+        let mut cache = HashMap::new();
+        for service in previous.into_iter().flat_map(|t| &t.services) {
+            let routes = std::iter::once((&service.active, service.metrics.as_ref()))
+                .chain(service.canary.iter().map(|c| (&c.pool, c.metrics.as_ref())))
+                .chain(
+                    service
+                        .preview
+                        .iter()
+                        .flat_map(|p| &p.pools)
+                        .map(|p| (&p.pool, p.metrics.as_ref())),
+                );
+            for (pool, metrics) in routes {
+                if let Some(metrics) = metrics {
+                    cache.insert((&*service.name, &*pool.name), metrics);
+                }
+            }
+        }
+        RouteMetricsCache {
+            metrics,
+            previous: cache,
+        }
+    }
+
+    fn route(&self, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
+        let names = || pool.backends.iter().map(|b| &b.name);
+        match self.previous.get(&(service, &*pool.name)) {
+            Some(kept) if kept.fits(service, &pool.name, names()) => Arc::clone(kept),
+            _ => self.metrics.route(service, &pool.name, names()),
+        }
+    }
 }
 
 impl RoutingTable {
@@ -382,6 +432,8 @@ impl RoutingTable {
                 }
             }
         }
+        let registry = metrics;
+        let metrics = metrics.map(|m| RouteMetricsCache::new(m, previous));
         let idle_timeout: Duration = config.proxy.upstream_idle_timeout;
         let pools: Vec<Arc<Pool>> = config
             .pools
@@ -424,20 +476,26 @@ impl RoutingTable {
                 Arc::new(Pool::new(&pool.name, backends, settings))
             })
             .collect();
-        let services = config
+        let pools_by_name: HashMap<Arc<str>, usize> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (Arc::clone(&p.name), i))
+            .collect();
+        let find_pool = |name: &str| pools_by_name.get(name).map(|&i| &pools[i]);
+        let services: Vec<Service> = config
             .services
             .iter()
             .filter_map(|s| {
                 let traffic = state.services.get(&s.name);
                 let active_name = traffic.map_or(s.active.as_str(), |t| t.active.as_str());
-                let active = pools.iter().find(|p| *p.name == *active_name)?;
+                let active = find_pool(active_name)?;
                 let canary = traffic.and_then(|t| t.canary.as_ref()).and_then(|spec| {
-                    let pool = pools.iter().find(|p| *p.name == *spec.pool)?;
+                    let pool = find_pool(&spec.pool)?;
                     let split = canary_split(spec).ok()?;
                     Some(Canary {
                         pool: Arc::clone(pool),
                         split,
-                        metrics: metrics.map(|m| route_metrics(m, &s.name, pool)),
+                        metrics: metrics.as_ref().map(|m| m.route(&s.name, pool)),
                     })
                 });
                 let preview = s.preview.as_ref().and_then(|p| {
@@ -446,11 +504,11 @@ impl RoutingTable {
                         pools: p
                             .pools
                             .iter()
-                            .filter_map(|name| pools.iter().find(|pool| *pool.name == **name))
+                            .filter_map(|name| find_pool(name))
                             .map(|pool| PreviewPool {
                                 pool: Arc::clone(pool),
-                                metrics: metrics.map(|m| route_metrics(m, &s.name, pool)),
-                                counter: metrics.map(|m| {
+                                metrics: metrics.as_ref().map(|m| m.route(&s.name, pool)),
+                                counter: registry.map(|m| {
                                     m.preview_requests
                                         .with_label_values(&[s.name.as_str(), &*pool.name])
                                 }),
@@ -464,49 +522,56 @@ impl RoutingTable {
                     path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
                     canary,
-                    metrics: metrics.map(|m| route_metrics(m, &s.name, active)),
+                    metrics: metrics.as_ref().map(|m| m.route(&s.name, active)),
                     preview,
                 })
             })
             .collect();
-        RoutingTable { services, pools }
+        let index = RouteIndex::new(
+            services
+                .iter()
+                .map(|s| (s.hosts.as_slice(), s.path_prefix.as_str())),
+        );
+        let services_by_name = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Arc::clone(&s.name), i))
+            .collect();
+        let same_backends = previous.is_some_and(|previous| {
+            previous.pools.len() == pools.len()
+                && previous.pools.iter().zip(&pools).all(|(old, new)| {
+                    Arc::ptr_eq(&old.settings, &new.settings)
+                        && old.backends.len() == new.backends.len()
+                        && old
+                            .backends
+                            .iter()
+                            .zip(&new.backends)
+                            .all(|(a, b)| Arc::ptr_eq(a, b))
+                })
+        });
+        RoutingTable {
+            same_backends,
+            services,
+            pools,
+            index,
+            pools_by_name,
+            services_by_name,
+        }
     }
 
     /// The service for a request: the most specific host match first, then the longest
     /// path prefix. `host` has no port and may be empty (no Host header).
     pub fn route(&self, host: &str, path: &str) -> Option<&Service> {
-        let mut best: Option<(&Service, usize, usize)> = None;
-        for service in &self.services {
-            if !path.starts_with(service.path_prefix.as_str()) {
-                continue;
-            }
-            let Some(specificity) = service
-                .hosts
-                .iter()
-                .filter(|h| h.matches(host))
-                .map(HostMatch::specificity)
-                .max()
-            else {
-                continue;
-            };
-            let prefix = service.path_prefix.len();
-            let better = match best {
-                None => true,
-                Some((_, s, p)) => (specificity, prefix) > (s, p),
-            };
-            if better {
-                best = Some((service, specificity, prefix));
-            }
-        }
-        best.map(|(s, _, _)| s)
+        let position = self.index.find(host, path)?;
+        self.services.get(position as usize)
     }
 
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.iter().find(|p| &*p.name == name)
+        self.pools_by_name.get(name).map(|&i| &self.pools[i])
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
-        self.services.iter().find(|s| &*s.name == name)
+        self.services_by_name.get(name).map(|&i| &self.services[i])
     }
 }
 
@@ -595,6 +660,52 @@ active = "shop"
         assert!(Arc::ptr_eq(
             &first.pools[0].backends[0],
             &second.pools[0].backends[0]
+        ));
+    }
+
+    #[test]
+    fn a_rebuild_says_whether_its_backends_and_settings_are_those_of_the_last() {
+        let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
+        let state = TrafficState::from_config(&config);
+        let settings = PoolSettings::for_config(&config, &Upstreams::new());
+        let names = ResolvedPools::new();
+        let first = RoutingTable::build(&config, &settings, &names, &state, None, None);
+        assert!(!first.same_backends, "nothing to compare with");
+        let second = RoutingTable::build(&config, &settings, &names, &state, Some(&first), None);
+        assert!(second.same_backends);
+        let reloaded = PoolSettings::for_config(&config, &Upstreams::new());
+        let third = RoutingTable::build(&config, &reloaded, &names, &state, Some(&second), None);
+        assert!(!third.same_backends, "new settings restart the checks");
+    }
+
+    #[test]
+    fn a_rebuild_keeps_a_routes_metric_children_while_its_backends_stay() {
+        let metrics = Metrics::new(Arc::new(crate::metrics::LiveState::default));
+        let config = Config::parse(TWO_SERVICES, Path::new("t.toml")).unwrap();
+        let state = TrafficState::from_config(&config);
+        let settings = PoolSettings::for_config(&config, &Upstreams::new());
+        let names = ResolvedPools::new();
+        let build = |config: &Config, previous| {
+            RoutingTable::build(config, &settings, &names, &state, previous, Some(&metrics))
+        };
+        let first = build(&config, None);
+        let second = build(&config, Some(&first));
+        let children =
+            |t: &RoutingTable, s: &str| Arc::clone(t.service(s).unwrap().metrics.as_ref().unwrap());
+        assert!(Arc::ptr_eq(
+            &children(&first, "api"),
+            &children(&second, "api")
+        ));
+        let moved = TWO_SERVICES.replace("127.0.0.1:2", "127.0.0.1:4");
+        let moved = Config::parse(&moved, Path::new("t.toml")).unwrap();
+        let third = build(&moved, Some(&second));
+        assert!(
+            !Arc::ptr_eq(&children(&second, "api"), &children(&third, "api")),
+            "new backends, new children"
+        );
+        assert!(Arc::ptr_eq(
+            &children(&second, "web"),
+            &children(&third, "web")
         ));
     }
 

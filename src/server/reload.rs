@@ -40,7 +40,7 @@ pub(super) struct Runtime {
 /// What a reload replaces besides the serving settings.
 pub(super) struct Live {
     /// The config the listeners, limits and logs follow.
-    pub(super) config: Config,
+    pub(super) config: Arc<Config>,
     pub(super) max_connections: usize,
     pub(super) plain: Bound,
     pub(super) tls: Option<Bound>,
@@ -287,7 +287,8 @@ impl Runtime {
             });
         }
         live.access_log = access_log;
-        live.config = config;
+        // The same config the control plane now holds, not a second copy of it.
+        live.config = control.config();
         Ok(reloaded)
     }
 
