@@ -5,13 +5,16 @@
 #
 #   benches/health_overhead.sh            # N=1000, 30 s window
 #   N=2000 WINDOW=60 benches/health_overhead.sh
+#   BIN=/tmp/old/switchyard benches/health_overhead.sh   # another build
 set -euo pipefail
 N=${N:-1000}
 WINDOW=${WINDOW:-30}
 BASE=${BASE_PORT:-20000}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-BIN=target/release/switchyard
+if [[ -z "${BIN:-}" ]]; then
+    cargo build --release --quiet
+    BIN=target/release/switchyard
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
