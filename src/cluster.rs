@@ -213,7 +213,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Corrupt(format!("{}: {e}", self.state_key)))?;
         let generation = kv.mod_revision() as u64;
         state.generation = generation;
-        fill_history_generations(&mut state, generation);
+        state.fill_unknown_history_generations(generation);
         Ok((Some((state, generation)), revision))
     }
 
@@ -285,7 +285,7 @@ impl Cluster {
                         Ok(mut state) => {
                             let generation = kv.mod_revision() as u64;
                             state.generation = generation;
-                            fill_history_generations(&mut state, generation);
+                            state.fill_unknown_history_generations(generation);
                             apply(Some((state, generation)));
                         }
                         Err(e) => tracing::error!(
@@ -464,18 +464,8 @@ impl Cluster {
     }
 }
 
-/// History entries of the write that made `generation` are stored with generation 0
-/// (the revision is not known before the write): give them theirs.
-fn fill_history_generations(state: &mut TrafficState, generation: u64) {
-    for traffic in state.services.values_mut() {
-        for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
-            entry.generation = generation;
-        }
-    }
-}
-
 /// The generation a write based on `current` gives the history entries it adds: 0,
-/// filled in from the key's revision when read (see `fill_history_generations`).
+/// filled in from the key's revision when read (see `TrafficState::fill_unknown_history_generations`).
 pub const UNKNOWN_GENERATION: u64 = 0;
 
 /// Keeps `cluster` connected, watching and registered for as long as the process runs.

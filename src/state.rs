@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -19,12 +20,17 @@ use crate::config::{BackendConfig, Config, PoolConfig};
 /// History entries kept per service.
 pub const HISTORY_LIMIT: usize = 20;
 
+pub type ServiceMap = imbl::OrdMap<String, Arc<ServiceTraffic>>;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficState {
     pub generation: u64,
+    /// Persistent (structurally shared): a change copies one path of the tree, so the
+    /// copy every commit makes, and comparing it with the old one, stay cheap at
+    /// thousands of services.
     #[serde(default)]
-    pub services: BTreeMap<String, ServiceTraffic>,
+    pub services: ServiceMap,
     /// pool -> backend address -> state, for backends that are not `active`.
     #[serde(default)]
     pub backends: BTreeMap<String, BTreeMap<String, BackendMode>>,
@@ -54,8 +60,10 @@ pub struct ServiceTraffic {
     pub active: String,
     #[serde(default)]
     pub previous_active: Option<String>,
+    /// Boxed: most services have none, and at 10,000 services the inline spec would
+    /// be most of the state's memory.
     #[serde(default)]
-    pub canary: Option<CanarySpec>,
+    pub canary: Option<Box<CanarySpec>>,
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
 }
@@ -137,6 +145,30 @@ impl TrafficState {
         }
     }
 
+    /// `name`'s traffic, to change: copied first if another state shares it.
+    pub fn service_mut(&mut self, name: &str) -> Option<&mut ServiceTraffic> {
+        self.services.get_mut(name).map(Arc::make_mut)
+    }
+
+    /// Gives `generation` to the history entries still marked 0: a fleet write learns
+    /// its generation (the etcd revision) only once it is made. Touches only the
+    /// services that have such entries, so the shared map is not copied.
+    pub fn fill_unknown_history_generations(&mut self, generation: u64) {
+        let pending: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, t)| t.history.iter().any(|e| e.generation == 0))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in pending {
+            if let Some(traffic) = self.service_mut(&name) {
+                for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
+                    entry.generation = generation;
+                }
+            }
+        }
+    }
+
     /// The backends of `pool`: the runtime membership if it was changed, else the
     /// config's.
     pub fn members_of(&self, pool: &PoolConfig) -> Vec<BackendConfig> {
@@ -158,13 +190,15 @@ impl TrafficState {
     /// configured service ends up with an entry.
     pub fn reconcile(mut self, config: &Config) -> (TrafficState, Vec<String>) {
         let mut warnings = Vec::new();
-        let pool_exists = |name: &str| config.pools.iter().any(|p| p.name == name);
-        let mut services = BTreeMap::new();
+        let pools: std::collections::HashSet<&str> =
+            config.pools.iter().map(|p| p.name.as_str()).collect();
+        let pool_exists = |name: &str| pools.contains(name);
+        let mut services = ServiceMap::new();
         for service in &config.services {
             let Some(mut saved) = self.services.remove(&service.name) else {
                 services.insert(
                     service.name.clone(),
-                    TrafficState::from_config_service(&service.active),
+                    Arc::new(TrafficState::from_config_service(&service.active)),
                 );
                 continue;
             };
@@ -173,6 +207,7 @@ impl TrafficState {
                     "service `{}`: saved active pool `{}` is not in the config; using `{}`",
                     service.name, saved.active, service.active
                 ));
+                let saved = Arc::make_mut(&mut saved);
                 saved.active = service.active.clone();
                 saved.canary = None;
             }
@@ -182,7 +217,7 @@ impl TrafficState {
                         "service `{}`: saved canary pool `{}` no longer fits the config; canary dropped",
                         service.name, canary.pool
                     ));
-                    saved.canary = None;
+                    Arc::make_mut(&mut saved).canary = None;
                 }
             }
             if saved
@@ -190,7 +225,7 @@ impl TrafficState {
                 .as_deref()
                 .is_some_and(|p| !pool_exists(p))
             {
-                saved.previous_active = None;
+                Arc::make_mut(&mut saved).previous_active = None;
             }
             services.insert(service.name.clone(), saved);
         }
@@ -452,7 +487,7 @@ mod tests {
         let path = dir.path().join("state.json");
         let mut state = TrafficState::from_config(&config());
         state.generation = 7;
-        let app = state.services.get_mut("app").unwrap();
+        let app = state.service_mut("app").unwrap();
         app.active = "green".into();
         app.previous_active = Some("blue".into());
         app.record(7, "switch");
@@ -471,15 +506,15 @@ mod tests {
     #[test]
     fn entries_that_no_longer_fit_the_config_are_dropped_with_warnings() {
         let mut state = TrafficState::from_config(&config());
-        state.services.get_mut("app").unwrap().active = "purple".into();
+        state.service_mut("app").unwrap().active = "purple".into();
         state.services.insert(
             "gone".into(),
-            ServiceTraffic {
+            Arc::new(ServiceTraffic {
                 active: "blue".into(),
                 previous_active: None,
                 canary: None,
                 history: vec![],
-            },
+            }),
         );
         state
             .backends
@@ -584,6 +619,7 @@ mod tests {
         let mut s = TrafficState::from_config(&config())
             .services
             .remove("app")
+            .map(Arc::unwrap_or_clone)
             .unwrap();
         for g in 0..50 {
             s.record(g, "switch");

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Weak;
 
 use super::{Control, ControlError};
@@ -211,11 +211,7 @@ impl Control {
                     other => other.into(),
                 })?;
         next.generation = generation;
-        for traffic in next.services.values_mut() {
-            for entry in traffic.history.iter_mut().filter(|e| e.generation == 0) {
-                entry.generation = generation;
-            }
-        }
+        next.fill_unknown_history_generations(generation);
         if let Err(e) = self.save(next.clone()).await {
             tracing::warn!("cluster: cannot cache the state locally: {e}");
         }
@@ -234,10 +230,12 @@ impl Control {
             return next.clone();
         };
         let config = self.config.load();
-        let known_pool = |name: &str| config.pools.iter().any(|p| p.name == name);
+        let pools: HashSet<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
+        let services: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let known_pool = |name: &str| pools.contains(name);
         let mut out = next.clone();
         for (name, traffic) in &raw.services {
-            let known_service = config.services.iter().any(|s| s.name == *name);
+            let known_service = services.contains(name.as_str());
             let unknown_pools = !known_pool(&traffic.active)
                 || traffic
                     .canary

@@ -335,7 +335,7 @@ impl Control {
             self.require_live(&pool).await?;
         }
         self.commit_service(&mut state, service, "canary", |traffic| {
-            traffic.canary = Some(spec)
+            traffic.canary = Some(Box::new(spec))
         })
         .await
     }
@@ -447,8 +447,7 @@ impl Control {
     ) -> Result<ServiceView, ControlError> {
         let mut next = state.clone();
         change(
-            next.services
-                .get_mut(service)
+            next.service_mut(service)
                 .ok_or_else(|| unknown_service(service))?,
         );
         self.commit(state, next, Some((service, kind))).await?;
@@ -498,8 +497,9 @@ impl Control {
         }
         next.generation = self.next_generation(current);
         if let Some((service, kind)) = record {
-            if let Some(traffic) = next.services.get_mut(service) {
-                traffic.record(next.generation, kind);
+            let generation = next.generation;
+            if let Some(traffic) = next.service_mut(service) {
+                traffic.record(generation, kind);
             }
         }
         self.persist(current, &mut next).await?;
@@ -630,5 +630,6 @@ fn service_traffic<'a>(
     state
         .services
         .get(name)
+        .map(|t| &**t)
         .ok_or_else(|| unknown_service(name))
 }

@@ -59,10 +59,22 @@ impl Control {
         } else {
             self.next_generation(&state)
         };
-        for (name, traffic) in next.services.iter_mut() {
+        if !unchanged {
             // In a service's history only when the reload changed its traffic.
-            if !unchanged && state.services.get(name) != Some(traffic) {
-                traffic.record(next.generation, "reload");
+            let changed: Vec<String> = state
+                .services
+                .diff(&next.services)
+                .filter_map(|d| match d {
+                    imbl::ordmap::DiffItem::Add(name, _)
+                    | imbl::ordmap::DiffItem::Update { new: (name, _), .. } => Some(name.clone()),
+                    imbl::ordmap::DiffItem::Remove(..) => None,
+                })
+                .collect();
+            for name in changed {
+                let generation = next.generation;
+                if let Some(traffic) = next.service_mut(&name) {
+                    traffic.record(generation, "reload");
+                }
             }
         }
         if !unchanged {
