@@ -159,7 +159,11 @@ fn metrics(c: &mut Criterion) {
     let table = Arc::new(table_of(&config));
     let metrics = Metrics::new(Arc::new(LiveState::default));
     let pool = &table.pools[0];
-    let route = metrics.route("web", &pool.name, pool.backends.iter().map(|b| &b.name));
+    let route = metrics.route(
+        &"web".into(),
+        &pool.name,
+        pool.backends.iter().map(|b| &b.name),
+    );
     c.bench_function("record_request_metrics", |b| {
         b.iter(|| {
             route.codes(black_box(Some(1))).inc(black_box(200));

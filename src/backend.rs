@@ -49,10 +49,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `addr` as text, made once so logs and the admin API never format it again.
     pub name: Arc<str>,
-    /// The host name `addr` was resolved from, if it was.
-    pub host: Option<Arc<str>>,
-    /// `host` as the TLS name to send and verify (when the pool names none).
-    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// Boxed: most backends are addresses, not names.
+    named: Option<Box<BackendHost>>,
     /// Relative share within the pool (1-1000); changed in place when the membership
     /// API changes it, so in-flight counts survive.
     weight: AtomicU32,
@@ -77,7 +75,20 @@ pub struct Backend {
     last_check_ok: std::sync::atomic::AtomicBool,
     /// Why the last active check failed; empty while it passes.
     last_check_error: arc_swap::ArcSwapOption<String>,
-    epoch: Instant,
+}
+
+/// The host name a backend's address was resolved from.
+struct BackendHost {
+    host: Arc<str>,
+    /// `host` as the TLS name to send and verify (when the pool names none).
+    tls_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+/// The instant every backend's millisecond clock counts from: one per process, not a
+/// copy in each backend.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Backend {
@@ -85,8 +96,7 @@ impl Backend {
         Backend {
             addr,
             name: addr.to_string().into(),
-            host: None,
-            tls_name: None,
+            named: None,
             weight: AtomicU32::new(weight),
             in_flight: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
@@ -101,17 +111,26 @@ impl Backend {
             failed_checks: AtomicU64::new(0),
             last_check_ok: std::sync::atomic::AtomicBool::new(false),
             last_check_error: arc_swap::ArcSwapOption::empty(),
-            epoch: Instant::now(),
         }
     }
 
     /// The same backend, known to come from the host name `host`.
     pub fn with_host(mut self, host: Option<Arc<str>>) -> Backend {
-        self.tls_name = host
-            .as_deref()
-            .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok());
-        self.host = host;
+        self.named = host.map(|host| {
+            let tls_name = rustls::pki_types::ServerName::try_from(host.to_string()).ok();
+            Box::new(BackendHost { host, tls_name })
+        });
         self
+    }
+
+    /// The host name `addr` was resolved from, if it was.
+    pub fn host(&self) -> Option<&Arc<str>> {
+        self.named.as_ref().map(|n| &n.host)
+    }
+
+    /// `host` as the TLS name to send and verify (when the pool names none).
+    pub fn tls_name(&self) -> Option<&rustls::pki_types::ServerName<'static>> {
+        self.named.as_ref().and_then(|n| n.tls_name.as_ref())
     }
 
     /// One active health check ran, with this result (the reason it failed, if it did).
@@ -180,9 +199,9 @@ impl Backend {
         }
     }
 
-    /// Milliseconds since this backend object was made; never 0.
+    /// Milliseconds since the first backend was made; never 0.
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        epoch().elapsed().as_millis() as u64 + 1
     }
 
     /// A request on this backend succeeded: the failure streak ends. Reads before it
@@ -312,7 +331,7 @@ impl Backend {
     /// Logs an upstream failure at most once a second per backend, so a dead backend
     /// under load cannot flood the log; the next line says how many were held back.
     pub fn warn_rate_limited(&self, what: &str, error: &dyn std::fmt::Display) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms();
         let last = self.last_warning_ms.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < 1000 {
             self.suppressed_warnings.fetch_add(1, Ordering::Relaxed);

@@ -164,12 +164,16 @@ mod tests {
                 Arc::new(Backend::new(addr, w, Duration::from_secs(1)))
             })
             .collect();
-        let settings = crate::routing::PoolSettings {
+        let settings = crate::routing::PoolBehaviour {
             balance,
             panic_mode: PanicMode::FailClosed,
             ..Default::default()
         };
-        Pool::new("p", backends, Arc::new(settings))
+        Pool::new(
+            "p",
+            backends,
+            Arc::new(crate::routing::PoolSettings::new(Arc::new(settings))),
+        )
     }
 
     fn shares(pool: &Pool, picks: usize) -> Vec<f64> {
@@ -270,11 +274,15 @@ mod tests {
                 ))
             })
             .collect();
-        let settings = crate::routing::PoolSettings {
+        let settings = crate::routing::PoolBehaviour {
             slow_start: Some(Duration::from_secs(600)),
             ..Default::default()
         };
-        let p = Pool::new("p", backends.clone(), Arc::new(settings));
+        let p = Pool::new(
+            "p",
+            backends.clone(),
+            Arc::new(crate::routing::PoolSettings::new(Arc::new(settings))),
+        );
         backends[1].set_health(Health::Healthy);
         let s = shares(&p, 20_000);
         // Backend 1 ramps from a tenth of its weight: about 1/11 of the traffic.

@@ -100,10 +100,17 @@ pub struct ConnPool {
     /// Connections in `idle`, kept to bound it.
     idle_len: AtomicUsize,
     idle_timeout: Duration,
-    shared_h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// Made on the first HTTP/2 connect: an HTTP/1.1 backend never needs it.
+    h2: std::sync::OnceLock<Box<SharedH2>>,
+}
+
+/// An HTTP/2 backend's one multiplexed connection.
+#[derive(Default)]
+struct SharedH2 {
+    conn: ArcSwapOption<http2::SendRequest<RequestBody>>,
     /// Held only while an HTTP/2 connection is being opened, so concurrent requests
     /// wait for that one instead of each opening their own.
-    h2_connecting: tokio::sync::Mutex<()>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 struct IdleConn {
@@ -129,8 +136,7 @@ impl ConnPool {
             idle: std::sync::OnceLock::new(),
             idle_len: AtomicUsize::new(0),
             idle_timeout,
-            shared_h2: ArcSwapOption::empty(),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2: std::sync::OnceLock::new(),
         }
     }
 
@@ -155,7 +161,7 @@ impl ConnPool {
     }
 
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let guard = self.shared_h2.load();
+        let guard = self.h2.get()?.conn.load();
         let shared = guard.as_deref()?;
         (!shared.is_closed()).then(|| shared.clone())
     }
@@ -185,7 +191,9 @@ impl ConnPool {
     /// The shared HTTP/2 connection refused a request: forget it, so the next request
     /// opens a new one instead of offering to this one again.
     pub fn forget_shared(&self) {
-        self.shared_h2.store(None);
+        if let Some(h2) = self.h2.get() {
+            h2.conn.store(None);
+        }
     }
 
     pub fn idle_count(&self) -> usize {
@@ -204,13 +212,14 @@ impl ConnPool {
         if !upstream.protocol.is_h2() {
             return connect(addr, tls_name, upstream, timeout).await;
         }
-        let _opening = self.h2_connecting.lock().await;
+        let h2 = self.h2.get_or_init(Box::default);
+        let _opening = h2.connecting.lock().await;
         if let Some(shared) = self.live_h2() {
             return Ok(Sender::H2(shared));
         }
         let sender = connect(addr, tls_name, upstream, timeout).await?;
         if let Sender::H2(shared) = &sender {
-            self.shared_h2.store(Some(Arc::new(shared.clone())));
+            h2.conn.store(Some(Arc::new(shared.clone())));
         }
         Ok(sender)
     }

@@ -1,7 +1,9 @@
-//! Backend health: active checks (one task per backend), passive ejection from real
+//! Backend health: active checks (scheduled in `schedule`), passive ejection from real
 //! traffic, and the pure consecutive-counter state machine both rely on.
 
-use std::sync::Arc;
+mod schedule;
+pub use schedule::{CheckScheduler, CheckTarget};
+
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -74,32 +76,6 @@ impl HealthCounter {
     }
 }
 
-/// Checks `backend` until the task is aborted: one check right away (after a random
-/// part of the jitter, so many backends do not fire at once), then every `interval`
-/// give or take `jitter`.
-pub async fn check_loop(
-    pool: Arc<str>,
-    backend: Arc<Backend>,
-    config: HealthConfig,
-    upstream: Upstream,
-) {
-    // From the backend's current health, so a task restarted by a reload does not
-    // judge a healthy backend on one failed check.
-    let mut counter = HealthCounter::new(config.healthy_threshold, config.unhealthy_threshold)
-        .resuming(backend.health());
-    tokio::time::sleep(jittered(Duration::ZERO, config.jitter)).await;
-    loop {
-        // Boxed: a check (an HTTP/TLS handshake inside) is kilobytes of future, which
-        // the task would otherwise hold all the time it sleeps, for every backend.
-        let outcome = Box::pin(check_once(&backend, &config, &upstream)).await;
-        backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        if let Some(next) = counter.record(outcome.is_ok()) {
-            apply_transition(&pool, &backend, next, &outcome);
-        }
-        tokio::time::sleep(jittered(config.interval, config.jitter)).await;
-    }
-}
-
 /// The active checks' verdict changed. Passive ejection is kept apart (see
 /// `Backend::eject_for`): a passing check neither ends an ejection nor is hidden by one.
 fn apply_transition(pool: &str, backend: &Backend, next: Health, outcome: &Result<(), String>) {
@@ -141,14 +117,10 @@ pub async fn check_once(
             return Ok(());
         };
         // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
-        let mut sender = client::connect(
-            backend.addr,
-            backend.tls_name.as_ref(),
-            upstream,
-            config.timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let mut sender =
+            client::connect(backend.addr, backend.tls_name(), upstream, config.timeout)
+                .await
+                .map_err(|e| e.to_string())?;
         let host = http
             .host
             .clone()

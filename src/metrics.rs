@@ -232,7 +232,7 @@ impl Metrics {
                 retries: retries.clone(),
                 connect: connect.clone(),
             }),
-            "".into(),
+            None,
         ));
         Arc::new(Metrics {
             registry,
@@ -273,13 +273,13 @@ impl Metrics {
     /// thousands of idle services adds nothing to a scrape.
     pub fn route<'a>(
         &self,
-        service: &str,
-        pool: &str,
+        service: &Arc<str>,
+        pool: &Arc<str>,
         backends: impl IntoIterator<Item = &'a Arc<str>>,
     ) -> Arc<RouteMetrics> {
         let labels = Arc::new(RouteLabels {
-            service: service.into(),
-            pool: pool.into(),
+            service: Arc::clone(service),
+            pool: Arc::clone(pool),
             requests: self.requests.clone(),
             duration: self.duration.clone(),
             retries: self.retries.clone(),
@@ -291,9 +291,9 @@ impl Metrics {
             connect: OnceLock::new(),
             backends: backends
                 .into_iter()
-                .map(|b| CodeCounters::new(Arc::clone(&labels), Arc::clone(b)))
+                .map(|b| CodeCounters::new(Arc::clone(&labels), Some(Arc::clone(b))))
                 .collect(),
-            no_backend: CodeCounters::new(Arc::clone(&labels), "".into()),
+            no_backend: CodeCounters::new(Arc::clone(&labels), None),
             labels,
         })
     }
@@ -454,7 +454,7 @@ impl RouteMetrics {
                 .backends
                 .iter()
                 .zip(backends)
-                .all(|(c, b)| *c.backend == **b)
+                .all(|(c, b)| c.backend.as_deref() == Some(&**b))
     }
 }
 
@@ -464,16 +464,21 @@ impl RouteMetrics {
 /// backends stay small. Afterwards an increment is two atomic loads and one atomic add.
 pub struct CodeCounters {
     labels: Arc<RouteLabels>,
-    backend: Arc<str>,
-    classes: [OnceLock<Box<[OnceLock<IntCounter>; 100]>>; 6],
+    /// `None` for answers that never reached a backend (the label is empty).
+    backend: Option<Arc<str>>,
+    /// One word until the first answer: most routes of a large table never see one.
+    classes: OnceLock<Box<CodeClasses>>,
 }
 
+/// By status class (`code / 100`), the children of its hundred codes.
+type CodeClasses = [OnceLock<Box<[OnceLock<IntCounter>; 100]>>; 6];
+
 impl CodeCounters {
-    fn new(labels: Arc<RouteLabels>, backend: Arc<str>) -> CodeCounters {
+    fn new(labels: Arc<RouteLabels>, backend: Option<Arc<str>>) -> CodeCounters {
         CodeCounters {
             labels,
             backend,
-            classes: Default::default(),
+            classes: OnceLock::new(),
         }
     }
 
@@ -481,14 +486,14 @@ impl CodeCounters {
         // An upstream may send 600-999, which the http crate accepts: counted as 599.
         let code = code.min(599);
         let (class, slot) = (usize::from(code / 100), usize::from(code % 100));
-        self.classes[class].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())))
-            [slot]
+        self.classes.get_or_init(Default::default)[class]
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())))[slot]
             .get_or_init(|| {
                 let l = &*self.labels;
                 l.requests.with_label_values(&[
                     &*l.service,
                     &*l.pool,
-                    &*self.backend,
+                    self.backend.as_deref().unwrap_or(""),
                     &code.to_string(),
                 ])
             })

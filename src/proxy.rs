@@ -347,7 +347,7 @@ impl Proxy {
                     // large, copied on each spawn and poll setup, pooled or not.
                     let connected = Box::pin(backend.conns.connect(
                         backend.addr,
-                        backend.tls_name.as_ref(),
+                        backend.tls_name(),
                         upstream,
                         self.settings.connect_timeout,
                     ))

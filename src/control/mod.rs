@@ -2,7 +2,6 @@
 //! persist, swap, record. One writer at a time (an async mutex held across the whole
 //! change); the data plane never waits on it, it only sees the table swap.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -139,9 +138,7 @@ pub struct Control {
     state: Mutex<TrafficState>,
     state_path: PathBuf,
     probe_timeout: Duration,
-    /// One health-check task per backend object and pool settings, keyed by their
-    /// addresses.
-    health_tasks: std::sync::Mutex<HashMap<(usize, usize), tokio::task::AbortHandle>>,
+    health_checks: std::sync::Mutex<supervision::HealthChecks>,
     metrics: Arc<Metrics>,
     /// Attach per-request metric children to routing tables (`[metrics] enabled`).
     request_metrics: AtomicBool,
@@ -222,7 +219,7 @@ impl Control {
             state: Mutex::new(state),
             config: ArcSwap::from_pointee(config),
             settings: ArcSwap::from_pointee(settings),
-            health_tasks: std::sync::Mutex::new(HashMap::new()),
+            health_checks: std::sync::Mutex::new(supervision::HealthChecks::default()),
             metrics,
             request_metrics: AtomicBool::new(request_metrics),
             generation,

@@ -1,22 +1,40 @@
-//! Health-check supervision: one task per backend object and pool settings, started
-//! when a backend appears in the table, restarted when a reload gives its pool new
-//! settings (it resumes from the backend's current health), stopped when it leaves.
+//! Health-check supervision: every backend object in the table is checked with its
+//! pool's settings; checks start when a backend appears in the table, restart when a
+//! reload gives its pool new settings (resuming from the backend's current health),
+//! and stop when it leaves.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::Control;
 use crate::backend::Health;
-use crate::health;
+use crate::health::{CheckScheduler, CheckTarget};
+
+/// The checks under way, keyed by the addresses of the backend object and of its pool
+/// settings (both held by the scheduler while checked, so neither address is reused
+/// meanwhile).
+#[derive(Default)]
+pub(super) struct HealthChecks {
+    scheduler: Option<CheckScheduler>,
+    ids: HashMap<(usize, usize), u64>,
+    next_id: u64,
+}
 
 impl Control {
-    /// Starts a health-check task for every backend in the table that has none, and
-    /// stops those of backends no longer in it. Needs a tokio runtime.
+    /// Starts checking every backend in the table that is not checked yet, and stops
+    /// checking those no longer in it. Needs a tokio runtime.
     pub fn sync_health_checks(&self) {
         let table = self.table.load();
-        let Ok(mut tasks) = self.health_tasks.lock() else {
+        let Ok(mut checks) = self.health_checks.lock() else {
             return;
         };
-        let mut live = std::collections::HashSet::new();
+        let HealthChecks {
+            scheduler,
+            ids,
+            next_id,
+        } = &mut *checks;
+        let scheduler = scheduler.get_or_insert_with(CheckScheduler::spawn);
+        let mut live = HashSet::with_capacity(ids.len());
         for pool in &table.pools {
             for backend in &pool.backends {
                 let key = (
@@ -24,31 +42,32 @@ impl Control {
                     Arc::as_ptr(&pool.settings) as usize,
                 );
                 live.insert(key);
-                tasks.entry(key).or_insert_with(|| {
-                    tokio::spawn(health::check_loop(
-                        Arc::clone(&pool.name),
-                        Arc::clone(backend),
-                        pool.settings.health.clone(),
-                        pool.settings.upstream.clone(),
-                    ))
-                    .abort_handle()
+                ids.entry(key).or_insert_with(|| {
+                    *next_id += 1;
+                    scheduler.start(
+                        *next_id,
+                        CheckTarget {
+                            pool: Arc::clone(&pool.name),
+                            backend: Arc::clone(backend),
+                            settings: Arc::clone(&pool.settings),
+                        },
+                    );
+                    *next_id
                 });
             }
         }
-        tasks.retain(|key, task| {
+        ids.retain(|key, id| {
             let keep = live.contains(key);
             if !keep {
-                task.abort();
+                scheduler.stop(*id);
             }
             keep
         });
     }
 
     pub fn stop_health_checks(&self) {
-        if let Ok(mut tasks) = self.health_tasks.lock() {
-            for (_, task) in tasks.drain() {
-                task.abort();
-            }
+        if let Ok(mut checks) = self.health_checks.lock() {
+            *checks = HealthChecks::default();
         }
     }
 

@@ -25,7 +25,10 @@ struct Prefixes {
 struct PrefixGroup {
     len: usize,
     few: Vec<(Box<[u8]>, u32)>,
-    many: Option<HashMap<Box<[u8]>, u32>>,
+    /// Boxed: most groups never have more than `FEW`, and there is one group per host
+    /// name at least: a word each, where an empty map inline would be six.
+    #[allow(clippy::box_collection)]
+    many: Option<Box<HashMap<Box<[u8]>, u32>>>,
 }
 
 /// Up to this many prefixes of one length are compared without hashing.
@@ -38,6 +41,9 @@ impl Prefixes {
         let len = prefix.len();
         let at = self.groups.partition_point(|g| g.len > len);
         if self.groups.get(at).is_none_or(|g| g.len != len) {
+            // Exact sizes: a host has one group and one prefix far more often than not,
+            // and a doubling Vec would hold room for four of each, per host.
+            self.groups.reserve_exact(1);
             self.groups.insert(
                 at,
                 PrefixGroup {
@@ -52,13 +58,14 @@ impl Prefixes {
         if let Some(map) = &mut group.many {
             map.entry(key.into()).or_insert(service);
         } else if !group.few.iter().any(|(p, _)| &**p == key) {
+            group.few.reserve_exact(1);
             group.few.push((key.into(), service));
             if group.few.len() > FEW {
                 let mut map = HashMap::with_capacity(group.few.len());
-                for (p, s) in group.few.drain(..) {
+                for (p, s) in std::mem::take(&mut group.few) {
                     map.insert(p, s);
                 }
-                group.many = Some(map);
+                group.many = Some(Box::new(map));
             }
         }
     }

@@ -40,10 +40,12 @@ pub struct Service {
     pub hosts: Vec<HostMatch>,
     pub path_prefix: String,
     pub active: Arc<Pool>,
-    pub canary: Option<Canary>,
+    /// Boxed, as `preview` is: most services of a large table have neither, and a
+    /// `Service` is kept for each.
+    pub canary: Option<Box<Canary>>,
     /// Metric children for (service, active pool); `None` with metrics off.
     pub metrics: Option<Arc<RouteMetrics>>,
-    pub preview: Option<Preview>,
+    pub preview: Option<Box<Preview>>,
 }
 
 /// The service's preview route: a request whose `header` names one of the pools goes
@@ -171,18 +173,50 @@ pub struct Pool {
     pub(crate) rr_next: AtomicUsize,
 }
 
-/// A pool's behaviour from its config, shared by every table built from it.
-#[derive(Debug, Clone)]
+/// A pool's settings from its config, shared by every table built from it.
+#[derive(Debug, Default)]
 pub struct PoolSettings {
+    behaviour: Arc<PoolBehaviour>,
+    /// Held while one request decides on a passive ejection. Here, not in `Pool`, so
+    /// it is the same flag in every table built from these settings.
+    ejecting: AtomicBool,
+}
+
+/// What a pool does: one value shared by all the pools configured alike, which at
+/// thousands of pools is nearly all of them.
+#[derive(Debug, Clone)]
+pub struct PoolBehaviour {
     pub balance: Balance,
     pub health: HealthConfig,
     pub passive: PassiveConfig,
     pub panic_mode: PanicMode,
     pub slow_start: Option<Duration>,
     pub upstream: Upstream,
-    /// Held while one request decides on a passive ejection. Here, not in `Pool`, so
-    /// it is the same flag in every table built from these settings.
-    pub(crate) ejecting: Arc<AtomicBool>,
+}
+
+impl PartialEq for PoolBehaviour {
+    fn eq(&self, other: &Self) -> bool {
+        self.balance == other.balance
+            && self.health == other.health
+            && self.passive == other.passive
+            && self.panic_mode == other.panic_mode
+            && self.slow_start == other.slow_start
+            && self.upstream.protocol == other.upstream.protocol
+            // A TLS client is made per pool, from its files: only the same one is equal.
+            && match (&self.upstream.tls, &other.upstream.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl std::ops::Deref for PoolSettings {
+    type Target = PoolBehaviour;
+
+    fn deref(&self) -> &PoolBehaviour {
+        &self.behaviour
+    }
 }
 
 /// Each pool's settings, by pool name: made at start and at each reload, and shared by
@@ -211,30 +245,34 @@ impl Drop for EjectionTurn<'_> {
 }
 
 impl PoolSettings {
-    pub fn from_config(pool: &PoolConfig, upstream: Upstream) -> PoolSettings {
+    pub fn new(behaviour: Arc<PoolBehaviour>) -> PoolSettings {
         PoolSettings {
-            balance: pool.balance,
-            health: pool.health.clone(),
-            passive: pool.passive.clone(),
-            panic_mode: pool.panic_mode,
-            slow_start: pool.slow_start,
-            upstream,
-            ejecting: Arc::default(),
+            behaviour,
+            ejecting: AtomicBool::new(false),
         }
     }
 
+    pub fn from_config(pool: &PoolConfig, upstream: Upstream) -> PoolSettings {
+        PoolSettings::new(Arc::new(PoolBehaviour::from_config(pool, upstream)))
+    }
+
     /// Each pool's settings from `config`, with its `Upstream` from `upstreams` (a
-    /// pool missing there gets plain HTTP/1.1).
+    /// pool missing there gets plain HTTP/1.1). Pools configured like the one before
+    /// them (as generated configs list them) share its behaviour.
     pub fn for_config(config: &Config, upstreams: &Upstreams) -> PoolSettingsMap {
+        let mut last: Option<Arc<PoolBehaviour>> = None;
         config
             .pools
             .iter()
             .map(|pool| {
                 let upstream = upstreams.get(&pool.name).cloned().unwrap_or_default();
-                (
-                    pool.name.clone(),
-                    Arc::new(PoolSettings::from_config(pool, upstream)),
-                )
+                let behaviour = PoolBehaviour::from_config(pool, upstream);
+                let behaviour = match last.take() {
+                    Some(shared) if *shared == behaviour => shared,
+                    _ => Arc::new(behaviour),
+                };
+                last = Some(Arc::clone(&behaviour));
+                (pool.name.clone(), Arc::new(PoolSettings::new(behaviour)))
             })
             .collect()
     }
@@ -248,9 +286,22 @@ impl PoolSettings {
     }
 }
 
-impl Default for PoolSettings {
+impl PoolBehaviour {
+    pub fn from_config(pool: &PoolConfig, upstream: Upstream) -> PoolBehaviour {
+        PoolBehaviour {
+            balance: pool.balance,
+            health: pool.health.clone(),
+            passive: pool.passive.clone(),
+            panic_mode: pool.panic_mode,
+            slow_start: pool.slow_start,
+            upstream,
+        }
+    }
+}
+
+impl Default for PoolBehaviour {
     fn default() -> Self {
-        PoolSettings {
+        PoolBehaviour {
             balance: Balance::P2c,
             health: HealthConfig::tcp_default(),
             passive: PassiveConfig {
@@ -261,13 +312,16 @@ impl Default for PoolSettings {
             panic_mode: PanicMode::FailOpen,
             slow_start: None,
             upstream: Upstream::default(),
-            ejecting: Arc::default(),
         }
     }
 }
 
 impl Pool {
-    pub fn new(name: &str, backends: Vec<Arc<Backend>>, settings: Arc<PoolSettings>) -> Pool {
+    pub fn new(
+        name: impl Into<Arc<str>>,
+        backends: Vec<Arc<Backend>>,
+        settings: Arc<PoolSettings>,
+    ) -> Pool {
         let balance = settings.balance;
         let mut total = 0u64;
         let cumulative_weight = backends
@@ -399,9 +453,9 @@ impl<'a> RouteMetricsCache<'a> {
         }
     }
 
-    fn route(&self, service: &str, pool: &Pool) -> Arc<RouteMetrics> {
+    fn route(&self, service: &Arc<str>, pool: &Pool) -> Arc<RouteMetrics> {
         let names = || pool.backends.iter().map(|b| &b.name);
-        match self.previous.get(&(service, &*pool.name)) {
+        match self.previous.get(&(&**service, &*pool.name)) {
             Some(kept) if kept.fits(service, &pool.name, names()) => Arc::clone(kept),
             _ => self.metrics.route(service, &pool.name, names()),
         }
@@ -432,6 +486,18 @@ impl RoutingTable {
                 }
             }
         }
+        // Names are kept from the previous table: the metric children it hands on hold
+        // them too, and 10,000 services should not keep two copies of each.
+        let mut previous_names: HashMap<&str, &Arc<str>> = HashMap::new();
+        for previous in previous.into_iter() {
+            previous_names.extend(previous.pools.iter().map(|p| (&*p.name, &p.name)));
+            previous_names.extend(previous.services.iter().map(|s| (&*s.name, &s.name)));
+        }
+        let name_of = |name: &str| -> Arc<str> {
+            previous_names
+                .get(name)
+                .map_or_else(|| name.into(), |&kept| Arc::clone(kept))
+        };
         let registry = metrics;
         let metrics = metrics.map(|m| RouteMetricsCache::new(m, previous));
         let idle_timeout: Duration = config.proxy.upstream_idle_timeout;
@@ -473,7 +539,7 @@ impl RoutingTable {
                 let settings = settings.get(&pool.name).cloned().unwrap_or_else(|| {
                     Arc::new(PoolSettings::from_config(pool, Upstream::default()))
                 });
-                Arc::new(Pool::new(&pool.name, backends, settings))
+                Arc::new(Pool::new(name_of(&pool.name), backends, settings))
             })
             .collect();
         let pools_by_name: HashMap<Arc<str>, usize> = pools
@@ -486,20 +552,21 @@ impl RoutingTable {
             .services
             .iter()
             .filter_map(|s| {
+                let name = name_of(&s.name);
                 let traffic = state.services.get(&s.name);
                 let active_name = traffic.map_or(s.active.as_str(), |t| t.active.as_str());
                 let active = find_pool(active_name)?;
                 let canary = traffic.and_then(|t| t.canary.as_ref()).and_then(|spec| {
                     let pool = find_pool(&spec.pool)?;
                     let split = canary_split(spec).ok()?;
-                    Some(Canary {
+                    Some(Box::new(Canary {
                         pool: Arc::clone(pool),
                         split,
-                        metrics: metrics.as_ref().map(|m| m.route(&s.name, pool)),
-                    })
+                        metrics: metrics.as_ref().map(|m| m.route(&name, pool)),
+                    }))
                 });
                 let preview = s.preview.as_ref().and_then(|p| {
-                    Some(Preview {
+                    Some(Box::new(Preview {
                         header: HeaderName::from_bytes(p.header.as_bytes()).ok()?,
                         pools: p
                             .pools
@@ -507,22 +574,23 @@ impl RoutingTable {
                             .filter_map(|name| find_pool(name))
                             .map(|pool| PreviewPool {
                                 pool: Arc::clone(pool),
-                                metrics: metrics.as_ref().map(|m| m.route(&s.name, pool)),
+                                metrics: metrics.as_ref().map(|m| m.route(&name, pool)),
                                 counter: registry.map(|m| {
                                     m.preview_requests
                                         .with_label_values(&[s.name.as_str(), &*pool.name])
                                 }),
                             })
                             .collect(),
-                    })
+                    }))
                 });
+                let route_metrics = metrics.as_ref().map(|m| m.route(&name, active));
                 Some(Service {
-                    name: s.name.as_str().into(),
+                    name,
                     hosts: s.hosts.clone(),
                     path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
                     canary,
-                    metrics: metrics.as_ref().map(|m| m.route(&s.name, active)),
+                    metrics: route_metrics,
                     preview,
                 })
             })
