@@ -166,7 +166,7 @@ fn metrics(c: &mut Criterion) {
     );
     c.bench_function("record_request_metrics", |b| {
         b.iter(|| {
-            route.codes(black_box(Some(1))).inc(black_box(200));
+            route.count(black_box(Some(1)), black_box(200));
             route.duration().observe(black_box(0.0007));
         })
     });

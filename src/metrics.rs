@@ -58,7 +58,7 @@ pub struct Metrics {
     pub send_timeouts: IntCounter,
     connections_refused: IntCounterVec,
     /// Requests that matched no service.
-    unrouted: Arc<CodeCounters>,
+    unrouted: RouteMetrics,
 }
 
 fn must<T>(result: prometheus::Result<T>) -> T {
@@ -223,17 +223,17 @@ impl Metrics {
         ] {
             must(registry.register(collector));
         }
-        let unrouted = Arc::new(CodeCounters::new(
-            Arc::new(RouteLabels {
-                service: "".into(),
-                pool: "".into(),
+        let unrouted = RouteMetrics::new(
+            "".into(),
+            "".into(),
+            RouteFamilies {
                 requests: requests.clone(),
                 duration: duration.clone(),
                 retries: retries.clone(),
                 connect: connect.clone(),
-            }),
-            None,
-        ));
+            },
+            [],
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -277,25 +277,21 @@ impl Metrics {
         pool: &Arc<str>,
         backends: impl IntoIterator<Item = &'a Arc<str>>,
     ) -> Arc<RouteMetrics> {
-        let labels = Arc::new(RouteLabels {
-            service: Arc::clone(service),
-            pool: Arc::clone(pool),
+        Arc::new(RouteMetrics::new(
+            Arc::clone(service),
+            Arc::clone(pool),
+            self.route_families(),
+            backends,
+        ))
+    }
+
+    fn route_families(&self) -> RouteFamilies {
+        RouteFamilies {
             requests: self.requests.clone(),
             duration: self.duration.clone(),
             retries: self.retries.clone(),
             connect: self.connect.clone(),
-        });
-        Arc::new(RouteMetrics {
-            duration: OnceLock::new(),
-            retries: OnceLock::new(),
-            connect: OnceLock::new(),
-            backends: backends
-                .into_iter()
-                .map(|b| CodeCounters::new(Arc::clone(&labels), Some(Arc::clone(b))))
-                .collect(),
-            no_backend: CodeCounters::new(Arc::clone(&labels), None),
-            labels,
-        })
+        }
     }
 
     /// Each pool's totals so far, summed over services and backends: what the status
@@ -345,7 +341,9 @@ impl Metrics {
         totals
     }
 
-    pub fn unrouted(&self) -> &CodeCounters {
+    /// Where answers to requests that matched no service are counted (every label
+    /// but the code empty).
+    pub fn unrouted(&self) -> &RouteMetrics {
         &self.unrouted
     }
 
@@ -394,20 +392,22 @@ pub const DURATION_BOUNDS: &[f64] = &DURATION_BUCKETS;
 
 /// Per (service, pool): what a request records once its backend is known.
 pub struct RouteMetrics {
-    labels: Arc<RouteLabels>,
+    /// Shared with the routing table's names.
+    service: Arc<str>,
+    pool: Arc<str>,
+    families: RouteFamilies,
     duration: OnceLock<Histogram>,
     retries: OnceLock<IntCounter>,
     connect: OnceLock<Histogram>,
     /// Aligned with the pool's backends.
-    backends: Vec<CodeCounters>,
+    backends: Box<[CodeCounters]>,
     /// Answers that never reached a backend (503, 502, 504).
     no_backend: CodeCounters,
 }
 
-/// A route's label values and the families its children come from.
-struct RouteLabels {
-    service: Arc<str>,
-    pool: Arc<str>,
+/// The families a route's children come from (each handle is one pointer).
+#[derive(Clone)]
+struct RouteFamilies {
     requests: IntCounterVec,
     duration: HistogramVec,
     retries: IntCounterVec,
@@ -415,28 +415,55 @@ struct RouteLabels {
 }
 
 impl RouteMetrics {
-    pub fn codes(&self, backend: Option<usize>) -> &CodeCounters {
-        backend
+    fn new<'a>(
+        service: Arc<str>,
+        pool: Arc<str>,
+        families: RouteFamilies,
+        backends: impl IntoIterator<Item = &'a Arc<str>>,
+    ) -> RouteMetrics {
+        RouteMetrics {
+            service,
+            pool,
+            families,
+            duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            connect: OnceLock::new(),
+            backends: backends
+                .into_iter()
+                .map(|b| CodeCounters::new(Some(Arc::clone(b))))
+                .collect(),
+            no_backend: CodeCounters::new(None),
+        }
+    }
+
+    /// Counts one answer with status `code`, from the pool's backend at index
+    /// `backend`, or from the proxy itself (`None`).
+    pub fn count(&self, backend: Option<usize>, code: u16) {
+        let counters = backend
             .and_then(|i| self.backends.get(i))
-            .unwrap_or(&self.no_backend)
+            .unwrap_or(&self.no_backend);
+        counters.inc(self, code);
     }
 
     pub fn duration(&self) -> &Histogram {
-        let l = &*self.labels;
-        self.duration
-            .get_or_init(|| l.duration.with_label_values(&[&*l.service, &*l.pool]))
+        self.duration.get_or_init(|| {
+            self.families
+                .duration
+                .with_label_values(&[&*self.service, &*self.pool])
+        })
     }
 
     pub fn retries(&self) -> &IntCounter {
-        let l = &*self.labels;
-        self.retries
-            .get_or_init(|| l.retries.with_label_values(&[&*l.service, &*l.pool]))
+        self.retries.get_or_init(|| {
+            self.families
+                .retries
+                .with_label_values(&[&*self.service, &*self.pool])
+        })
     }
 
     pub fn connect(&self) -> &Histogram {
-        let l = &*self.labels;
         self.connect
-            .get_or_init(|| l.connect.with_label_values(&[&*l.pool]))
+            .get_or_init(|| self.families.connect.with_label_values(&[&*self.pool]))
     }
 
     /// True when these children are for `service` and `pool` with exactly `backends`,
@@ -447,8 +474,8 @@ impl RouteMetrics {
         pool: &str,
         backends: impl ExactSizeIterator<Item = &'a Arc<str>>,
     ) -> bool {
-        *self.labels.service == *service
-            && *self.labels.pool == *pool
+        *self.service == *service
+            && *self.pool == *pool
             && self.backends.len() == backends.len()
             && self
                 .backends
@@ -458,12 +485,12 @@ impl RouteMetrics {
     }
 }
 
-/// `switchyard_requests_total` children for one label set. A status class (2xx, 4xx,
-/// ...) gets its hundred slots when its first code is seen, and each slot its child
-/// then: a route costs a few words until it has traffic, so tables with thousands of
-/// backends stay small. Afterwards an increment is two atomic loads and one atomic add.
-pub struct CodeCounters {
-    labels: Arc<RouteLabels>,
+/// `switchyard_requests_total` children of one route and backend. A status class (2xx,
+/// 4xx, ...) gets its hundred slots when its first code is seen, and each slot its
+/// child then: a route costs a few words until it has traffic, so tables with
+/// thousands of backends stay small. Afterwards an increment is three atomic loads and
+/// one atomic add.
+struct CodeCounters {
     /// `None` for answers that never reached a backend (the label is empty).
     backend: Option<Arc<str>>,
     /// One word until the first answer: most routes of a large table never see one.
@@ -474,25 +501,23 @@ pub struct CodeCounters {
 type CodeClasses = [OnceLock<Box<[OnceLock<IntCounter>; 100]>>; 6];
 
 impl CodeCounters {
-    fn new(labels: Arc<RouteLabels>, backend: Option<Arc<str>>) -> CodeCounters {
+    fn new(backend: Option<Arc<str>>) -> CodeCounters {
         CodeCounters {
-            labels,
             backend,
             classes: OnceLock::new(),
         }
     }
 
-    pub fn inc(&self, code: u16) {
+    fn inc(&self, route: &RouteMetrics, code: u16) {
         // An upstream may send 600-999, which the http crate accepts: counted as 599.
         let code = code.min(599);
         let (class, slot) = (usize::from(code / 100), usize::from(code % 100));
         self.classes.get_or_init(Default::default)[class]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())))[slot]
             .get_or_init(|| {
-                let l = &*self.labels;
-                l.requests.with_label_values(&[
-                    &*l.service,
-                    &*l.pool,
+                route.families.requests.with_label_values(&[
+                    &*route.service,
+                    &*route.pool,
                     self.backend.as_deref().unwrap_or(""),
                     &code.to_string(),
                 ])

@@ -123,7 +123,7 @@ impl Proxy {
         match (&trace.route, &self.metrics) {
             (Some(route), _) => {
                 route.duration().observe(started.elapsed().as_secs_f64());
-                route.codes(trace.backend).inc(status);
+                route.count(trace.backend, status);
                 // Made with the route's first request, at 0, so `rate()` over it is 0
                 // rather than empty before the first retry.
                 let retries = route.retries();
@@ -131,7 +131,9 @@ impl Proxy {
                     retries.inc_by(u64::from(trace.retries));
                 }
             }
-            (None, Some(metrics)) if trace.service.is_none() => metrics.unrouted().inc(status),
+            (None, Some(metrics)) if trace.service.is_none() => {
+                metrics.unrouted().count(None, status)
+            }
             _ => {}
         }
         if let (Some(sink), Some((method, path))) = (&self.access_log, head) {

@@ -29,7 +29,7 @@ pub struct ListenerTls {
 }
 
 impl Setup {
-    pub fn new(config: Config) -> Result<Setup, ConfigError> {
+    pub fn new(mut config: Config) -> Result<Setup, ConfigError> {
         let admin_token = admin_token(&config)?;
         let mut upstreams = Upstreams::with_capacity(config.pools.len());
         for pool in &config.pools {
@@ -41,6 +41,7 @@ impl Setup {
             upstreams.insert(pool.name.clone(), upstream);
         }
         let listener_tls = listener_tls(&config)?;
+        config.origin.forget_source();
         Ok(Setup {
             config,
             admin_token,

@@ -34,6 +34,13 @@ impl Origin {
         &self.path
     }
 
+    /// Forgets the file's text once every file it names has loaded: nothing after that
+    /// reports a config line, and at 10,000 services the text is over a megabyte.
+    /// Errors made afterwards name the key without its line.
+    pub fn forget_source(&mut self) {
+        self.source = Arc::from("");
+    }
+
     /// An error about `key` of `[table]` (either may be empty), with the key's line
     /// when it can be found, else the table's.
     pub fn error(&self, table: &str, key: &str, message: impl Into<String>) -> ConfigError {

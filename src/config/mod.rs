@@ -264,7 +264,7 @@ impl NamedBackend {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// `None`: a TCP connect check (a pool without a `[health]` table).
-    pub http: Option<HttpCheck>,
+    pub http: Option<Box<HttpCheck>>,
     pub interval: Duration,
     pub timeout: Duration,
     pub healthy_threshold: u32,
@@ -404,7 +404,9 @@ impl Protocol {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub protocol: Protocol,
-    pub tls: Option<UpstreamTlsConfig>,
+    /// Boxed, as the HTTP check is: most pools have neither, and there may be
+    /// thousands of pools.
+    pub tls: Option<Box<UpstreamTlsConfig>>,
 }
 
 /// TLS to a pool's backends: `tls = true` or `protocol = "h2"`.

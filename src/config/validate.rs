@@ -478,11 +478,11 @@ impl Validator<'_> {
                     }
                 }
                 HealthConfig {
-                    http: Some(HttpCheck {
+                    http: Some(Box::new(HttpCheck {
                         path: h.path,
                         host: h.host,
                         expected_status: h.expected_status,
-                    }),
+                    })),
                     interval: h.interval,
                     timeout: h.timeout,
                     healthy_threshold: h.healthy_threshold,
@@ -574,13 +574,13 @@ impl Validator<'_> {
         }
         Ok(UpstreamConfig {
             protocol: pool.protocol,
-            tls: Some(UpstreamTlsConfig {
+            tls: Some(Box::new(UpstreamTlsConfig {
                 ca_file: pool.ca_file.clone(),
                 server_name: pool.server_name.clone(),
                 client_cert_file: pool.client_cert_file.clone(),
                 client_key_file: pool.client_key_file.clone(),
                 insecure_skip_verify: pool.insecure_skip_verify,
-            }),
+            })),
         })
     }
 

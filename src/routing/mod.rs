@@ -12,7 +12,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::backend::{AdminState, Backend};
 use crate::client::{Upstream, Upstreams};
 use crate::config::{
-    Balance, Config, HealthConfig, HostMatch, PanicMode, PassiveConfig, PoolConfig,
+    Balance, Config, HealthConfig, PanicMode, PassiveConfig, PoolConfig, ServiceConfig,
 };
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::split::{self, Reason, Split, StickyKey};
@@ -37,8 +37,6 @@ pub struct RoutingTable {
 
 pub struct Service {
     pub name: Arc<str>,
-    pub hosts: Vec<HostMatch>,
-    pub path_prefix: String,
     pub active: Arc<Pool>,
     /// Boxed, as `preview` is: most services of a large table have neither, and a
     /// `Service` is kept for each.
@@ -548,7 +546,7 @@ impl RoutingTable {
             .map(|(i, p)| (Arc::clone(&p.name), i))
             .collect();
         let find_pool = |name: &str| pools_by_name.get(name).map(|&i| &pools[i]);
-        let services: Vec<Service> = config
+        let (services, configured): (Vec<Service>, Vec<&ServiceConfig>) = config
             .services
             .iter()
             .filter_map(|s| {
@@ -584,19 +582,20 @@ impl RoutingTable {
                     }))
                 });
                 let route_metrics = metrics.as_ref().map(|m| m.route(&name, active));
-                Some(Service {
+                let service = Service {
                     name,
-                    hosts: s.hosts.clone(),
-                    path_prefix: s.path_prefix.clone(),
                     active: Arc::clone(active),
                     canary,
                     metrics: route_metrics,
                     preview,
-                })
+                };
+                Some((service, s))
             })
-            .collect();
+            .unzip();
+        // Hosts and prefixes are read from the config: the index is all that routing
+        // needs of them, so the table keeps no copy.
         let index = RouteIndex::new(
-            services
+            configured
                 .iter()
                 .map(|s| (s.hosts.as_slice(), s.path_prefix.as_str())),
         );
