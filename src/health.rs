@@ -116,47 +116,57 @@ pub async fn check_once(
                 .map_err(|e| format!("connect: {e}"))?;
             return Ok(());
         };
-        // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
-        let mut sender =
-            client::connect(backend.addr, backend.tls_name(), upstream, config.timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-        let host = http
-            .host
-            .clone()
-            .unwrap_or_else(|| backend.name.to_string());
-        let mut request = http::Request::get(http.path.as_str())
-            .header(http::header::USER_AGENT, "switchyard-health-check");
-        request = if upstream.protocol.is_h2() {
-            let uri = format!("{}://{host}{}", upstream.scheme(), http.path);
-            request.uri(uri).version(http::Version::HTTP_2)
-        } else {
-            request
-                .header(http::header::HOST, host)
-                .header(http::header::CONNECTION, "close")
-        };
-        let request = request
-            .body(RequestBody::empty())
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .try_send(request)
-            .await
-            .map_err(|e| format!("request: {}", e.error()))?;
-        let status = response.status().as_u16();
-        let expected = if http.expected_status.is_empty() {
-            (200..300).contains(&status)
-        } else {
-            http.expected_status.contains(&status)
-        };
-        if expected {
-            Ok(())
-        } else {
-            Err(format!("status {status}"))
-        }
+        // Boxed: an HTTP check (a TLS handshake inside) is kilobytes of future, which a
+        // TCP check, the default, would otherwise carry too, for every check under way.
+        Box::pin(http_check(backend, http, config, upstream)).await
     };
     match tokio::time::timeout(config.timeout, check).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+    }
+}
+
+async fn http_check(
+    backend: &Backend,
+    http: &crate::config::HttpCheck,
+    config: &HealthConfig,
+    upstream: &Upstream,
+) -> Result<(), String> {
+    // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
+    let mut sender = client::connect(backend.addr, backend.tls_name(), upstream, config.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = http
+        .host
+        .clone()
+        .unwrap_or_else(|| backend.name.to_string());
+    let mut request = http::Request::get(http.path.as_str())
+        .header(http::header::USER_AGENT, "switchyard-health-check");
+    request = if upstream.protocol.is_h2() {
+        let uri = format!("{}://{host}{}", upstream.scheme(), http.path);
+        request.uri(uri).version(http::Version::HTTP_2)
+    } else {
+        request
+            .header(http::header::HOST, host)
+            .header(http::header::CONNECTION, "close")
+    };
+    let request = request
+        .body(RequestBody::empty())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .try_send(request)
+        .await
+        .map_err(|e| format!("request: {}", e.error()))?;
+    let status = response.status().as_u16();
+    let expected = if http.expected_status.is_empty() {
+        (200..300).contains(&status)
+    } else {
+        http.expected_status.contains(&status)
+    };
+    if expected {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
     }
 }
 

@@ -37,8 +37,13 @@ pub struct CheckScheduler {
 impl CheckScheduler {
     /// Needs a tokio runtime.
     pub fn spawn() -> CheckScheduler {
+        CheckScheduler::with_limit(MAX_RUNNING)
+    }
+
+    /// At most `max_running` checks under way at once.
+    fn with_limit(max_running: usize) -> CheckScheduler {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(receiver)).abort_handle();
+        let task = tokio::spawn(run(receiver, max_running.max(1))).abort_handle();
         CheckScheduler { commands, task }
     }
 
@@ -71,7 +76,15 @@ struct Entry {
 /// A deadline far enough away to stand for "nothing is due".
 const IDLE: Duration = Duration::from_secs(3600);
 
-async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
+/// Checks under way at once, at most. At start every backend is due within the first
+/// jitter: 20,000 backends would mean 20,000 sockets opened at once (a SYN burst at the
+/// backends, and a file-descriptor limit that fails checks of healthy backends), and
+/// that many check tasks' memory kept by the allocator afterwards. Checks that find
+/// no room wait for one; only when a thousand checks are hanging until their timeout
+/// does this slow a round.
+const MAX_RUNNING: usize = 1024;
+
+async fn run(mut commands: mpsc::UnboundedReceiver<Command>, max_running: usize) {
     let mut entries: HashMap<u64, Entry> = HashMap::new();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     // Check tasks under way, and which entry each is for: a check that panics still
@@ -133,10 +146,10 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
                 let health = &entry.target.settings.health;
                 due.push(Reverse((Instant::now() + jittered(health.interval, health.jitter), id)));
             }
-            () = &mut timer, if earliest.is_some() => {
+            () = &mut timer, if earliest.is_some() && running.len() < max_running => {
                 let now = Instant::now();
                 while let Some(&Reverse((at, id))) = due.peek() {
-                    if at > now {
+                    if at > now || running.len() >= max_running {
                         break;
                     }
                     due.pop();
@@ -218,6 +231,29 @@ mod tests {
             "{} checks after the stop",
             stopped_backend.checks() - at_stop
         );
+    }
+
+    #[tokio::test]
+    async fn checks_beyond_the_limit_wait_their_turn_and_all_run() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        let scheduler = CheckScheduler::with_limit(3);
+        let backends: Vec<Arc<Backend>> = (1..=40)
+            .map(|id| {
+                let target = target(addr);
+                let backend = Arc::clone(&target.backend);
+                scheduler.start(id, target);
+                backend
+            })
+            .collect();
+        until("two checks of every backend", || {
+            backends.iter().all(|b| b.checks() >= 2)
+        })
+        .await;
+        assert!(backends
+            .iter()
+            .all(|b| b.health() == crate::backend::Health::Healthy));
     }
 
     #[tokio::test]
