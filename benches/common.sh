@@ -26,6 +26,26 @@ to_ms() {
         printf "%.3f", n }'
 }
 
+# CPU ticks (utime + stime) of process $1 and its children: nginx's master and worker.
+tree_cpu_ticks() {
+    local total=0 pid ticks
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + ticks))
+    done
+    echo "$total"
+}
+
+# Resident memory in KB of process $1 and its children.
+tree_rss_kb() {
+    local total=0 pid kb
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # nginx wants writable temp paths even when nothing is buffered to disk.

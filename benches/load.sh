@@ -10,14 +10,20 @@
 #   OBSERVABILITY=1 benches/load.sh      # also switchyard with metrics off, and with
 #                                        # the JSON access log on (to /dev/null)
 #
-# Prints requests/s, p50 and p99 per target and switchyard's ratio to nginx. Bounded:
-# every wrk run stops after DURATION; every server it starts is stopped on exit.
+# Prints requests/s, p50, p99 and CPU per request per target (the server's utime +
+# stime over each run, from /proc, divided by the requests it served: steadier than
+# req/s when wrk, the upstreams and the proxy share two cores), then what one idle
+# keep-alive connection costs each proxy in RSS (IDLE_CONNS connections, default
+# 3,000, each after one request), and switchyard's ratios to nginx and HAProxy.
+# Bounded: every wrk run stops after DURATION; every server it starts is stopped on
+# exit.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-50}
 BASE_PORT=${BASE_PORT:-18000}
+IDLE_CONNS=${IDLE_CONNS:-3000}
 cd "$(dirname "$0")/.."
 
 if [[ "${INSTALL:-0}" == 1 ]]; then
@@ -25,9 +31,16 @@ if [[ "${INSTALL:-0}" == 1 ]]; then
 fi
 command -v wrk >/dev/null || { echo "wrk is not installed (INSTALL=1 installs it)" >&2; exit 1; }
 
-cargo build --release --quiet
-BIN=target/release/switchyard
+if [[ -z "${BIN:-}" ]]; then
+    cargo build --release --quiet
+    BIN=target/release/switchyard
+fi
 source benches/common.sh
+# Every server started below inherits room for the idle connections (and HAProxy
+# asks for twice its maxconn of 4096).
+FDS=$((IDLE_CONNS * 2 + 1024)); ((FDS >= 16384)) || FDS=16384
+ulimit -n "$FDS"
+HZ=$(getconf CLK_TCK)
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
 SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20)); HAP=$((BASE_PORT + 21))
@@ -35,6 +48,7 @@ SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20)); H
 "$BIN" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)
 "$BIN" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
 wait_port "$UP1"; wait_port "$UP2"
+declare -A PID_OF=([direct]=${PIDS[0]})
 
 cat >"$WORK/switchyard.toml" <<EOF
 [proxy]
@@ -50,6 +64,7 @@ backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
 active = "app"
 EOF
 RUST_LOG=warn "$BIN" run --config "$WORK/switchyard.toml" & PIDS+=($!)
+PID_OF[switchyard]=$!
 wait_port "$SY"
 
 TARGETS=(direct switchyard)
@@ -67,6 +82,7 @@ if [[ "${OBSERVABILITY:-0}" == 1 ]]; then
             printf '[log]\naccess = "stdout"\nformat = "json"\n' >>"$WORK/$variant.toml"
         fi
         RUST_LOG=warn "$BIN" run --config "$WORK/$variant.toml" >/dev/null & PIDS+=($!)
+        PID_OF["sy-$variant"]=$!
         wait_port "$port"
         TARGETS+=("sy-$variant")
         URL["sy-$variant"]="http://127.0.0.1:$port/"
@@ -75,6 +91,7 @@ fi
 
 if command -v nginx >/dev/null; then
     start_nginx "$NGX" ";" ""
+    PID_OF[nginx]=${PIDS[-1]}
     TARGETS+=(nginx)
     URL[nginx]="http://127.0.0.1:$NGX/"
 else
@@ -83,40 +100,74 @@ fi
 
 if command -v haproxy >/dev/null; then
     start_haproxy "$HAP" "" ""
+    PID_OF[haproxy]=${PIDS[-1]}
     TARGETS+=(haproxy)
     URL[haproxy]="http://127.0.0.1:$HAP/"
 else
     echo "haproxy not installed: skipped (INSTALL=1 installs it)" >&2
 fi
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU
 for round in $(seq 1 "$ROUNDS"); do
     # Each round starts one target later, so no target always runs right after the
     # same neighbour (the direct run leaves the upstreams and the CPU warm).
     n=${#TARGETS[@]}
     for k in $(seq 0 $((n - 1))); do
         target=${TARGETS[$(((k + round - 1) % n))]}
+        c0=$(tree_cpu_ticks "${PID_OF[$target]}")
         out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${URL[$target]}")
+        c1=$(tree_cpu_ticks "${PID_OF[$target]}")
         if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
             echo "round $round $target: errors reported by wrk:" >&2
             grep "Non-2xx\|Socket errors" <<<"$out" >&2
         fi
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
         p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
         p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-        RPS[$target]+="$rps "; P50[$target]+="$p50 "; P99[$target]+="$p99 "
-        printf 'round %d %-10s %10.0f req/s  p50 %7s ms  p99 %7s ms\n' "$round" "$target" "$rps" "$p50" "$p99"
+        cpu=$(awk -v c="$((c1 - c0))" -v hz="$HZ" -v r="$requests" 'BEGIN {printf "%.2f", c / hz / r * 1e6}')
+        RPS[$target]+="$rps "; P50[$target]+="$p50 "; P99[$target]+="$p99 "; CPU[$target]+="$cpu "
+        printf 'round %d %-12s %10.0f req/s  p50 %7s ms  p99 %7s ms  %6s us CPU/req\n' "$round" "$target" "$rps" "$p50" "$p99" "$cpu"
     done
+done
+
+# What an idle keep-alive connection costs: RSS with IDLE_CONNS idle connections open
+# (each after one answer) minus RSS before, per connection.
+declare -A IDLE_KB
+for target in "${TARGETS[@]}"; do
+    [[ $target == direct || $target == sy-* ]] && continue
+    port=${URL[$target]#http://127.0.0.1:}; port=${port%/}
+    before=$(tree_rss_kb "${PID_OF[$target]}")
+    mkfifo "$WORK/idle.in"
+    python3 benches/idle_conns.py "$port" "$IDLE_CONNS" <"$WORK/idle.in" >"$WORK/idle.out" & holder=$!
+    exec 4>"$WORK/idle.in"
+    for _ in $(seq 1 600); do
+        grep -q ready "$WORK/idle.out" 2>/dev/null && break
+        kill -0 "$holder" 2>/dev/null || break
+        sleep 0.1
+    done
+    if grep -q ready "$WORK/idle.out"; then
+        after=$(tree_rss_kb "${PID_OF[$target]}")
+        IDLE_KB[$target]=$(awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN {printf "%.2f", (a - b) / n}')
+    else
+        echo "$target: $IDLE_CONNS idle connections could not be opened" >&2
+        IDLE_KB[$target]="-"
+    fi
+    echo >&4; exec 4>&-
+    wait "$holder" 2>/dev/null || true
+    rm -f "$WORK/idle.in"
 done
 
 echo
 echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $(nproc) cores; $(uname -m)"
-printf '%-12s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-declare -A MR MP99
+printf '%-12s %12s %10s %10s %12s %16s\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req" "KB/idle conn"
+declare -A MR MP99 MCPU
 for target in "${TARGETS[@]}"; do
     MR[$target]=$(median "${RPS[$target]}")
     MP99[$target]=$(median "${P99[$target]}")
-    printf '%-12s %12.0f %10s %10s\n' "$target" "${MR[$target]}" "$(median "${P50[$target]}")" "${MP99[$target]}"
+    MCPU[$target]=$(median "${CPU[$target]}")
+    printf '%-12s %12.0f %10s %10s %12s %16s\n' "$target" "${MR[$target]}" "$(median "${P50[$target]}")" \
+        "${MP99[$target]}" "${MCPU[$target]}" "${IDLE_KB[$target]:--}"
 done
 if [[ -n "${MR[sy-nometrics]:-}" ]]; then
     awk -v on="${MR[switchyard]}" -v off="${MR[sy-nometrics]}" -v withlog="${MR[sy-accesslog]}" \
@@ -124,7 +175,9 @@ if [[ -n "${MR[sy-nometrics]:-}" ]]; then
 fi
 for peer in nginx haproxy; do
     if [[ -n "${MR[$peer]:-}" ]]; then
-        awk -v s="${MR[switchyard]}" -v n="${MR[$peer]}" -v sp="${MP99[switchyard]}" -v np="${MP99[$peer]}" -v peer="$peer" \
-            'BEGIN { printf "switchyard / %s: req/s %.2fx, p99 %.2fx\n", peer, s / n, sp / np }'
+        awk -v s="${MR[switchyard]}" -v n="${MR[$peer]}" -v sp="${MP99[switchyard]}" -v np="${MP99[$peer]}" \
+            -v sc="${MCPU[switchyard]}" -v nc="${MCPU[$peer]}" -v sk="${IDLE_KB[switchyard]:-}" -v nk="${IDLE_KB[$peer]:-}" -v peer="$peer" \
+            'BEGIN { printf "switchyard / %s: req/s %.2fx, p99 %.2fx, CPU/req %.2fx", peer, s / n, sp / np, sc / nc;
+                     if (sk + 0 > 0 && nk + 0 > 0) printf ", KB/idle conn %.1fx", sk / nk; print "" }'
     fi
 done
