@@ -49,8 +49,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `addr` as text, made once so logs and the admin API never format it again.
     pub name: Arc<str>,
-    /// Boxed: most backends are addresses, not names.
-    named: Option<Box<BackendHost>>,
+    /// The host name `addr` was resolved from, as the TLS name to send and verify
+    /// (when the pool names none). Boxed: most backends are addresses, not names.
+    tls_name: Option<Box<rustls::pki_types::ServerName<'static>>>,
     /// Relative share within the pool (1-1000); changed in place when the membership
     /// API changes it, so in-flight counts survive.
     weight: AtomicU32,
@@ -77,13 +78,6 @@ pub struct Backend {
     last_check_error: arc_swap::ArcSwapOption<String>,
 }
 
-/// The host name a backend's address was resolved from.
-struct BackendHost {
-    host: Arc<str>,
-    /// `host` as the TLS name to send and verify (when the pool names none).
-    tls_name: Option<rustls::pki_types::ServerName<'static>>,
-}
-
 /// The instant every backend's millisecond clock counts from: one per process, not a
 /// copy in each backend.
 fn epoch() -> Instant {
@@ -96,7 +90,7 @@ impl Backend {
         Backend {
             addr,
             name: addr.to_string().into(),
-            named: None,
+            tls_name: None,
             weight: AtomicU32::new(weight),
             in_flight: AtomicU64::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
@@ -116,21 +110,17 @@ impl Backend {
 
     /// The same backend, known to come from the host name `host`.
     pub fn with_host(mut self, host: Option<Arc<str>>) -> Backend {
-        self.named = host.map(|host| {
-            let tls_name = rustls::pki_types::ServerName::try_from(host.to_string()).ok();
-            Box::new(BackendHost { host, tls_name })
-        });
+        self.tls_name = host
+            .as_deref()
+            .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok())
+            .map(Box::new);
         self
     }
 
-    /// The host name `addr` was resolved from, if it was.
-    pub fn host(&self) -> Option<&Arc<str>> {
-        self.named.as_ref().map(|n| &n.host)
-    }
-
-    /// `host` as the TLS name to send and verify (when the pool names none).
+    /// The host name this backend was resolved from, as the TLS name to send and
+    /// verify (when the pool names none).
     pub fn tls_name(&self) -> Option<&rustls::pki_types::ServerName<'static>> {
-        self.named.as_ref().and_then(|n| n.tls_name.as_ref())
+        self.tls_name.as_deref()
     }
 
     /// One active health check ran, with this result (the reason it failed, if it did).

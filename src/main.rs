@@ -240,22 +240,12 @@ fn run_or_take_over(path: &std::path::Path) -> anyhow::Result<()> {
     result
 }
 
-/// Parsing a config of thousands of services allocates many times what the result
-/// keeps (the TOML document, the raw tables). Parsed on a thread of its own (so in
-/// another malloc arena) and copied out, that garbage is not left interleaved with the
-/// config the proxy keeps for its whole life, and can all be given back to the system.
-fn load_apart(path: &std::path::Path) -> anyhow::Result<Config> {
-    let parsed = std::thread::scope(|s| s.spawn(|| Config::load(path)).join())
-        .map_err(|_| anyhow::anyhow!("the config parser panicked"))??;
-    Ok(parsed.clone())
-}
-
 fn run(
     path: &std::path::Path,
     demo: bool,
     inherited: Option<switchyard::server::Inherited>,
 ) -> anyhow::Result<()> {
-    let config = load_apart(path)?;
+    let config = Config::load(path)?;
     // One worker runs everything on this thread: no work-stealing machinery and no
     // cross-thread wakeups, which is measurably faster for a single-core proxy.
     let mut runtime = match config.proxy.workers {

@@ -70,8 +70,8 @@ impl Control {
                     imbl::ordmap::DiffItem::Remove(..) => None,
                 })
                 .collect();
+            let generation = next.generation;
             for name in changed {
-                let generation = next.generation;
                 if let Some(traffic) = next.service_mut(&name) {
                     traffic.record(generation, "reload");
                 }

@@ -133,10 +133,9 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>, max_running: usize)
                         continue;
                     }
                 };
-                let Some(entry) = running_ids.remove(&task).and_then(|id| entries.get_mut(&id).map(|e| (id, e))) else {
-                    continue;
-                };
-                let (id, entry) = entry;
+                // An entry stopped while its check was finishing is gone: nothing to do.
+                let Some(id) = running_ids.remove(&task) else { continue };
+                let Some(entry) = entries.get_mut(&id) else { continue };
                 entry.running = None;
                 let backend = &entry.target.backend;
                 backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
