@@ -16,10 +16,10 @@
 #   BIN=/tmp/old/switchyard benches/scale.sh      # another build, for before/after
 #   HEALTH_INTERVAL=60s benches/scale.sh          # checks rarely: the routing alone
 #
-# By default every pool keeps the default health check (TCP, every 2 s), so at 10,000
-# services the proxy opens 10,000 check connections a second to the same two servers
-# that wrk loads: that is in the raw figure, and the net one takes out what it costs
-# idle.
+# By default every pool keeps the default health check (TCP, every 2 s). The 2N
+# backends are the same two servers checked alike, so they share two checks (see
+# config/README.md, "How a backend's health is decided"); the net figure takes out what
+# the proxy spends idle anyway.
 #
 # Everything runs on 127.0.0.1, every wrk run stops after DURATION seconds, and every
 # process it starts is stopped on exit.

@@ -627,7 +627,7 @@ impl LiveCollector {
             healthy: desc("switchyard_backend_healthy", "1 when the backend is healthy, 0 when unhealthy or not checked yet.", &backend),
             ejected: desc("switchyard_backend_ejected", "1 while passive ejection (failures of real traffic) keeps the backend out, whatever its active health checks say.", &backend),
             backend_state: desc("switchyard_backend_state", "1 for the backend's admin state (active, draining, disabled), 0 for the others.", &["pool", "backend", "state"]),
-            health_checks: desc("switchyard_health_checks_total", "Active health checks, by result (success or failure).", &["pool", "backend", "result"]),
+            health_checks: desc("switchyard_health_checks_total", "Active health check results each pool's backend received, by result (success or failure); pools checking one address alike share each check.", &["pool", "backend", "result"]),
             canary_weight: desc("switchyard_canary_weight", "Percent of a service's traffic sent to its canary pool (0 when none).", &service),
             active_pool: desc("switchyard_active_pool", "1 for a service's active pool, 0 for the other pools it has used.", &service),
             generation: desc("switchyard_config_generation", "Generation of the traffic state; every admin change adds one.", &[]),

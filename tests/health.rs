@@ -569,3 +569,71 @@ async fn changing_a_backends_weight_keeps_its_in_flight_count() {
     assert_eq!(before.in_flight(), 0);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_listing_one_server_checked_alike_send_it_one_check_and_both_see_it_fail() {
+    let a = Upstream::start("a").await;
+    let health = "path = \"/health\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\njitter = \"0ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1";
+    let pools: String = ["blue", "green", "slow"]
+        .iter()
+        .map(|pool| {
+            let interval = if *pool == "slow" { "90ms" } else { "100ms" };
+            format!(
+                "[pools.{pool}]\nbackends = [\"{}\"]\n[pools.{pool}.health]\n{}\n",
+                a.addr,
+                health.replace("100ms\"\ntimeout", &format!("{interval}\"\ntimeout"))
+            )
+        })
+        .collect();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[state]\npath = \"{}\"\n\
+         {pools}[services.app]\nactive = \"blue\"\n[services.other]\nhosts = [\"other\"]\nactive = \"green\"\n",
+        state_dir().join("state.json").display(),
+    );
+    let proxy = start_proxy(&config).await;
+    let checks_of = |state: &serde_json::Value, pool: usize| {
+        state["pools"][pool]["backends"][0]["checks"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let mut state = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (0..3).any(|pool| checks_of(&state, pool) < 20) {
+        assert!(Instant::now() < deadline, "too few checks: {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
+            .await
+            .1;
+    }
+    // The server counted its /health requests after the proxy counted its checks.
+    let served = a.health.checks();
+    let (blue, green, slow) = (
+        checks_of(&state, 0),
+        checks_of(&state, 1),
+        checks_of(&state, 2),
+    );
+    assert!(
+        served >= blue.max(green) + slow && served <= blue.max(green) + slow + 3,
+        "the server answered {served} checks for blue {blue}, green {green} (alike) and slow {slow}"
+    );
+    a.health.set(500);
+    eventually(
+        Duration::from_secs(10),
+        "both pools' backend unhealthy",
+        || {
+            let table = proxy.shared.table().load();
+            table
+                .pools
+                .iter()
+                .all(|p| p.backends[0].health() == Health::Unhealthy)
+        },
+    )
+    .await;
+    let (_, state) = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[]).await;
+    for pool in 0..3 {
+        let backend = &state["pools"][pool]["backends"][0];
+        assert_eq!(backend["health"], "unhealthy", "{state}");
+        assert_eq!(backend["last_check_error"], "status 500", "{state}");
+    }
+    proxy.shutdown().await;
+}

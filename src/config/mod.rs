@@ -261,7 +261,7 @@ impl NamedBackend {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthConfig {
     /// `None`: a TCP connect check (a pool without a `[health]` table).
     pub http: Option<Box<HttpCheck>>,
@@ -273,7 +273,7 @@ pub struct HealthConfig {
     pub jitter: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HttpCheck {
     pub path: String,
     pub host: Option<String>,
@@ -383,7 +383,7 @@ impl fmt::Display for HostMatch {
 }
 
 /// What a pool's backends speak.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]

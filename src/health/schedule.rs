@@ -1,13 +1,22 @@
-//! When each backend is checked: one task keeps every backend's next check time in a
+//! When each backend is checked: one task keeps every probe's next check time in a
 //! heap and starts each check as a short task of its own when it is due. An idle
 //! backend costs a heap slot and a small entry, not a sleeping task (with the timer,
 //! the settings and the future a task holds), which is what 10,000 pools need.
+//!
+//! Backends of several pools that are the same address checked the same way share one
+//! probe: each result is recorded on every one of them, each with its own counter.
+//! The same request to the same server gets the same answer, and 10,000 services in
+//! front of the same few app servers should not send those servers 10,000 checks
+//! every interval.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -47,15 +56,18 @@ impl CheckScheduler {
         CheckScheduler { commands, task }
     }
 
-    /// Checks `target` from now on, under `id` (never reused): the first check comes
-    /// after a random part of the jitter, so many backends do not fire at once, then
-    /// one every interval, give or take the jitter, after the previous one ended.
+    /// Checks `target` from now on, under `id` (never reused). A target that is the
+    /// same probe as one already checked joins it, and takes its latest result at
+    /// once. Otherwise the first check comes after a random part of the jitter, so
+    /// many backends do not fire at once, then one every interval, give or take the
+    /// jitter, after the previous one ended.
     pub fn start(&self, id: u64, target: CheckTarget) {
         // Only fails once the task is gone, when nothing is checked any more anyway.
         let _ = self.commands.send(Command::Start(id, target));
     }
 
-    /// Stops the checks of `id`, aborting one under way.
+    /// Stops the checks of `id`; the probe it shared goes on for the others, and a
+    /// probe nobody is left on is aborted if under way.
     pub fn stop(&self, id: u64) {
         let _ = self.commands.send(Command::Stop(id));
     }
@@ -67,10 +79,85 @@ impl Drop for CheckScheduler {
     }
 }
 
-struct Entry {
+/// What makes two targets one probe: the address, the TLS name, and everything of the
+/// pool's settings that a check uses. Holds the first target's settings rather than a
+/// copy of them: a key is made for every target.
+struct ProbeKey {
+    addr: SocketAddr,
+    tls_name: Option<ServerName<'static>>,
+    settings: Arc<PoolSettings>,
+}
+
+impl ProbeKey {
+    fn of(target: &CheckTarget) -> ProbeKey {
+        ProbeKey {
+            addr: target.backend.addr,
+            tls_name: target.backend.tls_name().cloned(),
+            settings: Arc::clone(&target.settings),
+        }
+    }
+
+    /// A TLS client is made per pool, from its files: only the same one is equal.
+    fn tls_client(&self) -> Option<usize> {
+        let tls = self.settings.upstream.tls.as_ref();
+        tls.map(|tls| Arc::as_ptr(tls) as usize)
+    }
+}
+
+impl PartialEq for ProbeKey {
+    fn eq(&self, other: &ProbeKey) -> bool {
+        self.addr == other.addr
+            && self.tls_name == other.tls_name
+            && self.settings.health == other.settings.health
+            && self.settings.upstream.protocol == other.settings.upstream.protocol
+            && self.tls_client() == other.tls_client()
+    }
+}
+
+impl Eq for ProbeKey {}
+
+impl Hash for ProbeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.addr.hash(state);
+        self.tls_name.hash(state);
+        self.settings.health.hash(state);
+        self.settings.upstream.protocol.hash(state);
+        self.tls_client().hash(state);
+    }
+}
+
+/// One probe and the targets that share its results.
+struct Probe {
+    key: ProbeKey,
+    /// A vector, not a map: nearly every probe has one target, and a map of one
+    /// allocates room for several.
+    targets: Vec<(u64, Subscriber)>,
+    running: Option<AbortHandle>,
+    latest: Option<Result<(), String>>,
+}
+
+struct Subscriber {
     target: CheckTarget,
     counter: HealthCounter,
-    running: Option<AbortHandle>,
+}
+
+impl Subscriber {
+    fn new(target: CheckTarget) -> Subscriber {
+        // From the backend's current health, so checks restarted by a reload do not
+        // judge a healthy backend on one failed check.
+        let health = &target.settings.health;
+        let counter = HealthCounter::new(health.healthy_threshold, health.unhealthy_threshold)
+            .resuming(target.backend.health());
+        Subscriber { target, counter }
+    }
+
+    fn record(&mut self, outcome: &Result<(), String>) {
+        let backend = &self.target.backend;
+        backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        if let Some(next) = self.counter.record(outcome.is_ok()) {
+            apply_transition(&self.target.pool, backend, next, outcome);
+        }
+    }
 }
 
 /// A deadline far enough away to stand for "nothing is due".
@@ -84,11 +171,73 @@ const IDLE: Duration = Duration::from_secs(3600);
 /// does this slow a round.
 const MAX_RUNNING: usize = 1024;
 
+#[derive(Default)]
+struct Probes {
+    by_id: HashMap<u64, Probe>,
+    by_key: HashMap<ProbeKey, u64>,
+    /// Which probe each target is on.
+    probe_of: HashMap<u64, u64>,
+    next_id: u64,
+}
+
+impl Probes {
+    /// Adds the target; returns the new probe's id when it made one.
+    fn start(&mut self, id: u64, target: CheckTarget) -> Option<u64> {
+        let key = ProbeKey::of(&target);
+        let mut subscriber = Subscriber::new(target);
+        if let Some(&probe_id) = self.by_key.get(&key) {
+            if let Some(probe) = self.by_id.get_mut(&probe_id) {
+                if let Some(latest) = &probe.latest {
+                    subscriber.record(latest);
+                }
+                probe.targets.push((id, subscriber));
+                self.probe_of.insert(id, probe_id);
+                return None;
+            }
+        }
+        self.next_id += 1;
+        let probe_id = self.next_id;
+        self.by_key
+            .insert(ProbeKey::of(&subscriber.target), probe_id);
+        self.by_id.insert(
+            probe_id,
+            Probe {
+                key,
+                targets: vec![(id, subscriber)],
+                running: None,
+                latest: None,
+            },
+        );
+        self.probe_of.insert(id, probe_id);
+        Some(probe_id)
+    }
+
+    fn stop(&mut self, id: u64) {
+        let Some(probe_id) = self.probe_of.remove(&id) else {
+            return;
+        };
+        let Some(probe) = self.by_id.get_mut(&probe_id) else {
+            return;
+        };
+        if let Some(at) = probe.targets.iter().position(|(target, _)| *target == id) {
+            probe.targets.swap_remove(at);
+        }
+        if probe.targets.is_empty() {
+            if let Some(probe) = self.by_id.remove(&probe_id) {
+                self.by_key.remove(&probe.key);
+                if let Some(task) = probe.running {
+                    task.abort();
+                }
+            }
+        }
+    }
+}
+
 async fn run(mut commands: mpsc::UnboundedReceiver<Command>, max_running: usize) {
-    let mut entries: HashMap<u64, Entry> = HashMap::new();
+    let mut probes = Probes::default();
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    // Check tasks under way, and which entry each is for: a check that panics still
-    // gets its backend scheduled again.
+    // Check tasks under way, and which probe each is for: a check that panics still
+    // gets its probe scheduled again.
     let mut running: JoinSet<Result<(), String>> = JoinSet::new();
     let mut running_ids: HashMap<tokio::task::Id, u64> = HashMap::new();
     // One timer, moved as the earliest deadline changes, rather than one per wake-up.
@@ -107,62 +256,58 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>, max_running: usize)
             command = commands.recv() => match command {
                 None => return,
                 Some(Command::Start(id, target)) => {
-                    // From the backend's current health, so checks restarted by a
-                    // reload do not judge a healthy backend on one failed check.
-                    let health = &target.settings.health;
-                    let counter =
-                        HealthCounter::new(health.healthy_threshold, health.unhealthy_threshold)
-                            .resuming(target.backend.health());
-                    let first = Instant::now() + jittered(Duration::ZERO, health.jitter);
-                    entries.insert(id, Entry { target, counter, running: None });
-                    due.push(Reverse((first, id)));
-                }
-                Some(Command::Stop(id)) => {
-                    if let Some(task) = entries.remove(&id).and_then(|e| e.running) {
-                        task.abort();
+                    let jitter = target.settings.health.jitter;
+                    if let Some(probe) = probes.start(id, target) {
+                        let first = Instant::now() + jittered(Duration::ZERO, jitter);
+                        due.push(Reverse((first, probe)));
                     }
                 }
+                Some(Command::Stop(id)) => probes.stop(id),
             },
             Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                 let (task, outcome) = match joined {
                     Ok((task, outcome)) => (task, outcome),
                     Err(e) if e.is_panic() => (e.id(), Err("the check panicked".to_string())),
-                    // Aborted by `Stop`: its entry is gone.
+                    // Aborted by `Stop`: its probe is gone.
                     Err(e) => {
                         running_ids.remove(&e.id());
                         continue;
                     }
                 };
-                // An entry stopped while its check was finishing is gone: nothing to do.
-                let Some(id) = running_ids.remove(&task) else { continue };
-                let Some(entry) = entries.get_mut(&id) else { continue };
-                entry.running = None;
-                let backend = &entry.target.backend;
-                backend.record_check(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-                if let Some(next) = entry.counter.record(outcome.is_ok()) {
-                    apply_transition(&entry.target.pool, backend, next, &outcome);
+                // A probe stopped while its check was finishing is gone: nothing to do.
+                let Some(probe_id) = running_ids.remove(&task) else { continue };
+                let Some(probe) = probes.by_id.get_mut(&probe_id) else { continue };
+                probe.running = None;
+                for (_, subscriber) in &mut probe.targets {
+                    subscriber.record(&outcome);
                 }
-                let health = &entry.target.settings.health;
-                due.push(Reverse((Instant::now() + jittered(health.interval, health.jitter), id)));
+                probe.latest = Some(outcome);
+                let health = &probe.key.settings.health;
+                let next = Instant::now() + jittered(health.interval, health.jitter);
+                due.push(Reverse((next, probe_id)));
             }
             () = &mut timer, if earliest.is_some() && running.len() < max_running => {
                 let now = Instant::now();
-                while let Some(&Reverse((at, id))) = due.peek() {
+                while let Some(&Reverse((at, probe_id))) = due.peek() {
                     if at > now || running.len() >= max_running {
                         break;
                     }
                     due.pop();
                     // Stopped since it was scheduled: its slot is just dropped.
-                    let Some(entry) = entries.get_mut(&id) else {
+                    let Some(probe) = probes.by_id.get_mut(&probe_id) else {
                         continue;
                     };
-                    let backend = Arc::clone(&entry.target.backend);
-                    let settings = Arc::clone(&entry.target.settings);
+                    // Any of its targets will do: they are the same probe.
+                    let Some((_, subscriber)) = probe.targets.first() else {
+                        continue;
+                    };
+                    let backend = Arc::clone(&subscriber.target.backend);
+                    let settings = Arc::clone(&subscriber.target.settings);
                     let task = running.spawn(async move {
                         check_once(&backend, &settings.health, &settings.upstream).await
                     });
-                    running_ids.insert(task.id(), id);
-                    entry.running = Some(task);
+                    running_ids.insert(task.id(), probe_id);
+                    probe.running = Some(task);
                 }
                 // The heap's top has changed: re-arm on the next turn.
                 armed_for = None;
@@ -178,9 +323,23 @@ mod tests {
     use crate::routing::PoolBehaviour;
 
     fn target(addr: std::net::SocketAddr) -> CheckTarget {
+        target_with(addr, HealthConfig::tcp_default().timeout)
+    }
+
+    /// Targets with different timeouts are checked apart, even at one address.
+    fn target_with(addr: std::net::SocketAddr, timeout: Duration) -> CheckTarget {
+        target_checked(addr, Duration::from_millis(20), timeout)
+    }
+
+    fn target_checked(
+        addr: std::net::SocketAddr,
+        interval: Duration,
+        timeout: Duration,
+    ) -> CheckTarget {
         let behaviour = PoolBehaviour {
             health: HealthConfig {
-                interval: Duration::from_millis(20),
+                interval,
+                timeout,
                 jitter: Duration::ZERO,
                 ..HealthConfig::tcp_default()
             },
@@ -207,7 +366,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { while listener.accept().await.is_ok() {} });
         let scheduler = CheckScheduler::spawn();
-        let (kept, stopped) = (target(addr), target(addr));
+        let (kept, stopped) = (
+            target_with(addr, Duration::from_secs(1)),
+            target_with(addr, Duration::from_secs(2)),
+        );
         let (kept_backend, stopped_backend) =
             (Arc::clone(&kept.backend), Arc::clone(&stopped.backend));
         scheduler.start(1, kept);
@@ -240,7 +402,7 @@ mod tests {
         let scheduler = CheckScheduler::with_limit(3);
         let backends: Vec<Arc<Backend>> = (1..=40)
             .map(|id| {
-                let target = target(addr);
+                let target = target_with(addr, Duration::from_millis(1000 + id));
                 let backend = Arc::clone(&target.backend);
                 scheduler.start(id, target);
                 backend
@@ -253,6 +415,90 @@ mod tests {
         assert!(backends
             .iter()
             .all(|b| b.health() == crate::backend::Health::Healthy));
+    }
+
+    /// A listener that counts the connections it accepts.
+    async fn counting_listener() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while listener.accept().await.is_ok() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn pools_checking_one_address_alike_share_each_check_and_stopping_one_keeps_the_other() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (addr, accepted) = counting_listener().await;
+        let scheduler = CheckScheduler::spawn();
+        let (first, second) = (target(addr), target(addr));
+        let backends = [Arc::clone(&first.backend), Arc::clone(&second.backend)];
+        scheduler.start(1, first);
+        scheduler.start(2, second);
+        until("ten checks each", || {
+            backends.iter().all(|b| b.checks() >= 10)
+        })
+        .await;
+        let checks: u64 = backends.iter().map(|b| b.checks()).max().unwrap();
+        // Allow for the probe under way and the first result the second one took.
+        assert!(
+            accepted.load(Relaxed) <= checks + 2,
+            "{} connections for {checks} checks of each",
+            accepted.load(Relaxed)
+        );
+        scheduler.stop(1);
+        let at_stop = backends[1].checks();
+        until("more checks of the other", || {
+            backends[1].checks() >= at_stop + 5
+        })
+        .await;
+        assert_eq!(backends[1].health(), crate::backend::Health::Healthy);
+    }
+
+    #[tokio::test]
+    async fn checked_differently_one_address_gets_a_check_for_each() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (addr, accepted) = counting_listener().await;
+        let scheduler = CheckScheduler::spawn();
+        let (first, second) = (
+            target_with(addr, Duration::from_secs(1)),
+            target_with(addr, Duration::from_secs(2)),
+        );
+        let backends = [Arc::clone(&first.backend), Arc::clone(&second.backend)];
+        scheduler.start(1, first);
+        scheduler.start(2, second);
+        until("ten checks each", || {
+            backends.iter().all(|b| b.checks() >= 10)
+        })
+        .await;
+        let checks: u64 = backends.iter().map(|b| b.checks()).sum();
+        assert!(
+            accepted.load(Relaxed) + 2 >= checks,
+            "{} connections for {checks} checks in all",
+            accepted.load(Relaxed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_target_joining_a_probe_takes_its_latest_result_at_once() {
+        let (addr, _) = counting_listener().await;
+        let scheduler = CheckScheduler::spawn();
+        // Checked once a minute: the second target could only be judged this soon by
+        // taking the first one's result.
+        let minute = Duration::from_secs(60);
+        let first = target_checked(addr, minute, Duration::from_secs(1));
+        let second = target_checked(addr, minute, Duration::from_secs(1));
+        let (early, late) = (Arc::clone(&first.backend), Arc::clone(&second.backend));
+        scheduler.start(1, first);
+        until("the first check", || early.checks() >= 1).await;
+        scheduler.start(2, second);
+        until("the joiner's result", || late.checks() >= 1).await;
+        assert_eq!(late.health(), crate::backend::Health::Healthy);
     }
 
     #[tokio::test]
