@@ -23,6 +23,81 @@ pub struct RequestBody {
     remaining: u64,
     on_end: Option<oneshot::Sender<()>>,
     stall: Option<Stall>,
+    /// A copy being taken as the body streams past (a mirrored request's).
+    tee: Option<Box<Tee>>,
+    /// A body known whole (a mirrored copy's), sent as one frame.
+    fixed: Option<Bytes>,
+}
+
+/// How taking a copy of a body ended.
+pub enum TeeEnd {
+    /// The whole body, as it was sent.
+    Whole(Bytes),
+    /// It grew past the copy's limit: no copy.
+    TooLarge,
+    /// The client's body failed or stopped: no copy.
+    Broken,
+}
+
+/// Keeps the frames of a body (cheap: `Bytes` are shared, not copied) up to `limit`
+/// bytes, and hands them over once when the body ends.
+pub struct Tee {
+    chunks: Vec<Bytes>,
+    kept: u64,
+    limit: u64,
+    done: Option<Box<dyn FnOnce(TeeEnd) + Send>>,
+}
+
+impl Tee {
+    pub fn new(limit: u64, done: Box<dyn FnOnce(TeeEnd) + Send>) -> Tee {
+        Tee {
+            chunks: Vec::new(),
+            kept: 0,
+            limit,
+            done: Some(done),
+        }
+    }
+
+    fn keep(&mut self, data: &Bytes) {
+        if self.done.is_none() {
+            return;
+        }
+        self.kept += data.len() as u64;
+        if self.kept > self.limit {
+            self.chunks = Vec::new();
+            self.finish(TeeEnd::TooLarge);
+        } else if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+    }
+
+    fn whole(&mut self) {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut joined = Vec::with_capacity(self.kept as usize);
+                for chunk in self.chunks.drain(..) {
+                    joined.extend_from_slice(&chunk);
+                }
+                Bytes::from(joined)
+            }
+        };
+        self.finish(TeeEnd::Whole(body));
+    }
+
+    fn finish(&mut self, end: TeeEnd) {
+        if let Some(done) = self.done.take() {
+            done(end);
+        }
+    }
+}
+
+impl Drop for Tee {
+    /// A body dropped before its end (the exchange failed, the client went away).
+    fn drop(&mut self) {
+        self.finish(TeeEnd::Broken);
+    }
 }
 
 /// `client_body_timeout` for one body, and what to count when it fires.
@@ -61,6 +136,8 @@ impl RequestBody {
             remaining: limit.unwrap_or(u64::MAX),
             on_end: None,
             stall,
+            tee: None,
+            fixed: None,
         }
     }
 
@@ -70,6 +147,26 @@ impl RequestBody {
             remaining: 0,
             on_end: None,
             stall: None,
+            tee: None,
+            fixed: None,
+        }
+    }
+
+    /// A body known whole.
+    pub fn fixed(bytes: Bytes) -> RequestBody {
+        RequestBody {
+            fixed: (!bytes.is_empty()).then_some(bytes),
+            ..RequestBody::empty()
+        }
+    }
+
+    /// Takes a copy of the body as it streams past; a body with nothing to stream is
+    /// handed over whole at once.
+    pub fn tee(&mut self, mut tee: Tee) {
+        if self.is_end_stream() {
+            tee.whole();
+        } else {
+            self.tee = Some(Box::new(tee));
         }
     }
 
@@ -102,6 +199,9 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
+            if let Some(bytes) = this.fixed.take() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
             this.ended();
             return Poll::Ready(None);
         };
@@ -115,11 +215,17 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge(len))));
                     }
                     this.remaining -= len;
+                    if let Some(tee) = &mut this.tee {
+                        tee.keep(data);
+                    }
                 }
                 if let Some(stall) = &mut this.stall {
                     stall.clock.progress();
                 }
                 if inner.is_end_stream() {
+                    if let Some(mut tee) = this.tee.take() {
+                        tee.whole();
+                    }
                     this.ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -129,6 +235,9 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
+                if let Some(mut tee) = this.tee.take() {
+                    tee.whole();
+                }
                 this.ended();
                 Poll::Ready(None)
             }
@@ -149,13 +258,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.fixed.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None => SizeHint::with_exact(self.fixed.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 

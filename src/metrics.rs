@@ -57,6 +57,14 @@ pub struct Metrics {
     pub client_body_timeouts: IntCounter,
     pub send_timeouts: IntCounter,
     connections_refused: IntCounterVec,
+    /// The 1-based step of a service's live rollout; 0 when none is live.
+    pub rollout_step: IntGaugeVec,
+    /// The canary weight (percent) a service's live rollout holds; 0 when none is live.
+    pub rollout_weight: GaugeVec,
+    /// Analysis windows judged, by service and result (pass, fail, inconclusive).
+    pub rollout_analysis: IntCounterVec,
+    /// Mirrored copies, by service, mirror pool and outcome.
+    pub mirror_requests: IntCounterVec,
     /// Requests that matched no service.
     unrouted: RouteMetrics,
 }
@@ -180,6 +188,34 @@ impl Metrics {
             ),
             &["listener"],
         ));
+        let rollout_step = must(IntGaugeVec::new(
+            Opts::new(
+                "switchyard_rollout_step",
+                "The step (1-based) of the service's rollout in progress; 0 when none is progressing or paused.",
+            ),
+            &["service"],
+        ));
+        let rollout_weight = must(GaugeVec::new(
+            Opts::new(
+                "switchyard_rollout_weight",
+                "The canary weight in percent that the service's rollout in progress holds; 0 when none is progressing or paused.",
+            ),
+            &["service"],
+        ));
+        let rollout_analysis = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_rollout_analysis_total",
+                "Rollout analysis windows judged, by service and result (pass, fail, inconclusive).",
+            ),
+            &["service", "result"],
+        ));
+        let mirror_requests = must(IntCounterVec::new(
+            Opts::new(
+                "switchyard_mirror_requests_total",
+                "Mirrored copies of requests, by service, mirror pool and outcome (sent: answered, whatever the status; failed: no answer; dropped: the queue was full; too_large: the body was over mirror_max_body).",
+            ),
+            &["service", "pool", "outcome"],
+        ));
         // Present from the start at 0, so `increase()` and alerts see the first one.
         for result in ["success", "failure"] {
             tls_reloads.with_label_values(&[result]);
@@ -218,6 +254,10 @@ impl Metrics {
             Box::new(cluster_generation.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(connections_refused.clone()),
+            Box::new(rollout_step.clone()),
+            Box::new(rollout_weight.clone()),
+            Box::new(rollout_analysis.clone()),
+            Box::new(mirror_requests.clone()),
             Box::new(build_info),
             Box::new(LiveCollector::new(state)),
         ] {
@@ -256,6 +296,10 @@ impl Metrics {
             client_body_timeouts,
             send_timeouts,
             connections_refused,
+            rollout_step,
+            rollout_weight,
+            rollout_analysis,
+            mirror_requests,
             unrouted,
         })
     }
@@ -341,6 +385,43 @@ impl Metrics {
         totals
     }
 
+    /// One (service, pool) route's totals so far: what a rollout's analysis windows
+    /// are made from. Reads the two families (every series of the requests one), so
+    /// it belongs off the workers, at the analysis interval, not per request.
+    pub fn route_totals(&self, service: &str, pool: &str) -> PoolTotals {
+        let mut totals = PoolTotals::default();
+        for family in self.requests.collect() {
+            for metric in family.get_metric() {
+                let (mut matches, mut code) = (0, 0u16);
+                for label in metric.get_label() {
+                    match label.name() {
+                        "service" if label.value() == service => matches += 1,
+                        "pool" if label.value() == pool => matches += 1,
+                        "code" => code = label.value().parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                if matches != 2 {
+                    continue;
+                }
+                let count = metric.get_counter().get_value() as u64;
+                totals.requests += count;
+                if code >= 500 {
+                    totals.errors += count;
+                }
+            }
+        }
+        if let Ok(histogram) = self.duration.get_metric_with_label_values(&[service, pool]) {
+            let metric = prometheus::core::Metric::metric(&histogram);
+            let histogram = metric.get_histogram();
+            totals.timed = histogram.get_sample_count();
+            for (slot, bucket) in totals.buckets.iter_mut().zip(histogram.get_bucket()) {
+                *slot = bucket.cumulative_count();
+            }
+        }
+        totals
+    }
+
     /// Where answers to requests that matched no service are counted (every label
     /// but the code empty).
     pub fn unrouted(&self) -> &RouteMetrics {
@@ -371,6 +452,26 @@ impl Metrics {
 
     pub fn connections_refused(&self, listener: &str) -> IntCounter {
         self.connections_refused.with_label_values(&[listener])
+    }
+}
+
+/// `switchyard_mirror_requests_total` children of one (service, mirror pool).
+pub struct MirrorCounters {
+    pub sent: IntCounter,
+    pub failed: IntCounter,
+    pub dropped: IntCounter,
+    pub too_large: IntCounter,
+}
+
+impl Metrics {
+    pub fn mirror_counters(&self, service: &str, pool: &str) -> MirrorCounters {
+        let outcome = |o: &str| self.mirror_requests.with_label_values(&[service, pool, o]);
+        MirrorCounters {
+            sent: outcome("sent"),
+            failed: outcome("failed"),
+            dropped: outcome("dropped"),
+            too_large: outcome("too_large"),
+        }
     }
 }
 

@@ -23,7 +23,8 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::routing::{Pool, RoutingTable};
+use crate::mirror::MirrorQueue;
+use crate::routing::{MirrorRoute, Pool, RoutingTable};
 use crate::split::Reason;
 
 /// The response body a client gets from the proxy.
@@ -40,6 +41,7 @@ pub struct ProxySettings {
     pub connect_attempts: u32,
     pub max_request_body: Option<u64>,
     pub client_body_timeout: Duration,
+    pub mirror_max_body: u64,
 }
 
 pub struct Proxy {
@@ -51,6 +53,8 @@ pub struct Proxy {
     pub access_log: Option<Arc<AccessLog>>,
     /// Counted whatever `[metrics] enabled` says: it is about clients, not routes.
     pub client_body_timeouts: prometheus::IntCounter,
+    /// Where mirrored copies are offered.
+    pub mirror: Arc<MirrorQueue>,
 }
 
 /// How one attempt on one backend ended, when it did not produce a response.
@@ -60,6 +64,49 @@ enum AttemptError {
     /// The request was (at least partly) written, then the exchange failed.
     Failed(hyper::Error),
     TimedOut,
+}
+
+/// A mirrored copy whose body is still to be taken from the request's as it streams.
+struct PendingCopy {
+    pool: Arc<crate::routing::Pool>,
+    head: http::request::Parts,
+    metrics: Option<Arc<RouteMetrics>>,
+    counters: Option<Arc<crate::metrics::MirrorCounters>>,
+    limit: u64,
+    connect_timeout: Duration,
+    deadline: Duration,
+}
+
+impl PendingCopy {
+    /// Offers the copy to `queue` once `body` has streamed past whole.
+    fn take_from(self, body: &mut RequestBody, queue: &Arc<MirrorQueue>) {
+        let queue = Arc::clone(queue);
+        let limit = self.limit;
+        body.tee(crate::body::Tee::new(
+            limit,
+            Box::new(move |end| match end {
+                crate::body::TeeEnd::Whole(bytes) => queue.offer(crate::mirror::Copy {
+                    pool: self.pool,
+                    head: self.head,
+                    body: bytes,
+                    metrics: self.metrics,
+                    counters: self.counters,
+                    connect_timeout: self.connect_timeout,
+                    deadline: self.deadline,
+                }),
+                crate::body::TeeEnd::TooLarge => {
+                    if let Some(counters) = &self.counters {
+                        counters.too_large.inc();
+                    }
+                }
+                crate::body::TeeEnd::Broken => {
+                    if let Some(counters) = &self.counters {
+                        counters.failed.inc();
+                    }
+                }
+            }),
+        ));
+    }
 }
 
 /// What is kept of a bodiless idempotent request, so it can be sent again if a backend
@@ -194,6 +241,7 @@ impl Proxy {
             }
         }
         let host = headers::request_host(&req).map_err(|_| ProxyError::InvalidHost)?;
+        let mirror: Option<Option<PendingCopy>>;
         let pool = {
             let table = self.table.load();
             let service = table
@@ -208,6 +256,11 @@ impl Proxy {
             if let Some(preview) = &service.preview {
                 req.headers_mut().remove(&preview.header);
             }
+            mirror = service
+                .mirror
+                .as_deref()
+                .filter(|m| crate::random::below(10_000) < u64::from(m.share_bp))
+                .map(|m| self.mirror_copy(m, &req, client, tls));
             pool
         };
         trace.pool = Some(Arc::clone(&pool));
@@ -221,12 +274,15 @@ impl Proxy {
 
         let (mut parts, body) = req.into_parts();
         prepare_upstream_request(&mut parts, client, tls, upgrade, upstream)?;
-        let body = RequestBody::new(
+        let mut body = RequestBody::new(
             body,
             self.settings.max_request_body,
             self.settings.client_body_timeout,
             &self.client_body_timeouts,
         );
+        if let Some(copy) = mirror.flatten().filter(|_| !upgrade) {
+            copy.take_from(&mut body, &self.mirror);
+        }
         let replay = (self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
             && is_idempotent(&parts.method))
@@ -241,6 +297,47 @@ impl Proxy {
             .send_with_retries(&pool, request, replay, trace)
             .await?;
         Ok(self.respond(response, sender, in_flight, client_upgrade))
+    }
+
+    /// The head of a mirrored copy of `req`, prepared for the mirror pool; `None` when
+    /// the copy cannot be made (counted) or its body is known to be over the limit.
+    fn mirror_copy(
+        &self,
+        mirror: &MirrorRoute,
+        req: &Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Option<PendingCopy> {
+        let counters = mirror.counters.clone();
+        let limit = self.settings.mirror_max_body;
+        if content_length(req.headers()).is_some_and(|length| length > limit) {
+            if let Some(counters) = &counters {
+                counters.too_large.inc();
+            }
+            return None;
+        }
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.version_mut() = req.version();
+        *head.headers_mut() = req.headers().clone();
+        let (mut head, ()) = head.into_parts();
+        let upstream = &mirror.pool.settings.upstream;
+        if prepare_upstream_request(&mut head, client, tls, false, upstream).is_err() {
+            // The request itself will be refused the same way.
+            return None;
+        }
+        head.headers
+            .insert("x-switchyard-mirror", HeaderValue::from_static("1"));
+        Some(PendingCopy {
+            pool: Arc::clone(&mirror.pool),
+            head,
+            metrics: mirror.metrics.clone(),
+            counters,
+            limit,
+            connect_timeout: self.settings.connect_timeout,
+            deadline: self.settings.upstream_header_timeout,
+        })
     }
 
     async fn send_with_retries(

@@ -66,6 +66,21 @@ pub struct ServiceTraffic {
     pub canary: Option<Box<CanarySpec>>,
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// The last rollout (live or ended, so its verdict can still be read). Absent from
+    /// the file until a rollout is started, so older binaries read the file still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Box<crate::rollout::Rollout>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSpec>,
+}
+
+/// Copies of a share of a service's requests, sent to another pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorSpec {
+    pub pool: String,
+    /// Basis points of the service's requests: 10% = 1000.
+    pub percent_bp: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +151,8 @@ impl TrafficState {
                             previous_active: None,
                             canary: None,
                             history: Vec::new(),
+                            rollout: None,
+                            mirror: None,
                         },
                     )
                 })
@@ -220,6 +237,33 @@ impl TrafficState {
                     Arc::make_mut(&mut saved).canary = None;
                 }
             }
+            if let Some(rollout) = &saved.rollout {
+                if rollout.status.is_live()
+                    && (!pool_exists(&rollout.pool) || rollout.pool == saved.active)
+                {
+                    warnings.push(format!(
+                        "service `{}`: the rollout to pool `{}` no longer fits the config; it is aborted",
+                        service.name, rollout.pool
+                    ));
+                    let saved = Arc::make_mut(&mut saved);
+                    if let Some(rollout) = saved.rollout.as_mut() {
+                        rollout.end(
+                            crate::rollout::RolloutStatus::Aborted,
+                            "its pool no longer fits the config".into(),
+                            now_rfc3339(),
+                        );
+                    }
+                }
+            }
+            if let Some(mirror) = &saved.mirror {
+                if !pool_exists(&mirror.pool) {
+                    warnings.push(format!(
+                        "service `{}`: mirror pool `{}` is not in the config; mirroring stopped",
+                        service.name, mirror.pool
+                    ));
+                    Arc::make_mut(&mut saved).mirror = None;
+                }
+            }
             if saved
                 .previous_active
                 .as_deref()
@@ -293,6 +337,8 @@ impl TrafficState {
             previous_active: None,
             canary: None,
             history: Vec::new(),
+            rollout: None,
+            mirror: None,
         }
     }
 
@@ -514,6 +560,8 @@ mod tests {
                 previous_active: None,
                 canary: None,
                 history: vec![],
+                rollout: None,
+                mirror: None,
             }),
         );
         state

@@ -120,21 +120,32 @@ pub async fn sample(metrics: Arc<Metrics>, recent: Arc<RecentTraffic>) {
 /// What happened between two snapshots. The counters only grow; should a total ever
 /// shrink, that interval counts as zero, not as negative.
 fn point(at_ms: u64, seconds: f64, then: &PoolTotals, now: &PoolTotals) -> TrafficPoint {
-    let requests = now.requests.saturating_sub(then.requests);
-    let errors = now.errors.saturating_sub(then.errors);
+    let (requests, errors) = answers_between(then, now);
+    TrafficPoint {
+        at_ms,
+        requests_per_second: requests as f64 / seconds,
+        error_rate: (requests > 0).then(|| errors as f64 / requests as f64),
+        p99_seconds: p99_between(then, now),
+    }
+}
+
+/// Answers, and 5xx among them, between two readings of the same counters.
+pub fn answers_between(then: &PoolTotals, now: &PoolTotals) -> (u64, u64) {
+    (
+        now.requests.saturating_sub(then.requests),
+        now.errors.saturating_sub(then.errors),
+    )
+}
+
+/// The p99 of the requests timed between two readings; `None` without any.
+pub fn p99_between(then: &PoolTotals, now: &PoolTotals) -> Option<f64> {
     let buckets: Vec<u64> = now
         .buckets
         .iter()
         .zip(&then.buckets)
         .map(|(n, t)| n.saturating_sub(*t))
         .collect();
-    let timed = now.timed.saturating_sub(then.timed);
-    TrafficPoint {
-        at_ms,
-        requests_per_second: requests as f64 / seconds,
-        error_rate: (requests > 0).then(|| errors as f64 / requests as f64),
-        p99_seconds: quantile(0.99, &buckets, timed),
-    }
+    quantile(0.99, &buckets, now.timed.saturating_sub(then.timed))
 }
 
 /// `histogram_quantile`: the bucket holding the rank, interpolated linearly inside it;

@@ -27,6 +27,13 @@ const CONTRACT: &[(&str, &str)] = &[
     ("post", "/api/v1/services/{service}/promote"),
     ("post", "/api/v1/services/{service}/rollback"),
     ("get", "/api/v1/services/{service}/history"),
+    ("post", "/api/v1/services/{service}/rollout"),
+    ("get", "/api/v1/services/{service}/rollout"),
+    ("post", "/api/v1/services/{service}/rollout/pause"),
+    ("post", "/api/v1/services/{service}/rollout/resume"),
+    ("post", "/api/v1/services/{service}/rollout/abort"),
+    ("put", "/api/v1/services/{service}/mirror"),
+    ("delete", "/api/v1/services/{service}/mirror"),
     ("get", "/api/v1/pools/{pool}"),
     ("post", "/api/v1/pools/{pool}/backends/{addr}/drain"),
     ("post", "/api/v1/pools/{pool}/backends/{addr}/disable"),
@@ -167,19 +174,20 @@ async fn schemathesis_finds_no_undocumented_answer_and_no_server_error() {
             // An upgrade replaces the process under test.
             "--exclude-path",
             "/api/v1/upgrade",
-            // Random backend lists could name addresses off this machine; those two run
-            // below against a pool that does not exist.
+            // Random backend lists, and a rollout's gate URLs, could name addresses off
+            // this machine; those run below against a pool and a service that do not
+            // exist, so they are refused before anything is reached.
             "--exclude-path-regex",
-            "^/api/v1/pools/\\{pool\\}/backends$",
+            "^/api/v1/pools/\\{pool\\}/backends$|^/api/v1/services/\\{service\\}/rollout$",
         ],
     );
     schemathesis(
         &f,
-        "membership writes",
-        "[parameters]\n\"path.pool\" = \"no-such-pool\"\n",
+        "membership writes and rollout starts",
+        "[parameters]\n\"path.pool\" = \"no-such-pool\"\n\"path.service\" = \"no-such-service\"\n",
         &[
             "--include-path-regex",
-            "^/api/v1/pools/\\{pool\\}/backends$",
+            "^/api/v1/pools/\\{pool\\}/backends$|^/api/v1/services/\\{service\\}/rollout$",
         ],
     );
     // The API still answers after the fuzzing, and the process is alive.

@@ -20,6 +20,7 @@ mod openapi;
 mod page;
 mod pools;
 mod process;
+mod rollout;
 mod shared;
 mod traffic;
 
@@ -42,6 +43,11 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .routes(routes!(traffic::set_canary, traffic::abort_canary))
         .routes(routes!(traffic::promote))
         .routes(routes!(traffic::rollback))
+        .routes(routes!(rollout::start_rollout, rollout::rollout))
+        .routes(routes!(rollout::pause))
+        .routes(routes!(rollout::resume))
+        .routes(routes!(rollout::abort))
+        .routes(routes!(rollout::set_mirror, rollout::stop_mirror))
         .routes(routes!(pools::pool_view))
         .routes(routes!(pools::drain))
         .routes(routes!(pools::disable))

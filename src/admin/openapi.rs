@@ -16,6 +16,7 @@ use utoipa::Modify;
     security(("bearer" = [])),
     tags(
         (name = "traffic", description = "Services: where their traffic goes"),
+        (name = "rollouts", description = "Step canaries judged and moved by the proxy, and mirroring"),
         (name = "pools", description = "Pools and their backends"),
         (name = "process", description = "This process: info, certificates, reload, upgrade"),
         (name = "cluster", description = "The fleet (`[cluster]`)"),

@@ -191,7 +191,7 @@ pub(super) async fn promote(
 /// An empty JSON object: the body of a change that takes no arguments.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct EmptyBody {}
+pub(crate) struct EmptyBody {}
 
 /// Back to the previous active pool.
 #[utoipa::path(post, path = "/api/v1/services/{service}/rollback", tag = "traffic",

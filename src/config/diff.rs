@@ -61,6 +61,7 @@ impl Config {
                 connect_attempts,
                 max_header_size,
                 max_request_body,
+                mirror_max_body,
                 max_connections,
                 shutdown_delay,
                 shutdown_timeout,

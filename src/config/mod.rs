@@ -147,6 +147,8 @@ pub struct ProxyConfig {
     pub connect_attempts: u32,
     pub max_header_size: usize,
     pub max_request_body: Option<u64>,
+    /// Largest request body a mirrored copy carries; larger ones are not mirrored.
+    pub mirror_max_body: u64,
     pub max_connections: usize,
     pub shutdown_delay: Duration,
     pub shutdown_timeout: Duration,

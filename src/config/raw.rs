@@ -69,6 +69,7 @@ pub(super) struct RawProxy {
     pub(super) connect_attempts: u32,
     pub(super) max_header_size: ByteSize,
     pub(super) max_request_body: Option<ByteSize>,
+    pub(super) mirror_max_body: ByteSize,
     pub(super) max_connections: usize,
     #[serde(with = "humantime_serde")]
     pub(super) shutdown_delay: Duration,
@@ -145,6 +146,7 @@ impl Default for RawProxy {
             connect_attempts: 2,
             max_header_size: ByteSize(64 * 1024),
             max_request_body: None,
+            mirror_max_body: ByteSize(64 * 1024),
             max_connections: 10_000,
             shutdown_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(30),

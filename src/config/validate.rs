@@ -65,6 +65,12 @@ impl Validator<'_> {
                 8192..=1_048_576,
             )? as usize,
             max_request_body: p.max_request_body.map(|b| b.0),
+            mirror_max_body: self.within(
+                TABLE,
+                "mirror_max_body",
+                p.mirror_max_body.0,
+                0..=16 * 1024 * 1024,
+            )?,
             max_connections: self.within(
                 TABLE,
                 "max_connections",

@@ -23,14 +23,17 @@ mod fleet;
 mod membership;
 mod names;
 mod reload;
+mod rollouts;
 mod supervision;
 mod views;
 
 pub use names::NameView;
 pub use reload::Reloaded;
+pub use rollouts::{drive as drive_rollouts, RolloutView};
 use views::{backend_view, live_state};
 pub use views::{
-    BackendView, CanaryView, HistoryView, PoolView, ServiceView, StateFileView, StateView,
+    BackendView, CanaryView, HistoryView, MirrorView, PoolView, RolloutSummary, ServiceView,
+    StateFileView, StateView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ pub enum ControlError {
     NoHealthyBackend(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("service `{0}` has no rollout")]
+    NoRollout(String),
     #[error(
         "{in_flight} requests still in flight on {backends}; they stay draining and in the pool"
     )]
@@ -81,7 +86,8 @@ impl ControlError {
             ControlError::BadRequest(_) => 400,
             ControlError::UnknownService(_)
             | ControlError::UnknownPool(_)
-            | ControlError::UnknownBackend { .. } => 404,
+            | ControlError::UnknownBackend { .. }
+            | ControlError::NoRollout(_) => 404,
             ControlError::StaleGeneration { .. }
             | ControlError::NoHealthyBackend(_)
             | ControlError::Conflict(_) => 409,
@@ -98,6 +104,7 @@ impl ControlError {
             ControlError::UnknownService(_) => "unknown_service",
             ControlError::UnknownPool(_) => "unknown_pool",
             ControlError::UnknownBackend { .. } => "unknown_backend",
+            ControlError::NoRollout(_) => "no_rollout",
             ControlError::StaleGeneration { .. } => "stale_generation",
             ControlError::NoHealthyBackend(_) => "no_healthy_backend",
             ControlError::Conflict(_) => "conflict",
@@ -160,6 +167,9 @@ pub struct Control {
     /// Set while a binary upgrade hands over: the new process has read the state file,
     /// so a change made here now would be lost. Changes answer 503 `upgrading`.
     frozen: AtomicBool,
+    /// How each live rollout is being judged (see `rollouts`).
+    rollout_runs: std::sync::Mutex<rollouts::Runs>,
+    mirror: std::sync::OnceLock<Arc<crate::mirror::MirrorQueue>>,
 }
 
 impl Control {
@@ -232,11 +242,18 @@ impl Control {
             names: std::sync::Mutex::new(names::NameTable::new()),
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),
+            rollout_runs: std::sync::Mutex::new(rollouts::Runs::default()),
+            mirror: std::sync::OnceLock::new(),
         })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The process's one mirror queue, started on first use. Needs a tokio runtime.
+    pub fn mirror_queue(&self) -> Arc<crate::mirror::MirrorQueue> {
+        Arc::clone(self.mirror.get_or_init(crate::mirror::MirrorQueue::start))
     }
 
     /// Writes the current state once, so a state path that cannot be written is found
@@ -396,6 +413,55 @@ impl Control {
         .await
     }
 
+    /// Copies `percent` of the service's requests to `pool` (not its active pool).
+    pub async fn set_mirror(
+        &self,
+        service: &str,
+        pool: &str,
+        percent: f64,
+        if_match: Option<u64>,
+    ) -> Result<ServiceView, ControlError> {
+        if !percent.is_finite() || percent <= 0.0 || percent > 100.0 {
+            return Err(ControlError::BadRequest(format!(
+                "percent must be above 0 and at most 100, got {percent}"
+            )));
+        }
+        if pool.is_empty() {
+            return Err(ControlError::BadRequest(
+                "`pool` must name the mirror pool".into(),
+            ));
+        }
+        let mut state = self.lock_current(if_match).await?;
+        let current = service_traffic(&state, service)?;
+        self.pool(pool)?;
+        if current.active == pool {
+            return Err(ControlError::BadRequest(format!(
+                "pool `{pool}` is the active pool of `{service}`: it gets the requests themselves"
+            )));
+        }
+        let spec = state::MirrorSpec {
+            pool: pool.to_string(),
+            percent_bp: (percent * 100.0).round() as u32,
+        };
+        self.commit_service(&mut state, service, "mirror", |traffic| {
+            traffic.mirror = Some(spec)
+        })
+        .await
+    }
+
+    pub async fn stop_mirror(
+        &self,
+        service: &str,
+        if_match: Option<u64>,
+    ) -> Result<ServiceView, ControlError> {
+        let mut state = self.lock_current(if_match).await?;
+        service_traffic(&state, service)?;
+        self.commit_service(&mut state, service, "mirror_off", |traffic| {
+            traffic.mirror = None
+        })
+        .await
+    }
+
     /// Drain (`Some(Draining)`), disable, or return to rotation (`None`).
     pub async fn set_backend_mode(
         &self,
@@ -443,10 +509,11 @@ impl Control {
         change: impl FnOnce(&mut ServiceTraffic),
     ) -> Result<ServiceView, ControlError> {
         let mut next = state.clone();
-        change(
-            next.service_mut(service)
-                .ok_or_else(|| unknown_service(service))?,
-        );
+        let traffic = next
+            .service_mut(service)
+            .ok_or_else(|| unknown_service(service))?;
+        change(traffic);
+        Control::end_rollout_by_hand(traffic, kind);
         self.commit(state, next, Some((service, kind))).await?;
         self.service_view(state, service)
             .ok_or_else(|| unknown_service(service))

@@ -38,7 +38,28 @@ pub struct ServiceView {
     /// The preview route, when the service has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preview: Option<PreviewView>,
+    /// Where copies of a share of its requests go, when mirrored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorView>,
+    /// The last rollout's pool and status (`GET .../rollout` has the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSummary>,
     pub generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct MirrorView {
+    pub pool: String,
+    /// Percent of the service's requests copied.
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RolloutSummary {
+    pub pool: String,
+    pub status: crate::rollout::RolloutStatus,
+    /// 1-based.
+    pub step: usize,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -180,6 +201,15 @@ impl Control {
             preview: configured.preview.as_ref().map(|p| PreviewView {
                 header: p.header.clone(),
                 pools: p.pools.clone(),
+            }),
+            mirror: traffic.mirror.as_ref().map(|m| MirrorView {
+                pool: m.pool.clone(),
+                percent: f64::from(m.percent_bp) / 100.0,
+            }),
+            rollout: traffic.rollout.as_ref().map(|r| RolloutSummary {
+                pool: r.pool.clone(),
+                status: r.status,
+                step: r.step + 1,
             }),
             generation: state.generation,
         })

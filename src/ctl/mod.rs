@@ -13,6 +13,9 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 mod deploy;
+mod rollout;
+
+pub use rollout::{MirrorAction, MirrorArgs, RolloutAction, RolloutArgs};
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -139,6 +142,13 @@ pub enum Action {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         health_timeout: Duration,
     },
+    /// A step canary the proxy judges and moves itself: `rollout SERVICE POOL --steps
+    /// 10,50,100 --hold 1m --max-error-rate 1% [--wait]` starts one (`--wait` follows
+    /// it and exits 0 only when promoted); `rollout status|pause|resume|abort SERVICE`.
+    Rollout(Box<RolloutArgs>),
+    /// Copy PERCENT of SERVICE's requests to POOL (answers discarded):
+    /// `mirror SERVICE POOL PERCENT`; `mirror off SERVICE` stops it.
+    Mirror(MirrorArgs),
     /// The fleet (`[cluster]`): this instance's connection to etcd and the live members
     /// with the generation each has applied.
     Cluster,
@@ -196,6 +206,8 @@ pub enum CtlError {
     Unreachable { url: String, reason: String },
     #[error("{status}: {message}")]
     Api { status: StatusCode, message: String },
+    #[error("{0}")]
+    Verdict(String),
 }
 
 /// Runs one ctl command and returns what to print on stdout.
@@ -400,6 +412,10 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             // Progress went to stdout as it happened.
             return deploy::roll(&api, &roll).await;
         }
+        Action::Rollout(rollout_args) => {
+            return rollout::rollout(&api, rollout_args, args.json).await;
+        }
+        Action::Mirror(mirror_args) => (rollout::mirror(&api, mirror_args).await?, service_line),
         Action::Release {
             service,
             to,
@@ -565,8 +581,12 @@ fn canary_text(canary: &Value) -> String {
 }
 
 fn service_line(v: &Value) -> String {
+    let mirror = match v["mirror"]["pool"].as_str() {
+        Some(pool) => format!(", mirror {pool} {}%", s(&v["mirror"]["percent"])),
+        None => String::new(),
+    };
     format!(
-        "{}: active {}, canary {} (generation {})\n",
+        "{}: active {}, canary {}{mirror} (generation {})\n",
         s(&v["name"]),
         s(&v["active"]),
         canary_text(&v["canary"]),

@@ -44,6 +44,7 @@ pub struct Service {
     /// Metric children for (service, active pool); `None` with metrics off.
     pub metrics: Option<Arc<RouteMetrics>>,
     pub preview: Option<Box<Preview>>,
+    pub mirror: Option<Box<MirrorRoute>>,
 }
 
 /// The service's preview route: a request whose `header` names one of the pools goes
@@ -58,6 +59,17 @@ pub struct PreviewPool {
     pub metrics: Option<Arc<RouteMetrics>>,
     /// `switchyard_preview_requests_total{service, pool}`, resolved at build.
     pub counter: Option<prometheus::IntCounter>,
+}
+
+/// A service's mirror in the routing table.
+pub struct MirrorRoute {
+    pub pool: Arc<Pool>,
+    /// Basis points of the service's requests.
+    pub share_bp: u32,
+    /// (service, mirror pool): mirrored answers count like any other, so a pool can be
+    /// judged on copies before it gets a user.
+    pub metrics: Option<Arc<RouteMetrics>>,
+    pub counters: Option<Arc<crate::metrics::MirrorCounters>>,
 }
 
 pub struct Canary {
@@ -581,6 +593,16 @@ impl RoutingTable {
                             .collect(),
                     }))
                 });
+                let mirror = traffic.and_then(|t| t.mirror.as_ref()).and_then(|spec| {
+                    let pool = find_pool(&spec.pool).filter(|p| !Arc::ptr_eq(p, active))?;
+                    Some(Box::new(MirrorRoute {
+                        pool: Arc::clone(pool),
+                        share_bp: spec.percent_bp,
+                        metrics: metrics.as_ref().map(|m| m.route(&name, pool)),
+                        counters: registry
+                            .map(|m| Arc::new(m.mirror_counters(&s.name, &pool.name))),
+                    }))
+                });
                 let route_metrics = metrics.as_ref().map(|m| m.route(&name, active));
                 let service = Service {
                     name,
@@ -588,6 +610,7 @@ impl RoutingTable {
                     canary,
                     metrics: route_metrics,
                     preview,
+                    mirror,
                 };
                 Some((service, s))
             })

@@ -168,6 +168,7 @@ pub async fn start_with(
     }
     control.persist_now().await?;
     control.sync_health_checks();
+    tokio::spawn(crate::control::drive_rollouts(Arc::downgrade(&control)));
     give_back_start_up_memory();
     {
         // The first round of checks runs every backend's check at once: at 20,000
