@@ -49,6 +49,22 @@ pub struct Member {
     /// `wait-drained` anywhere in the fleet can wait for all of them.
     #[serde(default)]
     pub in_flight: std::collections::BTreeMap<String, u64>,
+    /// This instance's totals so far of the routes live rollouts are judged on, so the
+    /// instance that drives them judges on the whole fleet's traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteCount>,
+}
+
+/// One (service, pool) route's totals on one instance (see `Metrics::route_totals`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RouteCount {
+    pub service: String,
+    pub pool: String,
+    pub requests: u64,
+    pub errors: u64,
+    /// Timed requests and the duration histogram's cumulative buckets.
+    pub timed: u64,
+    pub buckets: Vec<u64>,
 }
 
 /// What the fleet tasks need from the control plane.
@@ -61,6 +77,9 @@ pub trait FleetState: Send + Sync {
     fn apply(&self, state: TrafficState, generation: u64, force: bool);
     /// The state key is gone (a wiped etcd): write the one applied here as the first.
     fn recreate(&self);
+    /// This instance's totals of the routes live rollouts are judged on; empty when
+    /// none is live.
+    fn rollout_routes(&self) -> Vec<RouteCount>;
 }
 
 pub struct Cluster {
@@ -71,6 +90,10 @@ pub struct Cluster {
     admin: String,
     lease_ttl: Duration,
     lease: AtomicI64,
+    /// The lease on which this instance holds the rollout driver's seat; 0 when it
+    /// does not.
+    seat: AtomicI64,
+    seat_key: String,
     connected: AtomicBool,
     /// Set when this process leaves the fleet (handed over, or shut down): it stops
     /// publishing its entry.
@@ -167,6 +190,8 @@ impl Cluster {
             admin,
             lease_ttl: config.lease_ttl,
             lease: AtomicI64::new(0),
+            seat: AtomicI64::new(0),
+            seat_key: format!("{}rollout-driver", config.prefix),
             connected: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             connected_gauge: metrics.cluster_connected.clone(),
@@ -314,8 +339,12 @@ impl Cluster {
         let mut last_keep_alive = tokio::time::Instant::now() - tick;
         loop {
             let in_flight = fleet.draining_in_flight();
-            let draining = !in_flight.is_empty();
-            self.publish(lease, fleet.applied(), in_flight).await?;
+            let routes = fleet.rollout_routes();
+            // Fast while backends drain (for `wait-drained` elsewhere) and while a
+            // rollout is judged on these counts.
+            let draining = !in_flight.is_empty() || !routes.is_empty();
+            self.publish(lease, fleet.applied(), in_flight, routes)
+                .await?;
             if last_keep_alive.elapsed() >= tick {
                 self.observe(bounded(keeper.keep_alive()).await)?;
                 let answer = self.observe(bounded(answers.message()).await)?;
@@ -349,6 +378,7 @@ impl Cluster {
         lease: i64,
         generation: u64,
         in_flight: std::collections::BTreeMap<String, u64>,
+        routes: Vec<RouteCount>,
     ) -> Result<(), ClusterError> {
         if self.retired.load(Ordering::SeqCst) {
             return Ok(());
@@ -360,6 +390,7 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
             last_seen: crate::state::now_rfc3339(),
             in_flight,
+            routes,
         };
         let value =
             serde_json::to_vec(&member).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
@@ -383,7 +414,12 @@ impl Cluster {
         if lease != 0 {
             let generation = generation.max(fleet.applied());
             let _ = self
-                .publish(lease, generation, fleet.draining_in_flight())
+                .publish(
+                    lease,
+                    generation,
+                    fleet.draining_in_flight(),
+                    fleet.rollout_routes(),
+                )
                 .await;
         }
     }
@@ -419,6 +455,58 @@ impl Cluster {
                 return Err(busy);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Does this instance hold the rollout driver's seat? One instance of the fleet at
+    /// a time holds it, on its member lease: when that lease ends (the instance died,
+    /// lost etcd, or left), the next candidate gets it. Two instances may both think
+    /// they hold it for the moment it takes the old holder to notice its lease
+    /// expired; a rollout's moves are state writes conditional on the generation, so
+    /// even then a move is made once.
+    pub fn holds_rollout_seat(&self) -> bool {
+        let seat = self.seat.load(Ordering::SeqCst);
+        seat != 0 && seat == self.lease.load(Ordering::SeqCst)
+    }
+
+    /// Campaigns for the seat on the member lease, again whenever the lease changes.
+    async fn campaign_for_rollout_seat(&self) {
+        let mut election = self.client.election_client();
+        loop {
+            if self.retired.load(Ordering::SeqCst) {
+                self.seat.store(0, Ordering::SeqCst);
+                return;
+            }
+            let lease = self.lease.load(Ordering::SeqCst);
+            if lease == 0 || self.seat.load(Ordering::SeqCst) == lease {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            self.seat.store(0, Ordering::SeqCst);
+            // Waits while another instance holds the seat: no call timeout here, but a
+            // new lease (the old one expired) starts a new campaign.
+            let campaign = election.campaign(self.seat_key.clone(), self.name.clone(), lease);
+            let lease_changed = async {
+                while self.lease.load(Ordering::SeqCst) == lease {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = campaign => outcome,
+                () = lease_changed => continue,
+            };
+            match outcome {
+                Ok(_) => {
+                    if self.lease.load(Ordering::SeqCst) == lease {
+                        tracing::info!(name = %self.name, "cluster: this instance drives the fleet's rollouts");
+                        self.seat.store(lease, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("cluster: campaign for the rollout seat failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
         }
     }
 
@@ -470,6 +558,10 @@ pub const UNKNOWN_GENERATION: u64 = 0;
 
 /// Keeps `cluster` connected, watching and registered for as long as the process runs.
 pub fn run(cluster: Arc<Cluster>, fleet: Arc<dyn FleetState>) {
+    {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(async move { cluster.campaign_for_rollout_seat().await });
+    }
     {
         let cluster = Arc::clone(&cluster);
         let fleet = Arc::clone(&fleet);

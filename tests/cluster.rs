@@ -560,3 +560,147 @@ async fn an_instance_whose_config_lags_keeps_what_it_does_not_know() {
         .clone();
     assert_eq!(app["active"], "green");
 }
+
+/// The rollout of `app`, through `addr`, once `done` says so.
+async fn rollout_until(
+    addr: std::net::SocketAddr,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, view) = get_json(addr, "/api/v1/services/app/rollout").await;
+        if done(&view) {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {view:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Which of `instances` logged that it drives the fleet's rollouts.
+fn driver_of(instances: &[ProxyProcess]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let driving: Vec<usize> = (0..instances.len())
+            .filter(|&i| {
+                instances[i]
+                    .log
+                    .lines()
+                    .iter()
+                    .any(|l| l.contains("drives the fleet's rollouts"))
+            })
+            .collect();
+        if let [one] = driving[..] {
+            return one;
+        }
+        assert!(driving.len() < 2, "two instances drive rollouts");
+        assert!(Instant::now() < deadline, "no instance drives rollouts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_drives_a_rollout_on_the_whole_fleets_counts_and_another_takes_over() {
+    let etcd = Etcd::start();
+    let mut fleet = Fleet::start(&etcd, &["lb-1", "lb-2"]).await;
+    wait_members(fleet.instances[0].admin_addr, &["lb-1", "lb-2"]).await;
+    let driver = driver_of(&fleet.instances);
+    let other = 1 - driver;
+    let (driver_addr, other_admin, other_proxy) = (
+        fleet.instances[driver].admin_addr,
+        fleet.instances[other].admin_addr,
+        fleet.instances[other].proxy_addr,
+    );
+    // All traffic through the instance that does not drive: the driver's own counts
+    // are 0, so only the fleet's counts can make a window conclusive.
+    let load = LoadRun::start(other_proxy, "/", 4);
+    load.wait_for(100).await;
+    let (status, started) = admin(
+        other_admin,
+        "POST",
+        "/api/v1/services/app/rollout",
+        Some(
+            json!({"pool": "green", "steps": [20, 60, 100], "hold": "600ms",
+            "analysis": {"interval": "300ms", "min_requests": 20}}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    let ended = rollout_until(driver_addr, Duration::from_secs(30), "the promotion", |v| {
+        v["status"] != "progressing"
+    })
+    .await;
+    assert_eq!(ended["status"], "promoted", "{ended:#}");
+    let judged = ended["results"].as_array().unwrap();
+    assert!(
+        judged
+            .iter()
+            .any(|w| w["verdict"] == "pass" && w["canary"]["requests"].as_u64() >= Some(20)),
+        "judged on the other instance's requests: {ended:#}"
+    );
+    let (_, history) = get_json(other_admin, "/api/v1/services/app/history").await;
+    let kinds: Vec<&str> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    // Each move made once, by one instance.
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| k.starts_with("rollout_"))
+            .copied()
+            .collect::<Vec<_>>(),
+        [
+            "rollout_start",
+            "rollout_step",
+            "rollout_step",
+            "rollout_promote"
+        ],
+        "{kinds:?}"
+    );
+
+    // The driver dies mid-rollout: the other instance takes the seat and finishes it.
+    let (status, started) = admin(
+        other_admin,
+        "POST",
+        "/api/v1/services/app/rollout",
+        Some(json!({"pool": "blue", "steps": [30, 100], "hold": "1500ms",
+            "analysis": {"interval": "300ms", "min_requests": 20}})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    // Windows are judged (and shown) where the rollout is driven.
+    let judging = rollout_until(
+        driver_addr,
+        Duration::from_secs(10),
+        "a judged window",
+        |v| !v["results"].as_array().is_none_or(|r| r.is_empty()) || v["status"] != "progressing",
+    )
+    .await;
+    assert_eq!(judging["status"], "progressing", "{judging:#}");
+    let _ = fleet.instances[driver].child.kill();
+    let _ = fleet.instances[driver].child.wait();
+    let ended = rollout_until(other_admin, Duration::from_secs(30), "the promotion", |v| {
+        v["status"] != "progressing"
+    })
+    .await;
+    assert_eq!(ended["status"], "promoted", "{ended:#}");
+    let log = fleet.instances[other].log.lines();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("drives the fleet's rollouts")),
+        "{}",
+        log.join("\n")
+    );
+    let records = load.finish().await;
+    assert_no_failures(&records);
+}

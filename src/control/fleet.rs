@@ -45,6 +45,12 @@ impl FleetState for FleetHandle {
             .collect()
     }
 
+    fn rollout_routes(&self) -> Vec<crate::cluster::RouteCount> {
+        self.0
+            .upgrade()
+            .map_or_else(Vec::new, |control| control.local_rollout_routes())
+    }
+
     fn apply(&self, state: TrafficState, generation: u64, force: bool) {
         if let Some(queue) = &self.1 {
             let _ = queue.send((state, generation, force));

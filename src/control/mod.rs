@@ -169,6 +169,9 @@ pub struct Control {
     frozen: AtomicBool,
     /// How each live rollout is being judged (see `rollouts`).
     rollout_runs: std::sync::Mutex<rollouts::Runs>,
+    /// (service, canary pool, stable pool) of each live rollout, as the driver last saw
+    /// them: what this instance publishes its counts of, in a fleet.
+    rollout_routes: ArcSwap<Vec<(String, String, String)>>,
     mirror: std::sync::OnceLock<Arc<crate::mirror::MirrorQueue>>,
 }
 
@@ -243,6 +246,7 @@ impl Control {
             resolved: ArcSwap::from_pointee(ResolvedPools::new()),
             name_tasks: std::sync::Mutex::new(Vec::new()),
             rollout_runs: std::sync::Mutex::new(rollouts::Runs::default()),
+            rollout_routes: ArcSwap::from_pointee(Vec::new()),
             mirror: std::sync::OnceLock::new(),
         })
     }

@@ -44,12 +44,19 @@ struct Run {
     step: usize,
     step_started_ms: u64,
     window_started: Instant,
-    canary_base: PoolTotals,
-    stable_base: PoolTotals,
+    /// Each instance's totals when the window began (one entry, this one, outside a
+    /// fleet).
+    bases: Totals,
     /// Since the step began, or since the last window that did not pass.
     clean_since: Instant,
     passes: u32,
 }
+
+/// Canary and stable totals, by instance name.
+type Totals = HashMap<String, (PoolTotals, PoolTotals)>;
+
+/// The name this instance's own totals go under.
+const HERE: &str = "";
 
 /// `GET /api/v1/services/{service}/rollout`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -138,8 +145,7 @@ impl Run {
             step: usize::MAX,
             step_started_ms: 0,
             window_started: Instant::now(),
-            canary_base: PoolTotals::default(),
-            stable_base: PoolTotals::default(),
+            bases: Totals::new(),
             clean_since: Instant::now(),
             passes: 0,
         }
@@ -148,14 +154,13 @@ impl Run {
     /// Starts judging the rollout's current step afresh if it is not the one judged.
     /// The hold counts from the step's start, also after a restart; the first window
     /// starts now, so at least one window is judged before the step moves.
-    fn follow(&mut self, rollout: &Rollout, (canary, stable): (PoolTotals, PoolTotals)) {
+    fn follow(&mut self, rollout: &Rollout, totals: Totals) {
         self.step = rollout.step;
         self.step_started_ms = rollout.step_started_ms;
         self.clean_since = instant_of(rollout.step_started_ms);
         self.passes = 0;
         self.window_started = Instant::now();
-        self.canary_base = canary;
-        self.stable_base = stable;
+        self.bases = totals;
     }
 
     fn follows(&self, rollout: &Rollout) -> bool {
@@ -171,35 +176,72 @@ impl Run {
 }
 
 impl Control {
-    fn route_totals_pair(
-        &self,
-        service: &str,
-        canary: &str,
-        stable: &str,
-    ) -> (PoolTotals, PoolTotals) {
-        (
-            self.metrics.route_totals(service, canary),
-            self.metrics.route_totals(service, stable),
-        )
+    /// This instance's totals of the routes live rollouts are judged on (published to
+    /// the fleet, so the instance that drives them sees every instance's traffic).
+    pub(super) fn local_rollout_routes(&self) -> Vec<crate::cluster::RouteCount> {
+        let routes = self.rollout_routes.load();
+        let mut counts = Vec::with_capacity(routes.len() * 2);
+        for (service, canary, stable) in routes.iter() {
+            for pool in [canary, stable] {
+                let totals = self.metrics.route_totals(service, pool);
+                counts.push(crate::cluster::RouteCount {
+                    service: service.clone(),
+                    pool: pool.clone(),
+                    requests: totals.requests,
+                    errors: totals.errors,
+                    timed: totals.timed,
+                    buckets: totals.buckets.to_vec(),
+                });
+            }
+        }
+        counts
     }
 
-    /// Reads both routes' totals off the workers (at thousands of series a read takes
-    /// milliseconds).
-    async fn read_totals(
-        self: &Arc<Self>,
-        service: &str,
-        canary: &str,
-        stable: &str,
-    ) -> (PoolTotals, PoolTotals) {
-        let (control, service, canary, stable) = (
+    /// Every instance's canary and stable totals: this one's from its own counters
+    /// (read off the workers: at thousands of series a read takes milliseconds), the
+    /// others' as they last published them.
+    async fn read_totals(self: &Arc<Self>, service: &str, canary: &str, stable: &str) -> Totals {
+        let (control, owned) = (
             Arc::clone(self),
-            service.to_string(),
-            canary.to_string(),
-            stable.to_string(),
+            (service.to_string(), canary.to_string(), stable.to_string()),
         );
-        tokio::task::spawn_blocking(move || control.route_totals_pair(&service, &canary, &stable))
-            .await
-            .unwrap_or_default()
+        let local = tokio::task::spawn_blocking(move || {
+            let (service, canary, stable) = owned;
+            (
+                control.metrics.route_totals(&service, &canary),
+                control.metrics.route_totals(&service, &stable),
+            )
+        })
+        .await
+        .unwrap_or_default();
+        let mut totals = Totals::from([(HERE.to_string(), local)]);
+        let Some(cluster) = self.cluster.get() else {
+            return totals;
+        };
+        let Ok(members) = cluster.members().await else {
+            return totals;
+        };
+        let wanted = |count: &crate::cluster::RouteCount, pool: &str| {
+            count.service == service && count.pool == pool
+        };
+        for member in members.into_iter().filter(|m| m.name != cluster.name()) {
+            let side = |pool: &str| {
+                member
+                    .routes
+                    .iter()
+                    .find(|c| wanted(c, pool))
+                    .map(pool_totals)
+                    .unwrap_or_default()
+            };
+            totals.insert(member.name.clone(), (side(canary), side(stable)));
+        }
+        totals
+    }
+
+    /// Drives rollouts here? Always outside a fleet; in one, only the instance holding
+    /// the seat (see `Cluster::holds_rollout_seat`).
+    fn drives_rollouts(&self) -> bool {
+        self.cluster.get().is_none_or(|c| c.holds_rollout_seat())
     }
 
     pub async fn start_rollout(
@@ -512,6 +554,16 @@ impl Control {
                 .collect()
         };
         self.forget_ended_runs(&live);
+        let routes: Vec<(String, String, String)> = live
+            .iter()
+            .map(|(service, rollout, stable)| {
+                (service.clone(), rollout.pool.clone(), stable.clone())
+            })
+            .collect();
+        if **self.rollout_routes.load() != routes {
+            self.rollout_routes.store(Arc::new(routes));
+        }
+        let driving = self.drives_rollouts();
         for (service, rollout, stable) in live {
             self.metrics
                 .rollout_step
@@ -521,7 +573,7 @@ impl Control {
                 .rollout_weight
                 .with_label_values(&[&service])
                 .set(f64::from(rollout.weight_bp()) / 100.0);
-            if rollout.status == RolloutStatus::Progressing {
+            if driving && rollout.status == RolloutStatus::Progressing {
                 if let Err(e) = self.drive_one(&service, &rollout, &stable).await {
                     tracing::warn!(
                         service,
@@ -776,22 +828,53 @@ fn live_rollout<'a>(
     }
 }
 
-/// Judges the window that just ended and starts the next one from `totals`.
-fn window(
-    rollout: &Rollout,
-    run: &mut Run,
-    totals: (PoolTotals, PoolTotals),
-    canary_up: bool,
-) -> WindowResult {
-    let (canary_now, stable_now) = totals;
-    let side = |then: &PoolTotals, now: &PoolTotals| {
-        let (requests, errors) = stats::answers_between(then, now);
-        SideCounts::new(requests, errors, stats::p99_between(then, now))
+/// A published count as totals.
+fn pool_totals(count: &crate::cluster::RouteCount) -> PoolTotals {
+    let mut totals = PoolTotals {
+        requests: count.requests,
+        errors: count.errors,
+        timed: count.timed,
+        ..PoolTotals::default()
     };
-    let canary = side(&run.canary_base, &canary_now);
-    let stable = side(&run.stable_base, &stable_now);
-    run.canary_base = canary_now;
-    run.stable_base = stable_now;
+    for (slot, bucket) in totals.buckets.iter_mut().zip(&count.buckets) {
+        *slot = *bucket;
+    }
+    totals
+}
+
+/// Adds what `now` counted since `then` to `into` (an instance that restarted counts
+/// from 0 again: all it has is new).
+fn add_since(into: &mut PoolTotals, then: &PoolTotals, now: &PoolTotals) {
+    let restarted = now.requests < then.requests || now.timed < then.timed;
+    let zero = PoolTotals::default();
+    let then = if restarted { &zero } else { then };
+    into.requests += now.requests.saturating_sub(then.requests);
+    into.errors += now.errors.saturating_sub(then.errors);
+    into.timed += now.timed.saturating_sub(then.timed);
+    for ((slot, n), t) in into.buckets.iter_mut().zip(&now.buckets).zip(&then.buckets) {
+        *slot += n.saturating_sub(*t);
+    }
+}
+
+/// Judges the window that just ended, on the sum of every instance's counts in it,
+/// and starts the next one from `totals`. An instance first seen in this window
+/// counts from the next one: its totals so far are not all from this window.
+fn window(rollout: &Rollout, run: &mut Run, totals: Totals, canary_up: bool) -> WindowResult {
+    let (mut canary_sum, mut stable_sum) = (PoolTotals::default(), PoolTotals::default());
+    for (instance, (canary_now, stable_now)) in &totals {
+        if let Some((canary_then, stable_then)) = run.bases.get(instance) {
+            add_since(&mut canary_sum, canary_then, canary_now);
+            add_since(&mut stable_sum, stable_then, stable_now);
+        }
+    }
+    let zero = PoolTotals::default();
+    let side = |sum: &PoolTotals| {
+        let (requests, errors) = stats::answers_between(&zero, sum);
+        SideCounts::new(requests, errors, stats::p99_between(&zero, sum))
+    };
+    let canary = side(&canary_sum);
+    let stable = side(&stable_sum);
+    run.bases = totals;
     run.window_started = Instant::now();
     let (mut verdict, mut reasons) = judge(&rollout.analysis, canary, stable);
     if !canary_up {
@@ -806,5 +889,68 @@ fn window(
         canary,
         stable,
         reasons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(requests: u64, errors: u64) -> PoolTotals {
+        PoolTotals {
+            requests,
+            errors,
+            ..PoolTotals::default()
+        }
+    }
+
+    fn rollout() -> Rollout {
+        let request = RolloutRequest {
+            pool: "green".into(),
+            steps: vec![StepSpec::Weight(50.0)],
+            analysis: Some(Analysis {
+                min_requests: 1,
+                max_error_rate: Some(0.5),
+                ..Analysis::default()
+            }),
+            ..RolloutRequest::default()
+        };
+        Rollout::from_request(&request, 0, "t".into()).unwrap()
+    }
+
+    #[test]
+    fn a_window_sums_every_instance_and_a_restarted_one_counts_from_zero() {
+        let rollout = rollout();
+        let mut run = Run::new(&rollout);
+        run.bases = Totals::from([
+            (HERE.to_string(), (totals(100, 1), totals(1000, 0))),
+            ("lb-2".to_string(), (totals(500, 5), totals(5000, 0))),
+        ]);
+        let now = Totals::from([
+            (HERE.to_string(), (totals(110, 2), totals(1100, 0))),
+            // Restarted: its totals went back to 0 and are all new.
+            ("lb-2".to_string(), (totals(30, 3), totals(300, 0))),
+            // First seen: counts from the next window.
+            ("lb-3".to_string(), (totals(9999, 9999), totals(9999, 0))),
+        ]);
+        let result = window(&rollout, &mut run, now, true);
+        assert_eq!((result.canary.requests, result.canary.errors), (40, 4));
+        assert_eq!(result.stable.requests, 400);
+        assert_eq!(result.verdict, Verdict::Pass);
+        assert!(run.bases.contains_key("lb-3"));
+    }
+
+    #[test]
+    fn a_canary_pool_without_a_healthy_backend_fails_the_window() {
+        let rollout = rollout();
+        let mut run = Run::new(&rollout);
+        run.bases = Totals::from([(HERE.to_string(), (totals(0, 0), totals(0, 0)))]);
+        let now = Totals::from([(HERE.to_string(), (totals(50, 0), totals(50, 0)))]);
+        let result = window(&rollout, &mut run, now, false);
+        assert_eq!(result.verdict, Verdict::Fail);
+        assert!(result
+            .reasons
+            .iter()
+            .any(|r| r.contains("no healthy backend")));
     }
 }
