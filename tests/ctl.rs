@@ -214,3 +214,82 @@ async fn ctl_output_to_a_pipe_has_no_terminal_escapes() {
     assert!(!out.stdout.contains(&0x1b), "an escape sequence on a pipe");
     assert!(String::from_utf8_lossy(&out.stdout).contains("blue"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_rollout_waits_for_the_verdict_and_ctl_mirror_sets_and_stops_a_mirror() {
+    let bg = BlueGreen::start(1, "", "").await;
+    let admin = bg.admin();
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ctl(admin, &args)
+        })
+    };
+    let load = LoadRun::start(bg.addr(), "/", 2);
+    let (ok, out, err) = run(&[
+        "rollout",
+        "app",
+        "green",
+        "--steps",
+        "20,100",
+        "--hold",
+        "300ms",
+        "--interval",
+        "150ms",
+        "--min-requests",
+        "5",
+        "--max-error-rate",
+        "1%",
+        "--wait",
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("step 1: 20% to green"), "{out}");
+    assert!(
+        out.contains(" pass "),
+        "each window is printed as it is judged: {out}"
+    );
+    assert!(
+        out.contains("rollout to green promoted at step 2 of 2"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["rollout", "status", "app"]).await.unwrap();
+    assert!(ok && out.contains("promoted"), "{out}");
+    load.finish().await;
+
+    // Every answer a 503: the canary fails its first window, and --wait exits 1.
+    let failing = LoadRun::start(bg.addr(), "/status/503", 2);
+    let (ok, out, err) = run(&[
+        "rollout",
+        "app",
+        "blue",
+        "--steps",
+        "50",
+        "--interval",
+        "150ms",
+        "--min-requests",
+        "5",
+        "--max-error-rate",
+        "1%",
+        "--wait",
+    ])
+    .await
+    .unwrap();
+    failing.finish().await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("ended rolled_back"), "{err}");
+    assert!(out.contains("above max_error_rate 1.00%"), "{out}");
+
+    let (ok, out, err) = run(&["mirror", "app", "blue", "10"]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("active green, canary -, mirror blue 10%"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&["mirror", "off", "app"]).await.unwrap();
+    assert!(ok && !out.contains("mirror"), "{out}");
+    let (ok, _, err) = run(&["rollout", "pause", "app"]).await.unwrap();
+    assert!(!ok && err.contains("has ended (rolled_back)"), "{err}");
+}

@@ -1007,3 +1007,84 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_users_only_move_into_the_canary_as_the_steps_rise() {
+    let (blue, green) = (
+        ShapedApp::start("blue").await,
+        ShapedApp::start("green").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(&config(
+        blue.addr,
+        green.addr,
+        None,
+        &dir.path().join("state.json"),
+    ))
+    .await;
+    ready(&proxy).await;
+    let load = LoadRun::start(proxy.proxy_addr, "/", 2);
+    let (status, body) = start(
+        &proxy,
+        json!({
+            "pool": "green", "steps": [10, "pause", 50, "pause", 100], "hold": "200ms",
+            "sticky": "header:x-user", "analysis": {"interval": "150ms", "min_requests": 5}
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let client = client();
+    let on_green = |step: u64| {
+        let client = client.clone();
+        let proxy_addr = proxy.proxy_addr;
+        async move {
+            let mut users = std::collections::BTreeSet::new();
+            for user in 0..300 {
+                let request = Request::get(format!("http://{proxy_addr}/"))
+                    .header("x-user", format!("user-{user}"))
+                    .body(empty())
+                    .unwrap();
+                if send(&client, request).await.header("x-upstream") == Some("green") {
+                    users.insert(user);
+                }
+            }
+            (step, users)
+        }
+    };
+    rollout_until(&proxy, Duration::from_secs(10), "the first pause", |v| {
+        v["step"] == 2 && v["status"] == "paused"
+    })
+    .await;
+    let (_, at_10) = on_green(2).await;
+    let (status, _) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/rollout/resume",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    rollout_until(&proxy, Duration::from_secs(10), "the second pause", |v| {
+        v["step"] == 4 && v["status"] == "paused"
+    })
+    .await;
+    let (_, at_50) = on_green(4).await;
+    load.finish().await;
+    assert!(
+        (10..=60).contains(&at_10.len()),
+        "{} of 300 users on green at 10%",
+        at_10.len()
+    );
+    assert!(
+        (110..=190).contains(&at_50.len()),
+        "{} of 300 users on green at 50%",
+        at_50.len()
+    );
+    let moved_back: Vec<_> = at_10.difference(&at_50).collect();
+    assert!(
+        moved_back.is_empty(),
+        "users back on blue as the weight rose: {moved_back:?}"
+    );
+    proxy.shutdown().await;
+}

@@ -241,6 +241,27 @@ async fn the_status_page_asks_for_the_token_then_follows_the_traffic_state() {
     .await;
     eprintln!("canary shown {:?} after the change", changed.elapsed());
 
+    // A rollout, waiting at its first (pause) step, shows with its status and step.
+    let (status, body) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/rollout",
+        Some(serde_json::json!({"pool": "green", "steps": ["pause", 50]})),
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    until(
+        &browser,
+        SHOWS_WITHIN,
+        "the rollout",
+        &format!(
+            "{}.includes('green paused, step 1/2')",
+            text_of("[data-service=\"app\"] [data-field=\"rollout\"]")
+        ),
+    )
+    .await;
+
     // Traffic through the proxy shows in blue's request-rate chart.
     let client = client();
     for _ in 0..200 {

@@ -58,8 +58,11 @@ pub struct MirrorView {
 pub struct RolloutSummary {
     pub pool: String,
     pub status: crate::rollout::RolloutStatus,
-    /// 1-based.
+    /// 1-based, of `steps`.
     pub step: usize,
+    pub steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -210,6 +213,8 @@ impl Control {
                 pool: r.pool.clone(),
                 status: r.status,
                 step: r.step + 1,
+                steps: r.steps.len(),
+                reason: r.reason.clone(),
             }),
             generation: state.generation,
         })

@@ -582,7 +582,10 @@ fn canary_text(canary: &Value) -> String {
 
 fn service_line(v: &Value) -> String {
     let mirror = match v["mirror"]["pool"].as_str() {
-        Some(pool) => format!(", mirror {pool} {}%", s(&v["mirror"]["percent"])),
+        Some(pool) => format!(
+            ", mirror {pool} {}%",
+            rollout::number(&v["mirror"]["percent"])
+        ),
         None => String::new(),
     };
     format!(

@@ -266,7 +266,7 @@ async fn follow(
                 let _ = writeln!(
                     out,
                     "step {step}: {}% to {}",
-                    s(&answer["weight"]),
+                    number(&answer["weight"]),
                     s(&answer["pool"])
                 );
             }
@@ -307,6 +307,15 @@ async fn follow(
     }
 }
 
+/// A percentage or step as a person writes it: `20`, `12.5`, `pause`.
+pub(super) fn number(v: &Value) -> String {
+    match v.as_f64() {
+        Some(n) if n.fract() == 0.0 => format!("{n:.0}"),
+        Some(n) => n.to_string(),
+        None => s(v),
+    }
+}
+
 fn pretty(value: &Value) -> String {
     format!(
         "{}\n",
@@ -341,16 +350,26 @@ fn window_line(window: &Value) -> String {
 }
 
 pub(super) fn rollout_text(v: &Value) -> String {
-    let steps: Vec<String> = v["steps"].as_array().into_iter().flatten().map(s).collect();
+    let steps: Vec<String> = v["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(number)
+        .collect();
+    let live = matches!(v["status"].as_str(), Some("progressing" | "paused"));
+    let weight = if live {
+        format!(", weight {}%", number(&v["weight"]))
+    } else {
+        String::new()
+    };
     let mut text = format!(
-        "{}: rollout to {} {} at step {} of {} [{}], weight {}%, failures {}\n",
+        "{}: rollout to {} {} at step {} of {} [{}]{weight}, failures {}\n",
         s(&v["service"]),
         s(&v["pool"]),
         s(&v["status"]),
         s(&v["step"]),
         steps.len(),
         steps.join(", "),
-        s(&v["weight"]),
         s(&v["failures"])
     );
     if let Some(reason) = v["reason"].as_str() {

@@ -108,6 +108,11 @@ function canaryText(canary) {
   return parts.join(", ");
 }
 
+function rolloutText(rollout) {
+  if (!rollout) return null;
+  return `${rollout.pool} ${rollout.status.replace("_", " ")}, step ${rollout.step}/${rollout.steps}`;
+}
+
 function renderServices(services) {
   const rows = services.map((s) =>
     el("tr", { "data-service": s.name },
@@ -116,7 +121,10 @@ function renderServices(services) {
       el("td", { "data-field": "active" }, s.active),
       el("td", { class: "muted" }, s.previous_active || "–"),
       el("td", { "data-field": "canary", class: s.canary ? "canary" : "muted" }, canaryText(s.canary) || "–"),
-      el("td", { class: "muted" }, s.preview ? `${s.preview.header}: ${s.preview.pools.join(", ")}` : "–")));
+      el("td", { class: "muted" }, s.preview ? `${s.preview.header}: ${s.preview.pools.join(", ")}` : "–"),
+      el("td", { "data-field": "rollout", class: s.rollout ? "rollout " + s.rollout.status : "muted", title: (s.rollout && s.rollout.reason) || "" },
+        rolloutText(s.rollout) || "–"),
+      el("td", { "data-field": "mirror", class: s.mirror ? "" : "muted" }, s.mirror ? `${s.mirror.pool} ${s.mirror.percent}%` : "–")));
   $("services").tBodies[0].replaceChildren(...rows);
 }
 
