@@ -108,7 +108,7 @@ impl Metrics {
         let traffic_changes = must(IntCounterVec::new(
             Opts::new(
                 "switchyard_traffic_changes_total",
-                "Traffic changes made through the admin API, by service and kind (switch, canary, canary_abort, promote, rollback).",
+                "Traffic changes (through the admin API, or made by a rollout), by service and kind: switch, canary, canary_abort, promote, rollback, mirror, mirror_off, and rollout_start, rollout_step, rollout_failure, rollout_pause, rollout_resume, rollout_promote, rollout_rollback, rollout_abort.",
             ),
             &["service", "kind"],
         ));

@@ -74,10 +74,9 @@ pub struct Analysis {
     pub min_requests: u64,
     /// Highest share of the canary's answers that may be 5xx (the app's and the
     /// proxy's own), 0 to 1. Default 0.01.
-    #[serde(
-        default = "default_max_error_rate",
-        skip_serializing_if = "Option::is_none"
-    )]
+    /// `null` turns it off; kept as `null` in the state file, so a restart does not
+    /// bring the default back.
+    #[serde(default = "default_max_error_rate")]
     pub max_error_rate: Option<f64>,
     /// Highest canary error rate minus the stable pool's, on the same window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -572,6 +571,19 @@ mod tests {
         assert_eq!(text, "[12.5,\"pause\",100.0]");
         let back: Vec<Step> = serde_json::from_str(&text).unwrap();
         assert_eq!(back, rollout.steps);
+    }
+
+    #[test]
+    fn a_limit_turned_off_stays_off_through_the_state_file() {
+        let off = Analysis {
+            max_error_rate: None,
+            ..Analysis::default()
+        };
+        let text = serde_json::to_string(&off).unwrap();
+        let back: Analysis = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.max_error_rate, None, "{text}");
+        let unset: Analysis = serde_json::from_str("{}").unwrap();
+        assert_eq!(unset.max_error_rate, Some(0.01));
     }
 
     fn analysis() -> Analysis {

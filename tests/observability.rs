@@ -588,7 +588,36 @@ async fn the_dashboard_and_alerts_only_use_metrics_a_live_scrape_has_and_pass_pr
         control.first_round_done()
     })
     .await;
-    let (scrape_text, _) = scrape(proxy.admin_addr).await;
+    // A mirror and a rollout, for their families (a family shows once it has a series).
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/api/v1/services/app/mirror",
+            json!({"pool": "green", "percent": 100}),
+        ),
+        (
+            "POST",
+            "/api/v1/services/app/rollout",
+            json!({"pool": "green", "steps": [50, 100], "hold": "1h",
+                "analysis": {"interval": "100ms", "min_requests": 1}}),
+        ),
+    ] {
+        let (status, answer) = admin(proxy.admin_addr, method, path, Some(body), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let scrape_text = loop {
+        send(&client(), get(proxy.proxy_addr, "/")).await;
+        let (text, _) = scrape(proxy.admin_addr).await;
+        if text.contains("switchyard_rollout_analysis_total{") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no analysis window judged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let available = metric_names(&scrape_text);
 
     let dashboard_text =

@@ -1089,3 +1089,61 @@ async fn sticky_users_only_move_into_the_canary_as_the_steps_rise() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_manual_switch_to_a_third_pool_ends_the_rollout_and_its_canary() {
+    let (blue, green, shadow) = (
+        ShapedApp::start("blue").await,
+        ShapedApp::start("green").await,
+        ShapedApp::start("shadow").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(&config(
+        blue.addr,
+        green.addr,
+        Some(shadow.addr),
+        &dir.path().join("state.json"),
+    ))
+    .await;
+    ready(&proxy).await;
+    let (status, body) = start(&proxy, json!({"pool": "green", "steps": [30, 100]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, view) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch",
+        Some(json!({"to": "shadow"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert!(
+        view["canary"].is_null(),
+        "nothing left driving a canary: {view}"
+    );
+    assert_eq!(view["rollout"]["status"], "aborted");
+    assert_eq!(
+        rollout_of(&proxy).await["reason"],
+        "ended by a manual `switch`"
+    );
+    // A mirror onto the pool that becomes active ends: that pool gets the requests.
+    let (status, _) = admin(
+        proxy.admin_addr,
+        "PUT",
+        "/api/v1/services/app/mirror",
+        Some(json!({"pool": "green", "percent": 50})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, view) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/switch",
+        Some(json!({"to": "green"})),
+        &[],
+    )
+    .await;
+    assert!(view["mirror"].is_null(), "{view}");
+    proxy.shutdown().await;
+}

@@ -521,6 +521,14 @@ impl Control {
             .ok_or_else(|| unknown_service(service))?;
         change(traffic);
         Control::end_rollout_by_hand(traffic, kind);
+        if traffic
+            .mirror
+            .as_ref()
+            .is_some_and(|m| m.pool == traffic.active)
+        {
+            // Its pool became the active one: it gets the requests themselves now.
+            traffic.mirror = None;
+        }
         self.commit(state, next, Some((service, kind))).await?;
         self.service_view(state, service)
             .ok_or_else(|| unknown_service(service))

@@ -272,7 +272,8 @@ impl Control {
             ));
         }
         {
-            let state = self.state.lock().await;
+            // `If-Match` first: a stale call must not reach the gate.
+            let state = self.lock_current(if_match).await?;
             self.check_can_start(&state.services, service, &rollout.pool)?;
         }
         let pool = self.pool(&rollout.pool)?;
@@ -401,7 +402,7 @@ impl Control {
         if_match: Option<u64>,
     ) -> Result<RolloutView, ControlError> {
         let rollout = {
-            let state = self.state.lock().await;
+            let state = self.lock_current(if_match).await?;
             live_rollout(service_traffic(&state, service)?, service)?.clone()
         };
         if rollout.status != RolloutStatus::Paused {
@@ -513,17 +514,23 @@ impl Control {
         Ok(true)
     }
 
-    /// A manual change of where the service's traffic goes ends its live rollout.
+    /// A manual change of where the service's traffic goes ends its live rollout;
+    /// the rollout's canary goes with it unless the change set a canary itself.
     pub(super) fn end_rollout_by_hand(traffic: &mut ServiceTraffic, kind: &str) {
         if !MANUAL_KINDS.contains(&kind) {
             return;
         }
-        if let Some(rollout) = traffic.rollout.as_mut().filter(|r| r.status.is_live()) {
-            rollout.end(
-                RolloutStatus::Aborted,
-                format!("ended by a manual `{kind}`"),
-                now_rfc3339(),
-            );
+        let Some(rollout) = traffic.rollout.as_mut().filter(|r| r.status.is_live()) else {
+            return;
+        };
+        rollout.end(
+            RolloutStatus::Aborted,
+            format!("ended by a manual `{kind}`"),
+            now_rfc3339(),
+        );
+        let pool = rollout.pool.clone();
+        if kind != "canary" && traffic.canary.as_ref().is_some_and(|c| c.pool == pool) {
+            traffic.canary = None;
         }
     }
 
@@ -570,11 +577,28 @@ impl Control {
                 (service.clone(), rollout.pool.clone(), stable.clone())
             })
             .collect();
-        if **self.rollout_routes.load() != routes {
+        let before = self.rollout_routes.load_full();
+        if *before != routes {
+            // Zeroed here, not with the judging state: an instance that does not drive
+            // has none, and its gauges must not keep an ended rollout's step.
+            for (service, _, _) in before.iter() {
+                if !routes.iter().any(|(s, _, _)| s == service) {
+                    self.metrics
+                        .rollout_step
+                        .with_label_values(&[service])
+                        .set(0);
+                    self.metrics
+                        .rollout_weight
+                        .with_label_values(&[service])
+                        .set(0.0);
+                }
+            }
             self.rollout_routes.store(Arc::new(routes));
         }
         let driving = self.drives_rollouts();
         let any_live = !live.is_empty();
+        // Side by side: one rollout's slow gate (up to its timeout) holds up no other.
+        let mut driven = tokio::task::JoinSet::new();
         for (service, rollout, stable) in live {
             self.metrics
                 .rollout_step
@@ -585,35 +609,27 @@ impl Control {
                 .with_label_values(&[&service])
                 .set(f64::from(rollout.weight_bp()) / 100.0);
             if driving && rollout.status == RolloutStatus::Progressing {
-                if let Err(e) = self.drive_one(&service, &rollout, &stable).await {
-                    tracing::warn!(
-                        service,
-                        "rollout: a change failed, tried again next time: {e}"
-                    );
-                }
+                let control = Arc::clone(self);
+                driven.spawn(async move {
+                    if let Err(e) = control.drive_one(&service, &rollout, &stable).await {
+                        tracing::warn!(
+                            service,
+                            "rollout: a change failed, tried again next time: {e}"
+                        );
+                    }
+                });
             }
         }
+        while driven.join_next().await.is_some() {}
         any_live
     }
 
-    /// Drops the judging state of rollouts that ended, and zeroes their gauges.
+    /// Drops the judging state of rollouts that ended.
     fn forget_ended_runs(&self, live: &[(String, Rollout, String)]) {
         let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
         runs.0.retain(|service, run| {
-            let keep = live
-                .iter()
-                .any(|(s, r, _)| s == service && r.started_at == run.started_at);
-            if !keep {
-                self.metrics
-                    .rollout_step
-                    .with_label_values(&[service])
-                    .set(0);
-                self.metrics
-                    .rollout_weight
-                    .with_label_values(&[service])
-                    .set(0.0);
-            }
-            keep
+            live.iter()
+                .any(|(s, r, _)| s == service && r.started_at == run.started_at)
         });
     }
 
@@ -645,27 +661,44 @@ impl Control {
             }
             return Ok(());
         }
-        if due {
-            let totals = self.read_totals(service, &rollout.pool, stable).await;
-            let canary_up = self
-                .pool(&rollout.pool)
-                .is_ok_and(|p| has_healthy_backend(&p));
-            let result = {
-                let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(run) = runs.0.get_mut(service) else {
-                    return Ok(());
-                };
-                let result = window(rollout, run, totals, canary_up);
-                match result.verdict {
-                    Verdict::Pass => run.passes += 1,
-                    Verdict::Fail | Verdict::Inconclusive => {
-                        run.passes = 0;
-                        run.clean_since = Instant::now();
-                    }
-                }
-                run.record(result.clone());
-                result
+        // A step moves only right after a window passed: so the end of every step,
+        // the last moments before a promotion included, is judged too.
+        if !due {
+            return Ok(());
+        }
+        let totals = self.read_totals(service, &rollout.pool, stable).await;
+        let canary_up = self
+            .pool(&rollout.pool)
+            .is_ok_and(|p| has_healthy_backend(&p));
+        let metrics_on = self
+            .request_metrics
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (result, ready) = {
+            let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(run) = runs.0.get_mut(service) else {
+                return Ok(());
             };
+            let mut result = window(rollout, run, totals, canary_up);
+            if !metrics_on {
+                // A reload turned them off mid-rollout: say so rather than stall quietly.
+                result.verdict = Verdict::Inconclusive;
+                result.reasons = vec![
+                    "the request metrics are off (`[metrics] enabled = false`): nothing to judge"
+                        .into(),
+                ];
+            }
+            match result.verdict {
+                Verdict::Pass => run.passes += 1,
+                Verdict::Fail | Verdict::Inconclusive => {
+                    run.passes = 0;
+                    run.clean_since = Instant::now();
+                }
+            }
+            run.record(result.clone());
+            let ready = run.passes >= 1 && run.clean_since.elapsed() >= rollout.hold;
+            (result, ready)
+        };
+        {
             self.metrics
                 .rollout_analysis
                 .with_label_values(&[service, result.verdict.as_str()])
@@ -683,12 +716,6 @@ impl Control {
                     .await;
             }
         }
-        let ready = {
-            let runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
-            runs.0
-                .get(service)
-                .is_some_and(|r| r.passes >= 1 && r.clean_since.elapsed() >= rollout.hold)
-        };
         if ready {
             self.advance(service, rollout).await?;
         }
@@ -699,6 +726,17 @@ impl Control {
     async fn advance(&self, service: &str, rollout: &Rollout) -> Result<(), ControlError> {
         let mut next = rollout.clone();
         if rollout.is_last_step() {
+            // As a manual promote checks: the pool that takes all traffic can take it.
+            let healthy = self.pool(&next.pool).is_ok_and(|p| has_healthy_backend(&p));
+            if !healthy {
+                return self
+                    .gate_refused(
+                        service,
+                        rollout,
+                        format!("pool `{}` has no healthy backend to promote", next.pool),
+                    )
+                    .await;
+            }
             if let Err(e) = self
                 .gate(&rollout.gates.pre_promote, service, rollout, "pre_promote")
                 .await
