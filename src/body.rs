@@ -25,8 +25,9 @@ pub struct RequestBody {
     stall: Option<Stall>,
     /// A copy being taken as the body streams past (a mirrored request's).
     tee: Option<Box<Tee>>,
-    /// A body known whole (a mirrored copy's), sent as one frame.
-    fixed: Option<Bytes>,
+    /// A body known whole (a mirrored copy's), sent as one frame. Boxed: every
+    /// request's body carries the field, few ever use it.
+    fixed: Option<Box<Bytes>>,
 }
 
 /// How taking a copy of a body ended.
@@ -155,7 +156,7 @@ impl RequestBody {
     /// A body known whole.
     pub fn fixed(bytes: Bytes) -> RequestBody {
         RequestBody {
-            fixed: (!bytes.is_empty()).then_some(bytes),
+            fixed: (!bytes.is_empty()).then(|| Box::new(bytes)),
             ..RequestBody::empty()
         }
     }
@@ -200,7 +201,7 @@ impl Body for RequestBody {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             if let Some(bytes) = this.fixed.take() {
-                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                return Poll::Ready(Some(Ok(Frame::data(*bytes))));
             }
             this.ended();
             return Poll::Ready(None);

@@ -79,7 +79,7 @@ struct PendingCopy {
 
 impl PendingCopy {
     /// Offers the copy to `queue` once `body` has streamed past whole.
-    fn take_from(self, body: &mut RequestBody, queue: &Arc<MirrorQueue>) {
+    fn take_from(self: Box<Self>, body: &mut RequestBody, queue: &Arc<MirrorQueue>) {
         let queue = Arc::clone(queue);
         let limit = self.limit;
         body.tee(crate::body::Tee::new(
@@ -241,7 +241,9 @@ impl Proxy {
             }
         }
         let host = headers::request_host(&req).map_err(|_| ProxyError::InvalidHost)?;
-        let mirror: Option<Option<PendingCopy>>;
+        // Boxed: a copy's head is hundreds of bytes, which every request's future
+        // would otherwise carry.
+        let mirror: Option<Option<Box<PendingCopy>>>;
         let pool = {
             let table = self.table.load();
             let service = table
@@ -307,7 +309,7 @@ impl Proxy {
         req: &Request<Incoming>,
         client: SocketAddr,
         tls: bool,
-    ) -> Option<PendingCopy> {
+    ) -> Option<Box<PendingCopy>> {
         let counters = mirror.counters.clone();
         let limit = self.settings.mirror_max_body;
         if content_length(req.headers()).is_some_and(|length| length > limit) {
@@ -329,7 +331,7 @@ impl Proxy {
         }
         head.headers
             .insert("x-switchyard-mirror", HeaderValue::from_static("1"));
-        Some(PendingCopy {
+        Some(Box::new(PendingCopy {
             pool: Arc::clone(&mirror.pool),
             head,
             metrics: mirror.metrics.clone(),
@@ -337,7 +339,7 @@ impl Proxy {
             limit,
             connect_timeout: self.settings.connect_timeout,
             deadline: self.settings.upstream_header_timeout,
-        })
+        }))
     }
 
     async fn send_with_retries(

@@ -117,6 +117,9 @@ pub struct HistoryEntry {
     /// Percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_weight: Option<f64>,
+    /// For a rollout's changes: why it moved, with the numbers of a failed window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +359,10 @@ impl ServiceTraffic {
             active: self.active.clone(),
             canary_pool: self.canary.as_ref().map(|c| c.pool.clone()),
             canary_weight: self.canary.as_ref().map(|c| f64::from(c.weight_bp) / 100.0),
+            reason: kind
+                .starts_with("rollout_")
+                .then(|| self.rollout.as_ref().and_then(|r| r.reason.clone()))
+                .flatten(),
         });
         if self.history.len() > HISTORY_LIMIT {
             let excess = self.history.len() - HISTORY_LIMIT;

@@ -282,6 +282,13 @@ async fn a_canary_failing_30_percent_is_rolled_back_within_two_windows() {
         kinds.ends_with(&["rollout_start".into(), "rollout_rollback".into()]),
         "{kinds:?}"
     );
+    let recorded = history["history"].as_array().unwrap().last().unwrap()["reason"].clone();
+    assert!(
+        recorded
+            .as_str()
+            .is_some_and(|r| r.contains("above max_error_rate 5.00%")),
+        "the reason, with its numbers, is in the history: {history}"
+    );
 
     let failed: Vec<&Record> = records.iter().filter(|r| r.failed()).collect();
     eprintln!(

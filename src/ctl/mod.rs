@@ -628,6 +628,9 @@ fn history_lines(v: &Value) -> String {
             s(&entry["kind"]),
             s(&entry["active"])
         );
+        if let Some(reason) = entry["reason"].as_str() {
+            let _ = writeln!(out, "      {reason}");
+        }
     }
     out
 }
