@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Two switchyard builds side by side: both run at once on the same two stand-in
+# servers, and wrk loads them in turn, A B A B ..., so the machine's drift between runs
+# falls on both alike. Prints CPU per request (utime + stime from /proc over each run,
+# divided by the requests it served) for each round and the medians. One worker each.
+#
+#   A=/tmp/old/switchyard benches/ab.sh                 # B: this tree's release build
+#   A=old/switchyard B=new/switchyard ROUNDS=9 benches/ab.sh
+#
+# Bounded: every wrk run stops after DURATION; every server it starts is stopped on
+# exit. Everything is on 127.0.0.1.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-5s}
+CONNECTIONS=${CONNECTIONS:-50}
+BASE_PORT=${BASE_PORT:-19000}
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
+[[ -n "${A:-}" ]] || { echo "A=path/to/switchyard is required (the build to compare with)" >&2; exit 1; }
+if [[ -z "${B:-}" ]]; then
+    cargo build --release --quiet
+    B=target/release/switchyard
+fi
+source benches/common.sh
+HZ=$(getconf CLK_TCK)
+
+UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
+"$B" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)
+"$B" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
+wait_port "$UP1"; wait_port "$UP2"
+
+declare -A PID_OF PORT_OF
+start() { # name binary port
+    cat >"$WORK/$1.toml" <<EOT
+[proxy]
+listen = "127.0.0.1:$3"
+workers = 1
+[admin]
+listen = "127.0.0.1:$(($3 + 1))"
+[state]
+path = "$WORK/$1.state.json"
+[pools.app]
+backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
+[services.app]
+active = "app"
+EOT
+    RUST_LOG=warn "$2" run --config "$WORK/$1.toml" & PIDS+=($!)
+    PID_OF[$1]=$!; PORT_OF[$1]=$3
+    wait_port "$3"
+}
+start A "$A" $((BASE_PORT + 10))
+start B "$B" $((BASE_PORT + 20))
+
+declare -A SAMPLES=([A]="" [B]="")
+for round in $(seq 1 "$ROUNDS"); do
+    for which in A B; do
+        pid=${PID_OF[$which]}
+        before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:${PORT_OF[$which]}/")
+        after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+        SAMPLES[$which]+="$us "
+        echo "round $round $which  $requests requests  $us us CPU/req"
+    done
+done
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+a=$(median "${SAMPLES[A]}"); b=$(median "${SAMPLES[B]}")
+echo "median CPU per request: A $a us ($A), B $b us ($B), B/A $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", b / a}')"
