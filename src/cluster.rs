@@ -55,7 +55,7 @@ pub struct Member {
     pub routes: Vec<RouteCount>,
 }
 
-/// One (service, pool) route's totals on one instance (see `Metrics::route_totals`).
+/// One (service, pool) route's totals on one instance (see `Metrics::routes_totals`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RouteCount {
     pub service: String,

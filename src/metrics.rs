@@ -385,38 +385,43 @@ impl Metrics {
         totals
     }
 
-    /// One (service, pool) route's totals so far: what a rollout's analysis windows
+    /// Each (service, pool) route's totals so far: what a rollout's analysis windows
     /// are made from. Reads the two families (every series of the requests one), so
     /// it belongs off the workers, at the analysis interval, not per request.
-    pub fn route_totals(&self, service: &str, pool: &str) -> PoolTotals {
-        let mut totals = PoolTotals::default();
+    pub fn routes_totals(&self, routes: &[(&str, &str)]) -> Vec<PoolTotals> {
+        let mut totals = vec![PoolTotals::default(); routes.len()];
+        if routes.is_empty() {
+            return totals;
+        }
         for family in self.requests.collect() {
             for metric in family.get_metric() {
-                let (mut matches, mut code) = (0, 0u16);
+                let (mut service, mut pool, mut code) = ("", "", 0u16);
                 for label in metric.get_label() {
                     match label.name() {
-                        "service" if label.value() == service => matches += 1,
-                        "pool" if label.value() == pool => matches += 1,
+                        "service" => service = label.value(),
+                        "pool" => pool = label.value(),
                         "code" => code = label.value().parse().unwrap_or(0),
                         _ => {}
                     }
                 }
-                if matches != 2 {
+                let Some(at) = routes.iter().position(|r| *r == (service, pool)) else {
                     continue;
-                }
+                };
                 let count = metric.get_counter().get_value() as u64;
-                totals.requests += count;
+                totals[at].requests += count;
                 if code >= 500 {
-                    totals.errors += count;
+                    totals[at].errors += count;
                 }
             }
         }
-        if let Ok(histogram) = self.duration.get_metric_with_label_values(&[service, pool]) {
-            let metric = prometheus::core::Metric::metric(&histogram);
-            let histogram = metric.get_histogram();
-            totals.timed = histogram.get_sample_count();
-            for (slot, bucket) in totals.buckets.iter_mut().zip(histogram.get_bucket()) {
-                *slot = bucket.cumulative_count();
+        for (at, (service, pool)) in routes.iter().enumerate() {
+            if let Ok(histogram) = self.duration.get_metric_with_label_values(&[service, pool]) {
+                let metric = prometheus::core::Metric::metric(&histogram);
+                let histogram = metric.get_histogram();
+                totals[at].timed = histogram.get_sample_count();
+                for (slot, bucket) in totals[at].buckets.iter_mut().zip(histogram.get_bucket()) {
+                    *slot = bucket.cumulative_count();
+                }
             }
         }
         totals

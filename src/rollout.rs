@@ -210,6 +210,10 @@ pub struct Rollout {
     pub step_started_ms: u64,
     /// Failed windows and gates so far.
     pub failures: u32,
+    /// Paused by a failure while its pool had no healthy backend: the canary's weight
+    /// is taken away (users would only meet errors there) until it is resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// The window that ended it, when one did.
@@ -234,72 +238,14 @@ impl Rollout {
         if request.steps.is_empty() {
             return Err("`steps` must list at least one weight".into());
         }
-        if request.steps.len() > MAX_STEPS {
-            return Err(format!(
-                "at most {MAX_STEPS} steps, got {}",
-                request.steps.len()
-            ));
-        }
         let steps = request
             .steps
             .iter()
             .map(Step::from_spec)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut last = 0;
-        for step in &steps {
-            if let Step::Weight(bp) = *step {
-                if bp <= last {
-                    return Err(format!(
-                        "step weights must rise: {} after {}",
-                        f64::from(bp) / 100.0,
-                        f64::from(last) / 100.0
-                    ));
-                }
-                last = bp;
-            }
-        }
-        if last == 0 {
-            return Err("`steps` must list at least one weight".into());
-        }
-        if steps.last() == Some(&Step::Pause) {
-            return Err("the last step must be a weight: it is the one promoted".into());
-        }
         let analysis = request.analysis.clone().unwrap_or_default();
-        if analysis.interval < MIN_INTERVAL {
-            return Err(format!(
-                "analysis.interval must be at least {MIN_INTERVAL:?}, got {:?}",
-                analysis.interval
-            ));
-        }
-        if analysis.min_requests == 0 {
-            return Err("analysis.min_requests must be at least 1".into());
-        }
-        for (key, value) in [
-            ("max_error_rate", analysis.max_error_rate),
-            ("max_error_rate_increase", analysis.max_error_rate_increase),
-        ] {
-            if let Some(v) = value {
-                if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
-                    return Err(format!("analysis.{key} must be between 0 and 1, got {v}"));
-                }
-            }
-        }
-        if let Some(ratio) = analysis.max_p99_ratio {
-            if !(ratio.is_finite() && ratio > 0.0) {
-                return Err(format!(
-                    "analysis.max_p99_ratio must be above 0, got {ratio}"
-                ));
-            }
-        }
         let gates = request.gates.clone().unwrap_or_default();
-        for (key, url) in [
-            ("pre_step", &gates.pre_step),
-            ("pre_promote", &gates.pre_promote),
-        ] {
-            if let Some(url) = url {
-                crate::webhook::Target::parse(url).map_err(|e| format!("gates.{key}: {e}"))?;
-            }
-        }
+        check_plan(&steps, &analysis, &gates)?;
         let hold = request.hold.unwrap_or(analysis.interval);
         Ok(Rollout {
             pool: request.pool.clone(),
@@ -313,6 +259,7 @@ impl Rollout {
             step: 0,
             step_started_ms: now_ms,
             failures: 0,
+            withheld: false,
             reason: None,
             verdict: None,
             started_at: now,
@@ -320,9 +267,29 @@ impl Rollout {
         })
     }
 
+    /// Checks a rollout read back (from the state file or etcd) as a request is
+    /// checked, and that its step is one of its steps.
+    pub fn check_saved(&self) -> Result<(), String> {
+        check_plan(&self.steps, &self.analysis, &self.gates)?;
+        if self.step >= self.steps.len() {
+            return Err(format!(
+                "step {} of {} steps",
+                self.step + 1,
+                self.steps.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The step in force (a saved rollout is checked, so there is one).
+    pub fn current_step(&self) -> Step {
+        self.steps.get(self.step).copied().unwrap_or(Step::Pause)
+    }
+
     /// The weight the step in force gives the canary (a pause keeps the one before).
     pub fn weight_bp(&self) -> u32 {
-        self.steps[..=self.step.min(self.steps.len() - 1)]
+        let end = (self.step + 1).min(self.steps.len());
+        self.steps[..end]
             .iter()
             .rev()
             .find_map(|s| match s {
@@ -473,6 +440,67 @@ pub fn judge(
 
 fn percent(rate: f64) -> String {
     format!("{:.2}%", rate * 100.0)
+}
+
+/// What a rollout's steps, analysis and gates must be, asked for or read back.
+fn check_plan(steps: &[Step], analysis: &Analysis, gates: &Gates) -> Result<(), String> {
+    if steps.len() > MAX_STEPS {
+        return Err(format!("at most {MAX_STEPS} steps, got {}", steps.len()));
+    }
+    let mut last = 0;
+    for step in steps {
+        if let Step::Weight(bp) = *step {
+            if bp <= last {
+                return Err(format!(
+                    "step weights must rise: {} after {}",
+                    f64::from(bp) / 100.0,
+                    f64::from(last) / 100.0
+                ));
+            }
+            last = bp;
+        }
+    }
+    if last == 0 {
+        return Err("`steps` must list at least one weight".into());
+    }
+    if steps.last() == Some(&Step::Pause) {
+        return Err("the last step must be a weight: it is the one promoted".into());
+    }
+    if analysis.interval < MIN_INTERVAL {
+        return Err(format!(
+            "analysis.interval must be at least {MIN_INTERVAL:?}, got {:?}",
+            analysis.interval
+        ));
+    }
+    if analysis.min_requests == 0 {
+        return Err("analysis.min_requests must be at least 1".into());
+    }
+    for (key, value) in [
+        ("max_error_rate", analysis.max_error_rate),
+        ("max_error_rate_increase", analysis.max_error_rate_increase),
+    ] {
+        if let Some(v) = value {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                return Err(format!("analysis.{key} must be between 0 and 1, got {v}"));
+            }
+        }
+    }
+    if let Some(ratio) = analysis.max_p99_ratio {
+        if !(ratio.is_finite() && ratio > 0.0) {
+            return Err(format!(
+                "analysis.max_p99_ratio must be above 0, got {ratio}"
+            ));
+        }
+    }
+    for (key, url) in [
+        ("pre_step", &gates.pre_step),
+        ("pre_promote", &gates.pre_promote),
+    ] {
+        if let Some(url) = url {
+            crate::webhook::Target::parse(url).map_err(|e| format!("gates.{key}: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -240,6 +240,22 @@ impl TrafficState {
                     Arc::make_mut(&mut saved).canary = None;
                 }
             }
+            if let Some(fault) = saved.rollout.as_ref().and_then(|r| r.check_saved().err()) {
+                warnings.push(format!(
+                    "service `{}`: the saved rollout is not valid ({fault}); it is dropped, and its canary with it",
+                    service.name
+                ));
+                let saved = Arc::make_mut(&mut saved);
+                if let Some(rollout) = saved.rollout.take() {
+                    let its_canary = saved
+                        .canary
+                        .as_ref()
+                        .is_some_and(|c| c.pool == rollout.pool);
+                    if rollout.status.is_live() && its_canary {
+                        saved.canary = None;
+                    }
+                }
+            }
             if let Some(rollout) = &saved.rollout {
                 if rollout.status.is_live()
                     && (!pool_exists(&rollout.pool) || rollout.pool == saved.active)
@@ -584,6 +600,46 @@ mod tests {
         assert!(warnings.iter().any(|w| w.contains("purple")));
         assert!(warnings.iter().any(|w| w.contains("gone")));
         assert!(warnings.iter().any(|w| w.contains("127.0.0.1:99")));
+    }
+
+    #[test]
+    fn a_saved_rollout_that_does_not_check_is_dropped_with_its_canary() {
+        let request = crate::rollout::RolloutRequest {
+            pool: "green".into(),
+            steps: vec![crate::rollout::StepSpec::Weight(50.0)],
+            ..Default::default()
+        };
+        let good = crate::rollout::Rollout::from_request(&request, 0, "t".into()).unwrap();
+        let mut no_steps = good.clone();
+        no_steps.steps.clear();
+        let mut past_the_end = good.clone();
+        past_the_end.step = 3;
+        for (bad, fault) in [
+            (no_steps, "at least one weight"),
+            (past_the_end, "step 4 of 1"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.json");
+            let mut state = TrafficState::from_config(&config());
+            let app = state.service_mut("app").unwrap();
+            app.canary = Some(Box::new(CanarySpec {
+                pool: "green".into(),
+                weight_bp: 5000,
+                header: None,
+                cookie: None,
+                sticky: None,
+            }));
+            app.rollout = Some(Box::new(bad));
+            save(&path, &state).unwrap();
+            let loaded = load(&path, &config()).unwrap();
+            let app = &loaded.state.services["app"];
+            assert!(app.rollout.is_none() && app.canary.is_none());
+            assert!(
+                loaded.warnings.iter().any(|w| w.contains(fault)),
+                "{:?}",
+                loaded.warnings
+            );
+        }
     }
 
     #[test]

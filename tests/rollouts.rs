@@ -1154,3 +1154,119 @@ async fn a_manual_switch_to_a_third_pool_ends_the_rollout_and_its_canary() {
     assert!(view["mirror"].is_null(), "{view}");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_paused_on_failure_with_its_canary_pool_down_gives_it_no_weight() {
+    let (blue, green) = (
+        ShapedApp::start("blue").await,
+        ShapedApp::start("green").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(&config(
+        blue.addr,
+        green.addr,
+        None,
+        &dir.path().join("state.json"),
+    ))
+    .await;
+    ready(&proxy).await;
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    let (status, body) = start(
+        &proxy,
+        json!({"pool": "green", "steps": [40, 100], "hold": "1m", "on_failure": "pause",
+            "analysis": {"interval": "300ms", "min_requests": 5}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    load.wait_for(100).await;
+    drop(green);
+    let paused = rollout_until(
+        &proxy,
+        Duration::from_secs(10),
+        "the weight withheld",
+        |v| v["status"] == "paused" && v["weight"] == 0.0,
+    )
+    .await;
+    load.finish().await;
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(reason.contains("withheld"), "{reason}");
+
+    // From here on no user is sent to the dead pool.
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    load.wait_for(200).await;
+    let records = load.finish().await;
+    assert_no_failures(&records);
+    assert!(records.iter().all(|r| r.upstream == "blue"));
+
+    let (status, body) = admin(
+        proxy.admin_addr,
+        "POST",
+        "/api/v1/services/app/rollout/resume",
+        None,
+        &[],
+    )
+    .await;
+    assert_ne!(
+        status,
+        StatusCode::OK,
+        "no weight back to a dead pool: {body}"
+    );
+    let view = rollout_of(&proxy).await;
+    assert_eq!(
+        (view["status"].as_str(), view["weight"].as_f64()),
+        (Some("paused"), Some(0.0))
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_window_that_cannot_be_saved_is_counted_once_it_can() {
+    let (blue, green) = (
+        ShapedApp::start("blue").await,
+        ShapedApp::start("green").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state_path = dir.path().join("state.json");
+    let proxy = start_proxy(&config(blue.addr, green.addr, None, &state_path)).await;
+    ready(&proxy).await;
+    let load = LoadRun::start(proxy.proxy_addr, "/", 4);
+    let (status, body) = start(
+        &proxy,
+        json!({"pool": "green", "steps": [50, 100], "hold": "1m",
+            "analysis": {"interval": "300ms", "min_requests": 5}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The state is written through `<path>.tmp`: a directory there makes it fail.
+    let blocker = dir.path().join("state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    green.fail_every.store(1, Ordering::SeqCst);
+    let failed = rollout_until(&proxy, Duration::from_secs(10), "a failed window", |v| {
+        v["results"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|w| w["verdict"] == "fail"))
+    })
+    .await;
+    assert_eq!(
+        failed["status"], "progressing",
+        "not saved, so not moved: {failed:#}"
+    );
+    // Green recovers; windows from here on would pass, so only the failure kept
+    // from before can roll it back once the disk takes writes again.
+    green.fail_every.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    std::fs::remove_dir(&blocker).unwrap();
+    let ended = rollout_until(&proxy, Duration::from_secs(10), "the rollback", |v| {
+        v["status"] != "progressing"
+    })
+    .await;
+    load.finish().await;
+    assert_eq!(ended["status"], "rolled_back", "{ended:#}");
+    assert!(
+        ended["reason"].as_str().unwrap().contains("error rate"),
+        "{ended:#}"
+    );
+    let saved: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(saved["services"]["app"]["rollout"]["status"], "rolled_back");
+    proxy.shutdown().await;
+}

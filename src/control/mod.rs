@@ -172,6 +172,9 @@ pub struct Control {
     /// (service, canary pool, stable pool) of each live rollout, as the driver last saw
     /// them: what this instance publishes its counts of, in a fleet.
     rollout_routes: ArcSwap<Vec<(String, String, String)>>,
+    /// This instance's counts of those routes, as last read (off the workers) for the
+    /// fleet: publishing reads this, not the registry.
+    published_routes: ArcSwap<Vec<crate::cluster::RouteCount>>,
     /// Wakes the rollout driver from its idle wait (a rollout was started here).
     rollout_wake: Arc<tokio::sync::Notify>,
     mirror: std::sync::OnceLock<Arc<crate::mirror::MirrorQueue>>,
@@ -249,6 +252,7 @@ impl Control {
             name_tasks: std::sync::Mutex::new(Vec::new()),
             rollout_runs: std::sync::Mutex::new(rollouts::Runs::default()),
             rollout_routes: ArcSwap::from_pointee(Vec::new()),
+            published_routes: ArcSwap::from_pointee(Vec::new()),
             rollout_wake: Arc::new(tokio::sync::Notify::new()),
             mirror: std::sync::OnceLock::new(),
         })

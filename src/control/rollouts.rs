@@ -50,6 +50,9 @@ struct Run {
     /// Since the step began, or since the last window that did not pass.
     clean_since: Instant,
     passes: u32,
+    /// A failed window whose change could not be committed (the state could not be
+    /// persisted): counted again at the next look rather than forgotten.
+    unrecorded_failure: Option<(String, WindowResult)>,
 }
 
 /// Canary and stable totals, by instance name.
@@ -157,6 +160,7 @@ impl Run {
             bases: Totals::new(),
             clean_since: Instant::now(),
             passes: 0,
+            unrecorded_failure: None,
         }
     }
 
@@ -170,6 +174,7 @@ impl Run {
         self.passes = 0;
         self.window_started = Instant::now();
         self.bases = totals;
+        self.unrecorded_failure = None;
     }
 
     fn follows(&self, rollout: &Rollout) -> bool {
@@ -186,24 +191,44 @@ impl Run {
 
 impl Control {
     /// This instance's totals of the routes live rollouts are judged on (published to
-    /// the fleet, so the instance that drives them sees every instance's traffic).
+    /// the fleet, so the instance that drives them sees every instance's traffic), as
+    /// last read by the driver.
     pub(super) fn local_rollout_routes(&self) -> Vec<crate::cluster::RouteCount> {
-        let routes = self.rollout_routes.load();
-        let mut counts = Vec::with_capacity(routes.len() * 2);
-        for (service, canary, stable) in routes.iter() {
-            for pool in [canary, stable] {
-                let totals = self.metrics.route_totals(service, pool);
-                counts.push(crate::cluster::RouteCount {
-                    service: service.clone(),
-                    pool: pool.clone(),
+        self.published_routes.load().to_vec()
+    }
+
+    /// Reads the counts `local_rollout_routes` gives, on a blocking thread: one read
+    /// of the registry for every route.
+    async fn refresh_published_routes(self: &Arc<Self>) {
+        let control = Arc::clone(self);
+        let counts = tokio::task::spawn_blocking(move || {
+            let routes = control.rollout_routes.load();
+            let wanted: Vec<(&str, &str)> = routes
+                .iter()
+                .flat_map(|(service, canary, stable)| {
+                    [
+                        (service.as_str(), canary.as_str()),
+                        (service.as_str(), stable.as_str()),
+                    ]
+                })
+                .collect();
+            let totals = control.metrics.routes_totals(&wanted);
+            wanted
+                .iter()
+                .zip(totals)
+                .map(|((service, pool), totals)| crate::cluster::RouteCount {
+                    service: service.to_string(),
+                    pool: pool.to_string(),
                     requests: totals.requests,
                     errors: totals.errors,
                     timed: totals.timed,
                     buckets: totals.buckets.to_vec(),
-                });
-            }
-        }
-        counts
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        self.published_routes.store(Arc::new(counts));
     }
 
     /// Every instance's canary and stable totals: this one's from its own counters
@@ -216,9 +241,13 @@ impl Control {
         );
         let local = tokio::task::spawn_blocking(move || {
             let (service, canary, stable) = owned;
+            let mut both = control
+                .metrics
+                .routes_totals(&[(&service, &canary), (&service, &stable)])
+                .into_iter();
             (
-                control.metrics.route_totals(&service, &canary),
-                control.metrics.route_totals(&service, &stable),
+                both.next().unwrap_or_default(),
+                both.next().unwrap_or_default(),
             )
         })
         .await
@@ -230,19 +259,10 @@ impl Control {
         let Ok(members) = cluster.members().await else {
             return totals;
         };
-        let wanted = |count: &crate::cluster::RouteCount, pool: &str| {
-            count.service == service && count.pool == pool
-        };
         for member in members.into_iter().filter(|m| m.name != cluster.name()) {
-            let side = |pool: &str| {
-                member
-                    .routes
-                    .iter()
-                    .find(|c| wanted(c, pool))
-                    .map(pool_totals)
-                    .unwrap_or_default()
-            };
-            totals.insert(member.name.clone(), (side(canary), side(stable)));
+            if let Some(counts) = published_totals(&member.routes, service, canary, stable) {
+                totals.insert(member.name, counts);
+            }
         }
         totals
     }
@@ -408,25 +428,30 @@ impl Control {
         if rollout.status != RolloutStatus::Paused {
             return self.rollout_view(service).await;
         }
-        let at_pause_step = rollout.steps[rollout.step] == Step::Pause;
+        let at_pause_step = rollout.current_step() == Step::Pause;
         let mut next = rollout.clone();
+        next.withheld = false;
         if at_pause_step {
             next.step += 1;
-            if next.steps[next.step] != Step::Pause {
-                let pool = self.pool(&next.pool)?;
-                if !has_healthy_backend(&pool) {
-                    return Err(ControlError::NoHealthyBackend(next.pool.clone()));
-                }
+        } else {
+            next.failures = 0;
+        }
+        if next.current_step() != Step::Pause {
+            // Weight goes back to the canary (or up, past a pause step) only if it
+            // can take it.
+            let pool = self.pool(&next.pool)?;
+            if !has_healthy_backend(&pool) {
+                return Err(ControlError::NoHealthyBackend(next.pool.clone()));
+            }
+            if at_pause_step {
                 self.gate(&next.gates.pre_step, service, &next, "pre_step")
                     .await
                     .map_err(|e| {
                         ControlError::Conflict(format!("the pre_step gate refused: {e}"))
                     })?;
             }
-        } else {
-            next.failures = 0;
         }
-        next.status = if next.steps[next.step] == Step::Pause {
+        next.status = if next.current_step() == Step::Pause {
             RolloutStatus::Paused
         } else {
             RolloutStatus::Progressing
@@ -504,6 +529,7 @@ impl Control {
                     traffic.canary = None;
                 }
                 RolloutStatus::RolledBack | RolloutStatus::Aborted => traffic.canary = None,
+                RolloutStatus::Paused if next.withheld => traffic.canary = None,
                 RolloutStatus::Progressing | RolloutStatus::Paused => {
                     traffic.canary = Some(Box::new(canary_of(&next)))
                 }
@@ -595,6 +621,11 @@ impl Control {
             }
             self.rollout_routes.store(Arc::new(routes));
         }
+        if self.cluster.get().is_some()
+            && !(live.is_empty() && self.published_routes.load().is_empty())
+        {
+            self.refresh_published_routes().await;
+        }
         let driving = self.drives_rollouts();
         let any_live = !live.is_empty();
         // Side by side: one rollout's slow gate (up to its timeout) holds up no other.
@@ -608,7 +639,22 @@ impl Control {
                 .rollout_weight
                 .with_label_values(&[&service])
                 .set(f64::from(rollout.weight_bp()) / 100.0);
-            if driving && rollout.status == RolloutStatus::Progressing {
+            let withhold = rollout.status == RolloutStatus::Paused
+                && !rollout.withheld
+                && !self
+                    .pool(&rollout.pool)
+                    .is_ok_and(|p| has_healthy_backend(&p));
+            if driving && withhold {
+                let control = Arc::clone(self);
+                driven.spawn(async move {
+                    if let Err(e) = control.withhold(&service, &rollout).await {
+                        tracing::warn!(
+                            service,
+                            "rollout: a change failed, tried again next time: {e}"
+                        );
+                    }
+                });
+            } else if driving && rollout.status == RolloutStatus::Progressing {
                 let control = Arc::clone(self);
                 driven.spawn(async move {
                     if let Err(e) = control.drive_one(&service, &rollout, &stable).await {
@@ -639,7 +685,7 @@ impl Control {
         rollout: &Rollout,
         stable: &str,
     ) -> Result<(), ControlError> {
-        let (new_step, due) = {
+        let (new_step, due, unrecorded) = {
             let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
             let run = runs
                 .0
@@ -648,11 +694,16 @@ impl Control {
             if run.started_at != rollout.started_at {
                 *run = Run::new(rollout);
             }
+            let follows = run.follows(rollout);
             (
-                !run.follows(rollout),
+                !follows,
                 run.window_started.elapsed() >= rollout.analysis.interval,
+                run.unrecorded_failure.take().filter(|_| follows),
             )
         };
+        if let Some((reason, result)) = unrecorded {
+            return self.record_failure(service, rollout, reason, result).await;
+        }
         if new_step {
             let totals = self.read_totals(service, &rollout.pool, stable).await;
             let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
@@ -711,15 +762,34 @@ impl Control {
                     result.reasons.join("; ")
                 );
                 tracing::warn!(service, pool = %rollout.pool, "rollout analysis failed: {reason}");
-                return self
-                    .count_failure(service, rollout, reason, Some(result))
-                    .await;
+                return self.record_failure(service, rollout, reason, result).await;
             }
         }
         if ready {
             self.advance(service, rollout).await?;
         }
         Ok(())
+    }
+
+    /// Counts a failed window; if that cannot be committed, keeps it to count at the
+    /// next look.
+    async fn record_failure(
+        &self,
+        service: &str,
+        rollout: &Rollout,
+        reason: String,
+        result: WindowResult,
+    ) -> Result<(), ControlError> {
+        let outcome = self
+            .count_failure(service, rollout, reason.clone(), Some(result.clone()))
+            .await;
+        if outcome.is_err() {
+            let mut runs = self.rollout_runs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(run) = runs.0.get_mut(service) {
+                run.unrecorded_failure = Some((reason, result));
+            }
+        }
+        outcome
     }
 
     /// The step held with every window passing: the next step, or promotion.
@@ -764,7 +834,7 @@ impl Control {
         }
         next.step += 1;
         next.step_started_ms = now_ms();
-        if next.steps[next.step] == Step::Pause {
+        if next.current_step() == Step::Pause {
             next.status = RolloutStatus::Paused;
             next.reason = Some(PAUSE_STEP.into());
         } else {
@@ -815,6 +885,20 @@ impl Control {
         self.count_failure(service, rollout, reason, None).await
     }
 
+    /// A paused rollout's canary pool has no healthy backend: its users would only
+    /// meet errors there, so the weight goes back to the stable pool until a resume.
+    async fn withhold(&self, service: &str, rollout: &Rollout) -> Result<(), ControlError> {
+        let mut next = rollout.clone();
+        withhold_weight(&mut next);
+        if self
+            .replace_rollout(service, None, rollout, "rollout_pause", next)
+            .await?
+        {
+            tracing::warn!(service, pool = %rollout.pool, "rollout paused with no healthy backend in its pool: its weight is withheld");
+        }
+        Ok(())
+    }
+
     /// One more failure: within the limit it is counted (and recorded); past it the
     /// rollout rolls back or pauses, as it was told.
     async fn count_failure(
@@ -848,6 +932,12 @@ impl Control {
         if status == RolloutStatus::Paused {
             next.status = status;
             next.reason = Some(reason.clone());
+            if !self
+                .pool(&rollout.pool)
+                .is_ok_and(|p| has_healthy_backend(&p))
+            {
+                withhold_weight(&mut next);
+            }
         } else {
             next.end(status, reason.clone(), now_rfc3339());
         }
@@ -859,6 +949,15 @@ impl Control {
         }
         Ok(())
     }
+}
+
+fn withhold_weight(rollout: &mut Rollout) {
+    rollout.withheld = true;
+    rollout.reason = Some(format!(
+        "{}; its weight is withheld until it is resumed, as pool `{}` has no healthy backend",
+        rollout.reason.as_deref().unwrap_or("paused"),
+        rollout.pool
+    ));
 }
 
 /// Why a rollout waits at a pause step.
@@ -876,6 +975,23 @@ fn live_rollout<'a>(
         ))),
         None => Err(ControlError::NoRollout(service.to_string())),
     }
+}
+
+/// A member's published canary and stable totals; none until it has published both
+/// (taking zeros instead would count its whole past as the next window's traffic).
+fn published_totals(
+    routes: &[crate::cluster::RouteCount],
+    service: &str,
+    canary: &str,
+    stable: &str,
+) -> Option<(PoolTotals, PoolTotals)> {
+    let side = |pool: &str| {
+        routes
+            .iter()
+            .find(|c| c.service == service && c.pool == pool)
+            .map(pool_totals)
+    };
+    Some((side(canary)?, side(stable)?))
 }
 
 /// A published count as totals.
@@ -988,6 +1104,27 @@ mod tests {
         assert_eq!(result.stable.requests, 400);
         assert_eq!(result.verdict, Verdict::Pass);
         assert!(run.bases.contains_key("lb-3"));
+    }
+
+    #[test]
+    fn a_member_counts_only_once_it_has_published_both_sides() {
+        let count = |pool: &str, requests| crate::cluster::RouteCount {
+            service: "app".into(),
+            pool: pool.into(),
+            requests,
+            errors: 0,
+            timed: 0,
+            buckets: vec![],
+        };
+        assert!(published_totals(&[], "app", "green", "blue").is_none());
+        assert!(published_totals(&[count("green", 5)], "app", "green", "blue").is_none());
+        let both = published_totals(
+            &[count("blue", 7), count("green", 5)],
+            "app",
+            "green",
+            "blue",
+        );
+        assert_eq!(both.map(|(c, s)| (c.requests, s.requests)), Some((5, 7)));
     }
 
     #[test]
