@@ -199,6 +199,30 @@ async fn ready(proxy: &switchyard::server::Running) {
     .await;
 }
 
+/// Blue and green app servers, and a proxy in front of them (state in a temporary
+/// directory) that has done its first round of health checks.
+async fn blue_green_proxy() -> (
+    ShapedApp,
+    ShapedApp,
+    tempfile::TempDir,
+    switchyard::server::Running,
+) {
+    let (blue, green) = (
+        ShapedApp::start("blue").await,
+        ShapedApp::start("green").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(&config(
+        blue.addr,
+        green.addr,
+        None,
+        &dir.path().join("state.json"),
+    ))
+    .await;
+    ready(&proxy).await;
+    (blue, green, dir, proxy)
+}
+
 fn history_kinds(history: &Value) -> Vec<String> {
     history["history"]
         .as_array()
@@ -326,19 +350,7 @@ async fn a_canary_failing_30_percent_is_rolled_back_within_two_windows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_walks_10_50_100_and_is_promoted_with_no_failed_request() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, _green, _dir, proxy) = blue_green_proxy().await;
     let load = LoadRun::start(proxy.proxy_addr, "/", 4);
     load.wait_for(50).await;
     let (status, started) = start(
@@ -448,19 +460,7 @@ async fn a_canary_that_is_only_slower_is_rolled_back_on_its_p99() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_little_traffic_stays_inconclusive_and_does_not_advance() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, _green, _dir, proxy) = blue_green_proxy().await;
     let (status, body) = start(
         &proxy,
         json!({
@@ -512,19 +512,7 @@ async fn too_little_traffic_stays_inconclusive_and_does_not_advance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_steps_pause_resume_abort_and_a_manual_change_end_it_as_asked() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, _green, _dir, proxy) = blue_green_proxy().await;
     let load = LoadRun::start(proxy.proxy_addr, "/", 2);
     let steps = json!({"pool": "green", "steps": [20, "pause", 60, 100], "hold": "300ms",
         "analysis": {"interval": "150ms", "min_requests": 5}});
@@ -637,19 +625,7 @@ async fn pause_steps_pause_resume_abort_and_a_manual_change_end_it_as_asked() {
 
 #[tokio::test]
 async fn bad_rollouts_are_refused_and_nothing_starts() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, green, _dir, proxy) = blue_green_proxy().await;
     let generation = admin(proxy.admin_addr, "GET", "/api/v1/state", None, &[])
         .await
         .1["generation"]
@@ -750,19 +726,7 @@ async fn gate(status: u16) -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gates_must_answer_2xx_and_a_refusing_pre_promote_rolls_back() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, _green, _dir, proxy) = blue_green_proxy().await;
     let (refusing, _) = gate(503).await;
     let (open, opened) = gate(204).await;
     let (status, body) = start(&proxy, json!({"pool": "green", "steps": [50], "gates": {"pre_step": format!("http://{refusing}/gate")}})).await;
@@ -1018,19 +982,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_users_only_move_into_the_canary_as_the_steps_rise() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, _green, _dir, proxy) = blue_green_proxy().await;
     let load = LoadRun::start(proxy.proxy_addr, "/", 2);
     let (status, body) = start(
         &proxy,
@@ -1157,19 +1109,7 @@ async fn a_manual_switch_to_a_third_pool_ends_the_rollout_and_its_canary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_paused_on_failure_with_its_canary_pool_down_gives_it_no_weight() {
-    let (blue, green) = (
-        ShapedApp::start("blue").await,
-        ShapedApp::start("green").await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(&config(
-        blue.addr,
-        green.addr,
-        None,
-        &dir.path().join("state.json"),
-    ))
-    .await;
-    ready(&proxy).await;
+    let (_blue, green, _dir, proxy) = blue_green_proxy().await;
     let load = LoadRun::start(proxy.proxy_addr, "/", 4);
     let (status, body) = start(
         &proxy,
