@@ -29,6 +29,10 @@ impl<S> SendTimeout<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// What a write that returned `polled` means, with the clock applied.
     fn check<T>(
         &mut self,

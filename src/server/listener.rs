@@ -122,16 +122,11 @@ pub(super) async fn accept_loop(
         let serving = serving.load_full();
         let metrics = Arc::clone(&metrics);
         let kind = config.kind;
-        tokio::spawn(async move {
+        let task = async move {
             let builders = &serving.builders;
             let proxy = Arc::clone(&serving.proxy);
             match (kind, &serving.tls) {
                 (ListenerKind::Plain, _) => {
-                    let served = if serving.h2c {
-                        Served::Detect
-                    } else {
-                        Served::Http1
-                    };
                     let conn = Connection {
                         proxy,
                         peer,
@@ -139,44 +134,54 @@ pub(super) async fn accept_loop(
                         redirect_to_port: serving.redirect_to_port,
                         metrics,
                     };
-                    conn.serve(builders, served, stream, watcher).await;
-                }
-                (ListenerKind::Tls, Some(tls)) => {
-                    let handshake = tokio::time::timeout(tls.handshake_timeout, async {
-                        let _slot = tls.handshakes.acquire().await;
-                        tls.acceptor.accept(stream).await
-                    })
-                    .await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => Some(stream),
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, "TLS handshake failed: {e}");
-                            failed_handshake(&metrics, "error")
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            failed_handshake(&metrics, "timeout")
-                        }
-                    };
-                    if let Some(stream) = stream {
-                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let served = if h2 { Served::Http2 } else { Served::Http1 };
-                        let conn = Connection {
-                            proxy,
-                            peer,
-                            tls: true,
-                            redirect_to_port: None,
-                            metrics,
-                        };
-                        conn.serve(builders, served, stream, watcher).await;
+                    if serving.h2c {
+                        conn.serve(builders, Served::Detect, stream, watcher).await;
+                    } else {
+                        conn.serve_plain_http1(builders, stream, watcher).await;
                     }
+                }
+                // Boxed: the handshake and the generic connection make a future of
+                // kilobytes that plain connections would otherwise carry too.
+                (ListenerKind::Tls, Some(tls)) => {
+                    Box::pin(async move {
+                        let handshake = tokio::time::timeout(tls.handshake_timeout, async {
+                            let _slot = tls.handshakes.acquire().await;
+                            tls.acceptor.accept(stream).await
+                        })
+                        .await;
+                        let stream = match handshake {
+                            Ok(Ok(stream)) => Some(stream),
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                                failed_handshake(&metrics, "error")
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                failed_handshake(&metrics, "timeout")
+                            }
+                        };
+                        if let Some(stream) = stream {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let served = if h2 { Served::Http2 } else { Served::Http1 };
+                            let conn = Connection {
+                                proxy,
+                                peer,
+                                tls: true,
+                                redirect_to_port: None,
+                                metrics,
+                            };
+                            conn.serve(builders, served, stream, watcher).await;
+                        }
+                    })
+                    .await
                 }
                 // TLS was removed by a reload while this listener was closing.
                 (ListenerKind::Tls, None) => {}
             }
             open.dec();
             drop(permit);
-        });
+        };
+        tokio::spawn(task);
     }
 }
 

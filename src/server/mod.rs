@@ -24,6 +24,7 @@ use crate::tls::Certificates;
 mod downstream;
 mod listener;
 mod reload;
+mod resting;
 mod upgrade;
 
 pub use upgrade::{notify_systemd, FailureReporter, Inherited, SOCKET_ENV};

@@ -1,0 +1,171 @@
+//! A plain HTTP/1.1 keep-alive connection that holds no hyper buffers between requests.
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer (and its dispatcher) for
+//! as long as a connection is open, busy or idle: 20 KiB per idle keep-alive client,
+//! where nginx frees its buffers once a request is done (about 1 KiB). Here each run
+//! of requests gets its own hyper connection: when hyper has answered everything and
+//! waits for the next request head with nothing to write, the socket tells the driver,
+//! which shuts that hyper connection down (a no-op on the socket) and takes the socket
+//! back with whatever hyper had read ahead. Idle, the connection is the socket and a
+//! few words; the next byte from the client starts a new hyper connection on it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::client_io::SendTimeout;
+
+/// What the socket, the service and the driver tell each other about one connection.
+#[derive(Default)]
+pub(super) struct IdleSignal {
+    /// Requests handed to the proxy whose response body hyper has not dropped yet.
+    open_responses: AtomicU32,
+    /// hyper's last read found no bytes: it waits on the socket.
+    read_parked: AtomicBool,
+    /// The last write or flush could not complete: hyper still has bytes to send.
+    write_blocked: AtomicBool,
+    /// The driver is shutting hyper down to take the socket back: the socket stays open.
+    releasing: AtomicBool,
+}
+
+impl IdleSignal {
+    /// Marks a request open until the returned guard (kept with its response body)
+    /// is dropped.
+    pub(super) fn open(self: &Arc<Self>) -> OpenResponse {
+        self.open_responses.fetch_add(1, Ordering::Relaxed);
+        OpenResponse(Arc::clone(self))
+    }
+
+    /// Whether hyper, once it has returned `Pending`, only waits for the next request
+    /// head: it has every answer passed on and written, and found nothing to read.
+    pub(super) fn hyper_is_idle(&self) -> bool {
+        self.read_parked.load(Ordering::Relaxed)
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && self.open_responses.load(Ordering::Relaxed) == 0
+    }
+
+    pub(super) fn set_releasing(&self, releasing: bool) {
+        self.releasing.store(releasing, Ordering::Relaxed);
+    }
+}
+
+/// A request on its way through the proxy, until hyper is done with its answer.
+pub(super) struct OpenResponse(Arc<IdleSignal>);
+
+impl Drop for OpenResponse {
+    fn drop(&mut self) {
+        self.0.open_responses.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The socket as hyper sees it: bytes read ahead by the previous hyper connection come
+/// first, and it reports when hyper is idle.
+pub(super) struct RestingIo {
+    inner: SendTimeout<TcpStream>,
+    read_ahead: Bytes,
+    signal: Arc<IdleSignal>,
+}
+
+impl RestingIo {
+    pub(super) fn new(inner: SendTimeout<TcpStream>, signal: Arc<IdleSignal>) -> RestingIo {
+        RestingIo {
+            inner,
+            read_ahead: Bytes::new(),
+            signal,
+        }
+    }
+
+    /// Takes back the bytes a finished hyper connection had read but not parsed.
+    pub(super) fn put_back(&mut self, read_ahead: Bytes) {
+        if self.read_ahead.is_empty() {
+            self.read_ahead = read_ahead;
+        } else if !read_ahead.is_empty() {
+            // hyper had not taken all of the last read-ahead: its bytes come first.
+            let mut joined = Vec::with_capacity(read_ahead.len() + self.read_ahead.len());
+            joined.extend_from_slice(&read_ahead);
+            joined.extend_from_slice(&self.read_ahead);
+            self.read_ahead = joined.into();
+        }
+    }
+
+    pub(super) fn has_read_ahead(&self) -> bool {
+        !self.read_ahead.is_empty()
+    }
+
+    /// Waits until the client has sent something (or closed), holding no buffer.
+    pub(super) async fn readable(&self) -> io::Result<()> {
+        self.inner.get_ref().readable().await
+    }
+}
+
+impl AsyncRead for RestingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.read_ahead.is_empty() {
+            let n = this.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&this.read_ahead[..n]);
+            this.read_ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.signal
+            .read_parked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
+    }
+}
+
+impl AsyncWrite for RestingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.signal
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.signal
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.signal
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.signal.releasing.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
