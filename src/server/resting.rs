@@ -4,8 +4,8 @@
 //! as long as a connection is open, busy or idle: 20 KiB per idle keep-alive client,
 //! where nginx frees its buffers once a request is done (about 1 KiB). Here each run
 //! of requests gets its own hyper connection: when hyper has answered everything and
-//! waits for the next request head with nothing to write, the socket tells the driver,
-//! which shuts that hyper connection down (a no-op on the socket) and takes the socket
+//! waits for the next request head with nothing to write, the socket tells the driver;
+//! after `RELEASE_AFTER_IDLE` of that (a busy client keeps its hyper connection), it shuts that hyper connection down (a no-op on the socket) and takes the socket
 //! back with whatever hyper had read ahead. Idle, the connection is the socket and a
 //! few words; the next byte from the client starts a new hyper connection on it.
 
