@@ -387,10 +387,11 @@ fn upstream_tls_settings_are_checked_when_the_config_is_loaded() {
     }
 }
 
-/// Opens streams on one HTTP/2 connection and cancels each at once (`pause`: after
-/// giving the proxy a moment to start on it). Returns how many were opened before the
+/// Opens streams on one HTTP/2 connection and cancels each at once (with `paced_by`:
+/// once that upstream has the request, so the proxy has taken the stream on; a fixed
+/// pause was not enough on a loaded machine). Returns how many were opened before the
 /// proxy closed the connection, or `None` if it never did.
-async fn reset_flood(addr: SocketAddr, pause: bool) -> Option<usize> {
+async fn reset_flood(addr: SocketAddr, paced_by: Option<&Upstream>) -> Option<usize> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut attacker, conn) = h2::client::handshake(tcp).await.unwrap();
     let conn = tokio::spawn(conn);
@@ -403,12 +404,18 @@ async fn reset_flood(addr: SocketAddr, pause: bool) -> Option<usize> {
         let request = http::Request::get("http://app.test/slow/30000")
             .body(())
             .unwrap();
+        let hits_before = paced_by.map(Upstream::hits);
         let Ok((response, mut stream)) = attacker.send_request(request, true) else {
             break;
         };
         opened += 1;
-        if pause {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        if let (Some(upstream), Some(before)) = (paced_by, hits_before) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            // A stream that never arrives means the connection is gone: the next
+            // `ready` says so.
+            while upstream.hits() == before && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         stream.send_reset(h2::Reason::CANCEL);
         drop(response);
@@ -443,7 +450,7 @@ async fn a_rapid_reset_flood_closes_the_connection_and_leaks_nothing() {
 
     // Back to back, most streams are reset before the proxy has taken them: h2's own
     // limit on such streams closes the connection.
-    let opened = reset_flood(proxy.proxy_addr, false).await;
+    let opened = reset_flood(proxy.proxy_addr, None).await;
     assert!(
         opened.is_some(),
         "20000 cancelled streams and the connection is still open"
@@ -453,7 +460,7 @@ async fn a_rapid_reset_flood_closes_the_connection_and_leaks_nothing() {
 
     // Each stream reaches the upstream before it is cancelled: the proxy's own rule
     // (most streams cancelled, at least 200) closes the connection.
-    let opened = reset_flood(proxy.proxy_addr, true).await;
+    let opened = reset_flood(proxy.proxy_addr, Some(&upstream)).await;
     eprintln!("paced: closed after {opened:?} streams");
     let opened = opened.expect("the paced flood was never cut off");
     assert!((200..=450).contains(&opened), "{opened}");
