@@ -135,7 +135,8 @@ pub(super) async fn accept_loop(
                         metrics,
                     };
                     if serving.h2c {
-                        conn.serve(builders, Served::Detect, stream, watcher).await;
+                        // Boxed, as the TLS branch below is.
+                        Box::pin(conn.serve(builders, Served::Detect, stream, watcher)).await;
                     } else {
                         conn.serve_plain_http1(builders, stream, watcher).await;
                     }

@@ -5,9 +5,11 @@
 //! where nginx frees its buffers once a request is done (about 1 KiB). Here each run
 //! of requests gets its own hyper connection: when hyper has answered everything and
 //! waits for the next request head with nothing to write, the socket tells the driver;
-//! after `RELEASE_AFTER_IDLE` of that (a busy client keeps its hyper connection), it shuts that hyper connection down (a no-op on the socket) and takes the socket
-//! back with whatever hyper had read ahead. Idle, the connection is the socket and a
-//! few words; the next byte from the client starts a new hyper connection on it.
+//! after `RELEASE_AFTER_IDLE` of that (a busy client keeps its hyper connection), it
+//! shuts that hyper connection down (a no-op on the socket) and takes the socket back
+//! with whatever hyper had read ahead, copied out of hyper's buffer. Idle, the
+//! connection is the socket, its task and a few words; the next byte from the client
+//! starts a new hyper connection on it.
 
 use std::io;
 use std::pin::Pin;
@@ -83,15 +85,7 @@ impl RestingIo {
 
     /// Takes back the bytes a finished hyper connection had read but not parsed.
     pub(super) fn put_back(&mut self, read_ahead: Bytes) {
-        if self.read_ahead.is_empty() {
-            self.read_ahead = read_ahead;
-        } else if !read_ahead.is_empty() {
-            // hyper had not taken all of the last read-ahead: its bytes come first.
-            let mut joined = Vec::with_capacity(read_ahead.len() + self.read_ahead.len());
-            joined.extend_from_slice(&read_ahead);
-            joined.extend_from_slice(&self.read_ahead);
-            self.read_ahead = joined.into();
-        }
+        put_back(&mut self.read_ahead, read_ahead);
     }
 
     pub(super) fn has_read_ahead(&self) -> bool {
@@ -167,5 +161,61 @@ impl AsyncWrite for RestingIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Puts `taken` (what hyper had read ahead) in front of `kept` (what it had not yet
+/// taken of the last read-ahead).
+fn put_back(kept: &mut Bytes, taken: Bytes) {
+    if taken.is_empty() {
+        // Even empty, hyper's `Bytes` can share its whole read buffer (8 KB and up):
+        // kept, it would pin that buffer for as long as the connection idles.
+        return;
+    }
+    let mut joined = Vec::with_capacity(taken.len() + kept.len());
+    joined.extend_from_slice(&taken);
+    joined.extend_from_slice(kept);
+    // Copied for the same reason: a few pipelined bytes, not hyper's buffer.
+    *kept = joined.into();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What hyper hands back: a frozen read buffer, the bytes it parsed advanced past.
+    fn hyper_read_buf(unparsed: &[u8]) -> Bytes {
+        let mut buf = bytes::BytesMut::with_capacity(8192);
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        buf.advance(buf.len());
+        buf.extend_from_slice(unparsed);
+        buf.freeze()
+    }
+
+    #[test]
+    fn nothing_read_ahead_keeps_nothing_of_hypers_buffer() {
+        let from_hyper = hyper_read_buf(b"");
+        let probe = from_hyper.clone();
+        let mut kept = Bytes::new();
+        put_back(&mut kept, from_hyper);
+        assert!(kept.is_empty());
+        assert!(probe.is_unique(), "hyper's buffer is still shared");
+    }
+
+    #[test]
+    fn bytes_read_ahead_are_copied_out_of_hypers_buffer() {
+        let from_hyper = hyper_read_buf(b"GET /next");
+        let probe = from_hyper.clone();
+        let mut kept = Bytes::new();
+        put_back(&mut kept, from_hyper);
+        assert_eq!(&kept[..], b"GET /next");
+        assert!(probe.is_unique(), "hyper's buffer is still shared");
+    }
+
+    #[test]
+    fn newer_read_ahead_goes_in_front_of_what_was_left() {
+        let mut kept = Bytes::from_static(b" HTTP/1.1\r\n");
+        put_back(&mut kept, hyper_read_buf(b"GET /"));
+        assert_eq!(&kept[..], b"GET / HTTP/1.1\r\n");
     }
 }
