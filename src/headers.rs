@@ -1,7 +1,6 @@
 //! Header hygiene for both directions, as pure functions: hop-by-hop headers stay on
 //! their own hop, and the upstream learns who the client was.
 
-use std::io::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -179,20 +178,14 @@ fn list_contains(value: &HeaderValue, token: &str) -> bool {
 /// client asked for) and this proxy appended to `Via`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client_ip: &HeaderValue,
     tls: bool,
     host: Option<&HeaderValue>,
     version: Version,
 ) {
-    let mut ip_buf = [0u8; 48];
-    let ip_len = {
-        let mut cursor = std::io::Cursor::new(&mut ip_buf[..]);
-        // An IPv6 address is at most 45 characters, so this cannot overflow.
-        let _ = write!(cursor, "{client}");
-        cursor.position() as usize
-    };
-    let ip = &ip_buf[..ip_len];
-    let xff = append_to_list(headers, &X_FORWARDED_FOR, ip);
+    // At most four headers are added: one allocation instead of a regrowth midway.
+    headers.reserve(4);
+    let xff = append_to_list(headers, &X_FORWARDED_FOR, client_ip);
     headers.insert(X_FORWARDED_FOR.clone(), xff);
 
     headers.insert(
@@ -202,21 +195,28 @@ pub fn add_forwarded(
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    let via: &[u8] = match version {
-        Version::HTTP_10 => b"1.0 switchyard",
-        Version::HTTP_2 => b"2 switchyard",
-        _ => b"1.1 switchyard",
-    };
-    let via = append_to_list(headers, &header::VIA, via);
+    let via = HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 switchyard",
+        Version::HTTP_2 => "2 switchyard",
+        _ => "1.1 switchyard",
+    });
+    let via = append_to_list(headers, &header::VIA, &via);
     headers.insert(header::VIA, via);
 }
 
+/// The client's address as an `X-Forwarded-For` item: made once per connection, then
+/// each request's header shares it.
+pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
+    // An IP address's text is always a valid header value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(client.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// The existing values of a list header (all lines joined), with `item` appended.
-fn append_to_list(headers: &HeaderMap, name: &HeaderName, item: &[u8]) -> HeaderValue {
+fn append_to_list(headers: &HeaderMap, name: &HeaderName, item: &HeaderValue) -> HeaderValue {
     let mut existing = headers.get_all(name).iter().peekable();
     if existing.peek().is_none() {
-        // Always valid: an IP address or a fixed token.
-        return HeaderValue::from_bytes(item).unwrap_or_else(|_| HeaderValue::from_static(""));
+        return item.clone();
     }
     let mut joined = Vec::with_capacity(64);
     for value in existing {
@@ -226,7 +226,7 @@ fn append_to_list(headers: &HeaderMap, name: &HeaderName, item: &[u8]) -> Header
         joined.extend_from_slice(value.as_bytes());
     }
     joined.extend_from_slice(b", ");
-    joined.extend_from_slice(item);
+    joined.extend_from_slice(item.as_bytes());
     // Existing values were valid header bytes, and so are the separator and the item.
     HeaderValue::from_bytes(&joined).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
@@ -303,7 +303,7 @@ mod tests {
         ]);
         add_forwarded(
             &mut h,
-            "192.0.2.7".parse().unwrap(),
+            &forwarded_for_value("192.0.2.7".parse().unwrap()),
             false,
             None,
             Version::HTTP_11,
@@ -321,7 +321,7 @@ mod tests {
         let host = HeaderValue::from_static("shop.example.com");
         add_forwarded(
             &mut h,
-            "::1".parse().unwrap(),
+            &forwarded_for_value("::1".parse().unwrap()),
             true,
             Some(&host),
             Version::HTTP_11,
@@ -337,7 +337,7 @@ mod tests {
         let mut h = map(&[("via", "1.1 edge")]);
         add_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &forwarded_for_value("127.0.0.1".parse().unwrap()),
             false,
             None,
             Version::HTTP_10,

@@ -296,8 +296,10 @@ fn service(
        + Send
        + Unpin
        + 'static {
+    let peer = Arc::new(crate::proxy::Peer::new(this.peer, this.tls));
     service_fn(move |req: Request<Incoming>| {
         let this = Arc::clone(&this);
+        let peer = Arc::clone(&peer);
         let counts = Arc::clone(&counts);
         let open = signal.as_ref().map(IdleSignal::open);
         async move {
@@ -322,7 +324,7 @@ fn service(
                 guard.0 = Some(Arc::clone(&counts));
             }
             let http1 = req.version() < Version::HTTP_2;
-            let mut response = this.proxy.handle(req, this.peer, this.tls).await;
+            let mut response = this.proxy.handle(req, &peer).await;
             guard.0 = None;
             if http1
                 && counts.closing.load(Ordering::Relaxed)
