@@ -6,6 +6,7 @@
 #
 #   A=/tmp/old/switchyard benches/ab.sh                 # B: this tree's release build
 #   A=old/switchyard B=new/switchyard ROUNDS=9 benches/ab.sh
+#   WORKERS=2 A=… benches/ab.sh                        # `workers = 2` for both
 #
 # Bounded: every wrk run stops after DURATION; every server it starts is stopped on
 # exit. Everything is on 127.0.0.1.
@@ -35,7 +36,7 @@ start() { # name binary port
     cat >"$WORK/$1.toml" <<EOT
 [proxy]
 listen = "127.0.0.1:$3"
-workers = 1
+workers = ${WORKERS:-1}
 [admin]
 listen = "127.0.0.1:$(($3 + 1))"
 [state]

@@ -60,14 +60,14 @@ nginx_temp_paths() {
 EOF
 }
 
-# nginx in front of UP1 and UP2 on 127.0.0.1:$1, one worker. $2: more lines for the
+# nginx in front of UP1 and UP2 on 127.0.0.1:$1, WORKERS workers (default 1). $2: more lines for the
 # server block (after `listen 127.0.0.1:$1`, so `$2` may start with " ssl http2;").
 # $3: more lines for the location.
 start_nginx() {
     local port=$1 server_lines=$2 location_lines=$3
     mkdir -p "$WORK/nginx"
     cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes ${WORKERS:-1};
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
@@ -100,13 +100,13 @@ EOF
     wait_port "$port"
 }
 
-# HAProxy in front of UP1 and UP2 on 127.0.0.1:$1, one thread. $2: more `bind`
+# HAProxy in front of UP1 and UP2 on 127.0.0.1:$1, WORKERS threads (default 1). $2: more `bind`
 # options; $3: more frontend lines.
 start_haproxy() {
     local port=$1 bind_options=$2 frontend_lines=$3
     cat >"$WORK/haproxy.cfg" <<HAPROXY
 global
-    nbthread 1
+    nbthread ${WORKERS:-1}
     maxconn 4096
 defaults
     mode http

@@ -7,6 +7,7 @@
 #   benches/load.sh                      # 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=20s CONNECTIONS=100 benches/load.sh
 #   INSTALL=1 benches/load.sh            # apt-get install wrk and nginx first
+#   WORKERS=2 benches/load.sh            # two workers/processes/threads each
 #   OBSERVABILITY=1 benches/load.sh      # also switchyard with metrics off, and with
 #                                        # the JSON access log on (to /dev/null)
 #
@@ -24,6 +25,8 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-50}
 BASE_PORT=${BASE_PORT:-18000}
 IDLE_CONNS=${IDLE_CONNS:-3000}
+# switchyard's `workers`, nginx's `worker_processes`, HAProxy's `nbthread`.
+export WORKERS=${WORKERS:-1}
 cd "$(dirname "$0")/.."
 
 if [[ "${INSTALL:-0}" == 1 ]]; then
@@ -53,7 +56,7 @@ declare -A PID_OF=([direct]=${PIDS[0]})
 cat >"$WORK/switchyard.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$SY"
-workers = 1
+workers = $WORKERS
 [admin]
 listen = "127.0.0.1:$SY_ADMIN"
 [state]
@@ -174,7 +177,7 @@ wait_port "$PACED"
 IDLE_KB_PACED=$(idle_kb "${PIDS[-1]}" "$PACED" "$IDLE_PACE_MS")
 
 echo
-echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $(nproc) cores; $(uname -m)"
+echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $WORKERS worker(s) each; $(nproc) cores; $(uname -m)"
 printf '%-12s %12s %10s %10s %12s %16s\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req" "KB/idle conn"
 declare -A MR MP99 MCPU
 for target in "${TARGETS[@]}"; do

@@ -36,3 +36,4 @@ pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod webhook;
+pub mod worker;

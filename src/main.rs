@@ -247,17 +247,28 @@ fn run(
 ) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // One worker runs everything on this thread: no work-stealing machinery and no
-    // cross-thread wakeups, which is measurably faster for a single-core proxy.
-    let mut runtime = match config.proxy.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
+    // cross-thread wakeups, which is measurably faster for a single-core proxy. More
+    // get a thread each, with its own runtime, that serves the connections handed to
+    // it (see `worker`); this thread's runtime accepts them and runs the control plane.
+    let workers = match config.proxy.workers {
+        // As tokio's own runtime read it: the documented override of the default.
+        0 => match std::env::var("TOKIO_WORKER_THREADS") {
+            Ok(value) => value
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .with_context(|| {
+                    format!("TOKIO_WORKER_THREADS={value:?}: expected a number from 1 to 1024")
+                })?,
+            Err(_) => std::thread::available_parallelism().map_or(1, usize::from),
+        },
+        n => n,
     };
-    let runtime = runtime
+    if workers > 1 {
+        switchyard::worker::start(workers)?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;

@@ -398,3 +398,96 @@ async fn shutdown_waits_for_websockets_but_not_for_admin_long_polls() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// CPU ticks (utime + stime) of each of `pid`'s threads named like a worker.
+fn worker_thread_ticks(pid: u32) -> Vec<u64> {
+    let mut ticks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        // `comm` holds 15 bytes of "switchyard-worker-N".
+        if !name.starts_with("switchyard-work") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // The fields after the name in parentheses: utime and stime are 14 and 15.
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        ticks.push(fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap());
+    }
+    ticks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_each_serve_connections_and_reuse_their_upstream_connections() {
+    let upstream = Upstream::start("blue").await;
+    let config = config_text("workers = 2", &[("blue", &[upstream.addr])], "");
+    let proxy = ProxyProcess::start(&config);
+    wait_ready(proxy.admin_addr).await;
+    assert_eq!(
+        worker_thread_ticks(proxy.pid()).len(),
+        2,
+        "two worker threads"
+    );
+
+    // Four keep-alive client connections, handed to the workers in turn; one request
+    // at a time across all of them.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(proxy.proxy_addr)
+            .await
+            .unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake::<_, TestBody>(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        clients.push(sender);
+    }
+    for round in 0..400 {
+        for sender in &mut clients {
+            sender.ready().await.unwrap();
+            let answer = sender
+                .send_request(get(proxy.proxy_addr, "/"))
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(answer.status(), StatusCode::OK);
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"blue");
+        }
+    }
+
+    // Both workers did the work, and each kept reusing its own upstream connection:
+    // with requests one at a time, no more than one per worker was ever opened.
+    let ticks = worker_thread_ticks(proxy.pid());
+    assert!(ticks.iter().all(|&t| t > 0), "worker CPU ticks {ticks:?}");
+    let opened = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&opened), "{opened} upstream connections");
+    assert_eq!(upstream.hits(), 1600);
+}
+
+#[test]
+fn a_bad_tokio_worker_threads_stops_the_start_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &path,
+        config_text("", &[("blue", &["127.0.0.1:1".parse().unwrap()])], ""),
+    )
+    .unwrap();
+    for value in ["abc", "0", "5000"] {
+        let out = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("TOKIO_WORKER_THREADS", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: {stderr}");
+        assert!(
+            stderr.contains("TOKIO_WORKER_THREADS") && stderr.contains("1 to 1024"),
+            "{value}: {stderr}"
+        );
+    }
+}

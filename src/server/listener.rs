@@ -122,7 +122,31 @@ pub(super) async fn accept_loop(
         let serving = serving.load_full();
         let metrics = Arc::clone(&metrics);
         let kind = config.kind;
+        // With workers, the connection is served on one of them (see `worker`): the
+        // socket leaves this runtime's reactor for that worker's.
+        let (accepted, worker) = match crate::worker::next() {
+            None => (Accepted::Here(stream), None),
+            Some(worker) => match stream.into_std() {
+                Ok(stream) => (Accepted::Moved(stream), Some(worker)),
+                Err(e) => {
+                    tracing::warn!(%peer, "cannot hand a connection to a worker: {e}");
+                    open.dec();
+                    continue;
+                }
+            },
+        };
         let task = async move {
+            let stream = match accepted {
+                Accepted::Here(stream) => stream,
+                Accepted::Moved(stream) => match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(%peer, "a worker cannot take a connection: {e}");
+                        open.dec();
+                        return;
+                    }
+                },
+            };
             let builders = &serving.builders;
             let proxy = Arc::clone(&serving.proxy);
             match (kind, &serving.tls) {
@@ -182,8 +206,19 @@ pub(super) async fn accept_loop(
             open.dec();
             drop(permit);
         };
-        tokio::spawn(task);
+        match worker {
+            None => drop(tokio::spawn(task)),
+            Some(worker) => drop(worker.spawn(task)),
+        }
     }
+}
+
+/// An accepted connection on its way to the runtime that serves it.
+enum Accepted {
+    /// Registered with this runtime, which serves it.
+    Here(TcpStream),
+    /// Out of any reactor, for a worker to register.
+    Moved(std::net::TcpStream),
 }
 
 fn failed_handshake<T>(metrics: &Metrics, reason: &str) -> Option<T> {
