@@ -164,8 +164,8 @@ for target in "${TARGETS[@]}"; do
     port=${URL[$target]#http://127.0.0.1:}; port=${port%/}
     IDLE_KB[$target]=$(idle_kb "${PID_OF[$target]}" "$port" 0)
 done
-# switchyard gives a plain HTTP/1.1 connection's hyper buffers up after 200 ms idle, so
-# opened back to back, the last few hundred connections still hold theirs (and the
+# switchyard gives a plain HTTP/1.1 connection's hyper buffers up after 50 ms idle, so
+# opened back to back, the last of them still hold theirs (and the
 # allocator keeps what the others freed). Clients arriving over time, IDLE_PACE_MS apart,
 # on a fresh instance (one that has not already grown its heap for the run above):
 IDLE_PACE_MS=${IDLE_PACE_MS:-1}
