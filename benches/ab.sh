@@ -7,6 +7,8 @@
 #   A=/tmp/old/switchyard benches/ab.sh                 # B: this tree's release build
 #   A=old/switchyard B=new/switchyard ROUNDS=9 benches/ab.sh
 #   WORKERS=2 A=… benches/ab.sh                        # `workers = 2` for both
+#   H2C=1 A=… benches/ab.sh                            # HTTP/2 (h2c) with h2load,
+#                                                      # STREAMS per connection (10)
 #
 # Bounded: every wrk run stops after DURATION; every server it starts is stopped on
 # exit. Everything is on 127.0.0.1.
@@ -17,7 +19,13 @@ DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-50}
 BASE_PORT=${BASE_PORT:-19000}
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
+H2C=${H2C:-0}
+STREAMS=${STREAMS:-10}
+if [[ $H2C == 1 ]]; then
+    command -v h2load >/dev/null || { echo "h2load is not installed (nghttp2-client)" >&2; exit 1; }
+else
+    command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
+fi
 [[ -n "${A:-}" ]] || { echo "A=path/to/switchyard is required (the build to compare with)" >&2; exit 1; }
 if [[ -z "${B:-}" ]]; then
     cargo build --release --quiet
@@ -37,6 +45,7 @@ start() { # name binary port
 [proxy]
 listen = "127.0.0.1:$3"
 workers = ${WORKERS:-1}
+$([[ $H2C == 1 ]] && echo "h2c = true")
 [admin]
 listen = "127.0.0.1:$(($3 + 1))"
 [state]
@@ -58,9 +67,15 @@ for round in $(seq 1 "$ROUNDS"); do
     for which in A B; do
         pid=${PID_OF[$which]}
         before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:${PORT_OF[$which]}/")
-        after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        if [[ $H2C == 1 ]]; then
+            out=$(h2load -c"$CONNECTIONS" -m"$STREAMS" -D"${DURATION%s}" "http://127.0.0.1:${PORT_OF[$which]}/" 2>/dev/null)
+            after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+            requests=$(awk '/^requests:/ {print $8}' <<<"$out")
+        else
+            out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:${PORT_OF[$which]}/")
+            after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+            requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        fi
         us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
         SAMPLES[$which]+="$us "
         echo "round $round $which  $requests requests  $us us CPU/req"
