@@ -159,7 +159,9 @@ pub(super) async fn accept_loop(
                         metrics,
                     };
                     if serving.h2c {
-                        // Boxed, as the TLS branch below is.
+                        // Boxed: the generic connection's future is kilobytes, which
+                        // every plain HTTP/1.1 connection's task would carry too
+                        // (4,288 B, against 992 B without it).
                         Box::pin(conn.serve(builders, Served::Detect, stream, watcher)).await;
                     } else {
                         conn.serve_plain_http1(builders, stream, watcher).await;
