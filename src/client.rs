@@ -88,7 +88,8 @@ impl Sender {
     }
 }
 
-/// Idle connections kept per backend; beyond this a finished connection is closed.
+/// Idle connections kept per backend (per backend and worker with `workers > 1`);
+/// beyond this a finished connection is closed.
 const MAX_IDLE_PER_BACKEND: usize = 512;
 
 pub struct ConnPool {
@@ -99,9 +100,7 @@ pub struct ConnPool {
     /// instead of holding `MAX_IDLE_PER_BACKEND` slots from the start: a backend that
     /// never saw a request costs a few words here, where at 20,000 backends the
     /// preallocated queues took 600 MB.
-    idle: Box<[std::sync::OnceLock<Box<SegQueue<IdleConn>>>]>,
-    /// Connections in `idle`, kept to bound it.
-    idle_len: AtomicUsize,
+    idle: Box<[IdleList]>,
     idle_timeout: Duration,
     /// Made on the first HTTP/2 connect: an HTTP/1.1 backend never needs it.
     h2: std::sync::OnceLock<Box<SharedH2>>,
@@ -114,6 +113,15 @@ struct SharedH2 {
     /// Held only while an HTTP/2 connection is being opened, so concurrent requests
     /// wait for that one instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// One worker's idle connections to a backend.
+#[derive(Default)]
+struct IdleList {
+    queue: std::sync::OnceLock<Box<SegQueue<IdleConn>>>,
+    /// Connections in `queue`, kept to bound it; per list, so that no request touches
+    /// a cache line another worker writes.
+    len: AtomicUsize,
 }
 
 struct IdleConn {
@@ -137,9 +145,8 @@ impl ConnPool {
     pub fn new(idle_timeout: Duration) -> ConnPool {
         ConnPool {
             idle: (0..crate::worker::lists())
-                .map(|_| std::sync::OnceLock::new())
+                .map(|_| IdleList::default())
                 .collect(),
-            idle_len: AtomicUsize::new(0),
             idle_timeout,
             h2: std::sync::OnceLock::new(),
         }
@@ -150,9 +157,10 @@ impl ConnPool {
         if let Some(shared) = self.live_h2() {
             return Some(Sender::H2(shared));
         }
-        let idle = self.own_list().get()?;
+        let list = self.own_list();
+        let idle = list.queue.get()?;
         while let Some(mut conn) = idle.pop() {
-            self.idle_len.fetch_sub(1, Ordering::Relaxed);
+            list.len.fetch_sub(1, Ordering::Relaxed);
             if conn.sender.is_closed() || conn.since.elapsed() > self.idle_timeout {
                 continue;
             }
@@ -180,13 +188,14 @@ impl ConnPool {
             return;
         }
         // A full queue drops the connection, which closes it.
-        let room = self
-            .idle_len
+        let list = self.own_list();
+        let room = list
+            .len
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < MAX_IDLE_PER_BACKEND).then_some(n + 1)
             });
         if room.is_ok() {
-            self.own_list().get_or_init(Box::default).push(IdleConn {
+            list.queue.get_or_init(Box::default).push(IdleConn {
                 sender,
                 since: Instant::now(),
             });
@@ -204,13 +213,13 @@ impl ConnPool {
     pub fn idle_count(&self) -> usize {
         self.idle
             .iter()
-            .filter_map(|list| list.get())
+            .filter_map(|list| list.queue.get())
             .map(|idle| idle.len())
             .sum()
     }
 
     /// The idle list of the thread this runs on.
-    fn own_list(&self) -> &std::sync::OnceLock<Box<SegQueue<IdleConn>>> {
+    fn own_list(&self) -> &IdleList {
         // A pool made before the workers started has one list, which they share.
         &self.idle[crate::worker::list() % self.idle.len()]
     }
