@@ -41,20 +41,7 @@ wait_port "$UP1"; wait_port "$UP2"
 
 declare -A PID_OF PORT_OF
 start() { # name binary port
-    cat >"$WORK/$1.toml" <<EOT
-[proxy]
-listen = "127.0.0.1:$3"
-workers = ${WORKERS:-1}
-$([[ $H2C == 1 ]] && echo "h2c = true")
-[admin]
-listen = "127.0.0.1:$(($3 + 1))"
-[state]
-path = "$WORK/$1.state.json"
-[pools.app]
-backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
-[services.app]
-active = "app"
-EOT
+    switchyard_config "$1" "$3" "$([[ $H2C == 1 ]] && echo "h2c = true")"
     RUST_LOG=warn "$2" run --config "$WORK/$1.toml" & PIDS+=($!)
     PID_OF[$1]=$!; PORT_OF[$1]=$3
     wait_port "$3"

@@ -60,6 +60,26 @@ nginx_temp_paths() {
 EOF
 }
 
+# Writes $WORK/$1.toml: switchyard on 127.0.0.1:$2 (admin on $2 + 1) in front of UP1
+# and UP2, WORKERS workers (default 1); $3: more lines for the [proxy] table.
+switchyard_config() {
+    local name=$1 port=$2 proxy_lines=${3:-}
+    cat >"$WORK/$name.toml" <<EOT
+[proxy]
+listen = "127.0.0.1:$port"
+workers = ${WORKERS:-1}
+$proxy_lines
+[admin]
+listen = "127.0.0.1:$((port + 1))"
+[state]
+path = "$WORK/$name.state.json"
+[pools.app]
+backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
+[services.app]
+active = "app"
+EOT
+}
+
 # nginx in front of UP1 and UP2 on 127.0.0.1:$1, WORKERS workers (default 1). $2: more lines for the
 # server block (after `listen 127.0.0.1:$1`, so `$2` may start with " ssl http2;").
 # $3: more lines for the location.

@@ -29,19 +29,7 @@ UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2)); SY=$((BASE_PORT + 10)); NGX=$((B
 "$BIN" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)
 "$BIN" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
 wait_port "$UP1"; wait_port "$UP2"
-cat >"$WORK/switchyard.toml" <<EOT
-[proxy]
-listen = "127.0.0.1:$SY"
-workers = 1
-[admin]
-listen = "127.0.0.1:$((SY + 1))"
-[state]
-path = "$WORK/switchyard.state.json"
-[pools.app]
-backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
-[services.app]
-active = "app"
-EOT
+switchyard_config switchyard "$SY"
 RUST_LOG=warn "$BIN" run --config "$WORK/switchyard.toml" & PIDS+=($!)
 declare -A PID_OF=([switchyard]=$!) PORT_OF=([switchyard]=$SY [nginx]=$NGX)
 wait_port "$SY"

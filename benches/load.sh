@@ -53,19 +53,7 @@ SY=$((BASE_PORT + 10)); SY_ADMIN=$((BASE_PORT + 11)); NGX=$((BASE_PORT + 20)); H
 wait_port "$UP1"; wait_port "$UP2"
 declare -A PID_OF=([direct]=${PIDS[0]})
 
-cat >"$WORK/switchyard.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$SY"
-workers = $WORKERS
-[admin]
-listen = "127.0.0.1:$SY_ADMIN"
-[state]
-path = "$WORK/switchyard.state.json"
-[pools.app]
-backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
-[services.app]
-active = "app"
-EOF
+switchyard_config switchyard "$SY"
 RUST_LOG=warn "$BIN" run --config "$WORK/switchyard.toml" & PIDS+=($!)
 PID_OF[switchyard]=$!
 wait_port "$SY"

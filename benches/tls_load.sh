@@ -44,22 +44,9 @@ cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/bundle.pem"
 "$BIN" stand-in --listen "127.0.0.1:$UP2" --name up2 & PIDS+=($!)
 wait_port "$UP1"; wait_port "$UP2"
 
-cat >"$WORK/switchyard.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$SY"
-workers = 1
-[proxy.tls]
-listen = "127.0.0.1:$SY_TLS"
-certificates = [{ cert = "$WORK/cert.pem", key = "$WORK/key.pem" }]
-[admin]
-listen = "127.0.0.1:$SY_ADMIN"
-[state]
-path = "$WORK/switchyard.state.json"
-[pools.app]
-backends = ["127.0.0.1:$UP1", "127.0.0.1:$UP2"]
-[services.app]
-active = "app"
-EOF
+switchyard_config switchyard "$SY" "[proxy.tls]
+listen = \"127.0.0.1:$SY_TLS\"
+certificates = [{ cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }]"
 RUST_LOG=warn "$BIN" run --config "$WORK/switchyard.toml" & PIDS+=($!)
 wait_port "$SY_TLS"
 TARGETS=(switchyard)
