@@ -273,9 +273,9 @@ impl Body for RequestBody {
 /// What the client receives: an upstream response streamed through, or a short body the
 /// proxy made itself (errors, rejections). `E` hears how the upstream body went (see
 /// `Ending`): the forwarding code decides what that means for its connection.
-pub enum ProxyBody<E> {
+pub enum ProxyBody<E: Ending> {
     Upstream {
-        inner: Incoming,
+        inner: E::Body,
         /// Until the body ends; a bodiless answer keeps it (already told) until hyper
         /// drops the body, so whatever it holds lasts as long.
         ending: Option<E>,
@@ -285,28 +285,28 @@ pub enum ProxyBody<E> {
 
 /// Told, as an upstream response body is passed on, how it goes.
 pub trait Ending {
+    /// The upstream body it hears about.
+    type Body: Body<Data = Bytes> + Unpin;
     /// A data frame of `bytes` was passed on.
     fn passed(&mut self, bytes: u64);
-    /// The body was passed on whole.
-    fn ended(&mut self);
+    /// The body was passed on whole; `body` is what is left of it (its connection).
+    fn ended(&mut self, body: &mut Self::Body);
     /// The upstream broke off in the middle of the body.
     fn broken(&mut self);
 }
 
 impl<E: Ending> ProxyBody<E> {
-    pub fn upstream(inner: Incoming, mut ending: E) -> ProxyBody<E> {
+    pub fn upstream(mut inner: E::Body, mut ending: E) -> ProxyBody<E> {
         if inner.is_end_stream() {
             // HEAD, 204, 304: hyper may never poll an empty body, so it ends now.
-            ending.ended();
+            ending.ended(&mut inner);
         }
         ProxyBody::Upstream {
             inner,
             ending: Some(ending),
         }
     }
-}
 
-impl<E> ProxyBody<E> {
     pub fn text(text: &'static str) -> ProxyBody<E> {
         ProxyBody::Full(Some(Bytes::from_static(text.as_bytes())))
     }
@@ -327,12 +327,12 @@ impl<E> ProxyBody<E> {
 
 impl<E: Ending + Unpin> Body for ProxyBody<E> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = <E::Body as Body>::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Upstream { inner, ending } => {
@@ -340,7 +340,7 @@ impl<E: Ending + Unpin> Body for ProxyBody<E> {
                 match &polled {
                     Poll::Ready(None) => {
                         if let Some(mut ending) = ending.take() {
-                            ending.ended();
+                            ending.ended(inner);
                         }
                     }
                     Poll::Ready(Some(Ok(frame))) => {
@@ -349,7 +349,7 @@ impl<E: Ending + Unpin> Body for ProxyBody<E> {
                         }
                         if inner.is_end_stream() {
                             if let Some(mut ending) = ending.take() {
-                                ending.ended();
+                                ending.ended(inner);
                             }
                         }
                     }

@@ -1,11 +1,12 @@
 //! Upstream connections: connect (TCP, then TLS when the pool asks for it) with a
-//! timeout, and keep them per backend. HTTP/1.1 connections wait idle in a lock-free
-//! queue; an HTTP/2 backend gets one multiplexed connection that every request shares.
+//! timeout, and keep them per backend. HTTP/1.1 connections (`upstream_h1`) wait idle
+//! in a lock-free queue; an HTTP/2 backend gets one multiplexed hyper connection that
+//! every request shares.
 //!
 //! The proxy connects *before* it hands the request over, so a refused or timed-out
 //! connect leaves the request (and its unread body) intact for a retry on another
-//! backend; a pooled connection found closed when the request is offered hands the
-//! request back too (`try_send_request`).
+//! backend; a pooled connection found closed when the request is offered leaves it
+//! intact too.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,10 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use crossbeam_queue::SegQueue;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::{http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -24,6 +27,7 @@ use tokio::net::TcpStream;
 use crate::body::RequestBody;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::tls::{UpstreamTls, UpstreamTlsError};
+use crate::upstream_h1;
 use rustls::pki_types::ServerName;
 
 /// How a pool's backends are reached: the runtime side of `UpstreamConfig`.
@@ -65,25 +69,90 @@ impl Upstream {
 /// A connection ready for one request: HTTP/1.1 (exclusive until its response ends) or
 /// a handle on a shared HTTP/2 connection.
 pub enum Sender {
-    H1(http1::SendRequest<RequestBody>),
+    H1(upstream_h1::Conn),
     H2(http2::SendRequest<RequestBody>),
 }
 
 impl Sender {
-    pub async fn try_send(
-        &mut self,
+    /// Sends a request whose failure needs no telling apart (health checks, mirrored
+    /// copies); the proxy's own path tells them apart (`proxy::send_to`).
+    pub async fn send_request(
+        self,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        header_timeout: Duration,
+    ) -> Result<Response<UpstreamBody>, String> {
         match self {
-            Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(conn) => {
+                let (parts, mut body) = req.into_parts();
+                match conn.send(&parts, &mut body, header_timeout).await {
+                    Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
+                    Err(upstream_h1::SendError::TimedOut) => {
+                        Err(format!("no response headers within {header_timeout:?}"))
+                    }
+                    Err(upstream_h1::SendError::Stale(e) | upstream_h1::SendError::Failed(e)) => {
+                        Err(e.to_string())
+                    }
+                    Err(upstream_h1::SendError::Body(e)) => Err(e.to_string()),
+                }
+            }
+            Sender::H2(mut sender) => {
+                let response = tokio::time::timeout(header_timeout, sender.try_send_request(req))
+                    .await
+                    .map_err(|_| format!("no response headers within {header_timeout:?}"))?
+                    .map_err(|e: TrySendError<_>| e.into_error().to_string())?;
+                Ok(response.map(UpstreamBody::H2))
+            }
+        }
+    }
+}
+
+/// A backend's response body, from either kind of connection.
+pub enum UpstreamBody {
+    H1(upstream_h1::ResponseBody),
+    H2(Incoming),
+}
+
+impl UpstreamBody {
+    /// The HTTP/1.1 connection, once its body ended clean and the backend keeps it
+    /// open; HTTP/2 connections are shared and never handed back.
+    pub fn take_reusable(&mut self) -> Option<upstream_h1::Conn> {
+        match self {
+            UpstreamBody::H1(body) => body.take_reusable(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = match self.get_mut() {
+            UpstreamBody::H1(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as Self::Error),
+            UpstreamBody::H2(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as Self::Error),
+        };
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
         }
     }
 
-    pub fn is_closed(&self) -> bool {
+    fn size_hint(&self) -> SizeHint {
         match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
         }
     }
 }
@@ -125,7 +194,7 @@ struct IdleList {
 }
 
 struct IdleConn {
-    sender: http1::SendRequest<RequestBody>,
+    conn: upstream_h1::Conn,
     since: Instant,
 }
 
@@ -153,21 +222,16 @@ impl ConnPool {
     }
 
     /// A pooled connection that is still open and not past its idle time.
-    pub async fn checkout(&self) -> Option<Sender> {
+    pub fn checkout(&self) -> Option<Sender> {
         if let Some(shared) = self.live_h2() {
             return Some(Sender::H2(shared));
         }
         let list = self.own_list();
         let idle = list.queue.get()?;
-        while let Some(mut conn) = idle.pop() {
+        while let Some(mut idle_conn) = idle.pop() {
             list.len.fetch_sub(1, Ordering::Relaxed);
-            if conn.sender.is_closed() || conn.since.elapsed() > self.idle_timeout {
-                continue;
-            }
-            // A connection is returned as soon as its response body ends; hyper marks it
-            // ready a moment later, once its connection task has seen the end too.
-            if conn.sender.ready().await.is_ok() {
-                return Some(Sender::H1(conn.sender));
+            if idle_conn.since.elapsed() <= self.idle_timeout && idle_conn.conn.is_usable() {
+                return Some(Sender::H1(idle_conn.conn));
             }
         }
         None
@@ -179,14 +243,8 @@ impl ConnPool {
         (!shared.is_closed()).then(|| shared.clone())
     }
 
-    pub fn checkin(&self, sender: Sender) {
-        let Sender::H1(sender) = sender else {
-            // HTTP/2 handles are clones of the shared connection; nothing to return.
-            return;
-        };
-        if sender.is_closed() {
-            return;
-        }
+    /// An HTTP/1.1 connection whose response ended clean, for the next request.
+    pub fn checkin(&self, conn: upstream_h1::Conn) {
         // A full queue drops the connection, which closes it.
         let list = self.own_list();
         let room = list
@@ -196,7 +254,7 @@ impl ConnPool {
             });
         if room.is_ok() {
             list.queue.get_or_init(Box::default).push(IdleConn {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -249,8 +307,8 @@ impl ConnPool {
     }
 }
 
-/// Opens a connection to `addr` as `upstream` says; the connection task runs on its
-/// own and ends when the connection closes. The timeout covers TCP and TLS, whose name
+/// Opens a connection to `addr` as `upstream` says; an HTTP/2 connection's task runs on
+/// its own and ends when the connection closes. The timeout covers TCP and TLS, whose name
 /// is the pool's `server_name`, else the backend's host name, else its IP address.
 pub async fn connect(
     addr: SocketAddr,
@@ -262,7 +320,10 @@ pub async fn connect(
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         match &upstream.tls {
-            None => handshake(stream, addr, upstream.protocol).await,
+            None if !upstream.protocol.is_h2() => Ok(Sender::H1(upstream_h1::Conn::new(
+                upstream_h1::Io::Plain(stream),
+            ))),
+            None => handshake(stream, addr).await,
             Some(tls) => {
                 let name = tls
                     .server_name
@@ -273,7 +334,13 @@ pub async fn connect(
                     .connect(name, stream)
                     .await
                     .map_err(ConnectError::Tls)?;
-                handshake(stream, addr, upstream.protocol).await
+                if upstream.protocol.is_h2() {
+                    handshake(stream, addr).await
+                } else {
+                    Ok(Sender::H1(upstream_h1::Conn::new(upstream_h1::Io::Tls(
+                        Box::new(stream),
+                    ))))
+                }
             }
         }
     })
@@ -281,36 +348,22 @@ pub async fn connect(
     opened.unwrap_or(Err(ConnectError::Timeout(timeout)))
 }
 
-async fn handshake<S>(
-    stream: S,
-    addr: SocketAddr,
-    protocol: Protocol,
-) -> Result<Sender, ConnectError>
+async fn handshake<S>(stream: S, addr: SocketAddr) -> Result<Sender, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(stream);
-    if protocol.is_h2() {
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // A shared connection that dies silently would fail every request on it:
-            // ping it, and drop it when the pings go unanswered.
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, "upstream HTTP/2 connection ended: {e}");
-            }
-        });
-        return Ok(Sender::H2(sender));
-    }
-    let (sender, conn) = http1::Builder::new().handshake(io).await?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // A shared connection that dies silently would fail every request on it:
+        // ping it, and drop it when the pings go unanswered.
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .handshake(TokioIo::new(stream))
+        .await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%addr, "upstream connection ended: {e}");
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, "upstream HTTP/2 connection ended: {e}");
         }
     });
-    Ok(Sender::H1(sender))
+    Ok(Sender::H2(sender))
 }

@@ -5,7 +5,7 @@
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
-use crate::body::ProxyBody;
+use crate::body::{Ending, ProxyBody};
 
 pub static X_SWITCHYARD_ERROR: http::HeaderName =
     http::HeaderName::from_static("x-switchyard-error");
@@ -85,7 +85,7 @@ impl ProxyError {
         }
     }
 
-    pub fn response<E>(self) -> Response<ProxyBody<E>> {
+    pub fn response<E: Ending>(self) -> Response<ProxyBody<E>> {
         let mut response = Response::new(ProxyBody::text(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -132,9 +132,19 @@ mod tests {
         assert_eq!(ProxyError::ClientBodyTimeout.status(), 408);
     }
 
+    /// An ending for a body that never comes from upstream.
+    struct Unused;
+
+    impl Ending for Unused {
+        type Body = http_body_util::Empty<bytes::Bytes>;
+        fn passed(&mut self, _: u64) {}
+        fn ended(&mut self, _: &mut Self::Body) {}
+        fn broken(&mut self) {}
+    }
+
     #[test]
     fn responses_carry_the_error_header() {
-        let r = ProxyError::UpstreamTimeout.response::<()>();
+        let r = ProxyError::UpstreamTimeout.response::<Unused>();
         assert_eq!(r.headers()["x-switchyard-error"], "upstream-timeout");
     }
 

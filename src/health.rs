@@ -133,7 +133,7 @@ async fn http_check(
     upstream: &Upstream,
 ) -> Result<(), String> {
     // The same connect as real traffic (TLS, HTTP/2), with its own deadline below.
-    let mut sender = client::connect(backend.addr, backend.tls_name(), upstream, config.timeout)
+    let sender = client::connect(backend.addr, backend.tls_name(), upstream, config.timeout)
         .await
         .map_err(|e| e.to_string())?;
     let host = http
@@ -154,9 +154,9 @@ async fn http_check(
         .body(RequestBody::empty())
         .map_err(|e| format!("request: {e}"))?;
     let response = sender
-        .try_send(request)
+        .send_request(request, config.timeout)
         .await
-        .map_err(|e| format!("request: {}", e.error()))?;
+        .map_err(|e| format!("request: {e}"))?;
     let status = response.status().as_u16();
     let expected = if http.expected_status.is_empty() {
         (200..300).contains(&status)

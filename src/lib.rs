@@ -35,5 +35,6 @@ pub mod split;
 pub mod state;
 pub mod stats;
 pub mod tls;
+pub mod upstream_h1;
 pub mod webhook;
 pub mod worker;

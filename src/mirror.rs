@@ -94,7 +94,7 @@ async fn send(copy: Copy) {
         let backend = &pool.backends[index];
         let _in_flight = backend.track_if_in_rotation().ok_or(())?;
         let upstream = &pool.settings.upstream;
-        let mut sender = match backend.conns.checkout().await {
+        let sender = match backend.conns.checkout() {
             Some(sender) => sender,
             None => Box::pin(backend.conns.connect(
                 backend.addr,
@@ -106,13 +106,23 @@ async fn send(copy: Copy) {
             .map_err(|_| ())?,
         };
         let request = Request::from_parts(head, RequestBody::fixed(body));
-        let response = sender.try_send(request).await.map_err(|_| ())?;
+        let response = sender
+            .send_request(request, deadline)
+            .await
+            .map_err(|_| ())?;
         let status = response.status().as_u16();
-        let read = http_body_util::Limited::new(response.into_body(), ANSWER_READ_LIMIT)
-            .collect()
-            .await;
-        if read.is_ok() {
-            backend.conns.checkin(sender);
+        // Read whole (up to a limit) so the connection can carry the next copy.
+        let mut answer = response.into_body();
+        let mut read = 0;
+        while let Some(frame) = answer.frame().await {
+            let frame = frame.map_err(|_| ())?;
+            read += frame.data_ref().map_or(0, |d| d.len());
+            if read > ANSWER_READ_LIMIT {
+                return Err(());
+            }
+        }
+        if let Some(conn) = answer.take_reusable() {
+            backend.conns.checkin(conn);
         }
         Ok::<_, ()>((index, status))
     })

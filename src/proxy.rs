@@ -11,6 +11,7 @@ use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
 
 use prometheus::Histogram;
 
@@ -18,7 +19,7 @@ use crate::accesslog::{AccessLog, AccessRecord};
 use crate::backend::{Backend, InFlight};
 use crate::balancer;
 use crate::body::{Ending, ProxyBody, RequestBody, RequestBodyError};
-use crate::client::{ConnectError, Sender, Upstream};
+use crate::client::{ConnectError, Sender, Upstream, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
@@ -26,6 +27,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::MirrorQueue;
 use crate::routing::{MirrorRoute, Pool, RoutingTable};
 use crate::split::Reason;
+use crate::upstream_h1;
 
 /// The response body a client gets from the proxy.
 pub type ResponseBody = ProxyBody<Exchange>;
@@ -59,10 +61,13 @@ pub struct Proxy {
 
 /// How one attempt on one backend ended, when it did not produce a response.
 enum AttemptError {
-    /// Nothing reached the backend: the request comes back for another backend.
-    NotSent(Box<Request<RequestBody>>, ConnectError),
+    /// Nothing reached the backend: the request is whole for another backend.
+    NotSent(ConnectError),
     /// The request was (at least partly) written, then the exchange failed.
-    Failed(hyper::Error),
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// The client's request body failed (too large, too slow, client gone): the
+    /// answer that says so.
+    Body(ProxyError),
     TimedOut,
 }
 
@@ -109,21 +114,45 @@ impl PendingCopy {
     }
 }
 
-/// What is kept of a bodiless idempotent request, so it can be sent again if a backend
-/// dies after it was written (nginx's `proxy_next_upstream error` for idempotent methods).
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+/// The request as it goes to backends. An HTTP/1.1 attempt only borrows it, so it is
+/// whole again for the next attempt unless its body was taken; an HTTP/2 attempt takes
+/// it, or a copy of its head when it may be sent again.
+struct Outgoing {
+    parts: http::request::Parts,
+    body: RequestBody,
+    /// Bodiless and idempotent: it may go to another backend after one failed it
+    /// mid-exchange (nginx's `proxy_next_upstream error` for idempotent methods).
+    resendable: bool,
+    /// Taken by an HTTP/2 connection that did not give it back.
+    spent: bool,
 }
 
-impl Replay {
-    fn request(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
+impl Outgoing {
+    /// The request for an HTTP/2 connection.
+    fn for_h2(&mut self) -> Request<RequestBody> {
+        if self.resendable {
+            let mut req = Request::new(RequestBody::empty());
+            *req.method_mut() = self.parts.method.clone();
+            *req.uri_mut() = self.parts.uri.clone();
+            *req.version_mut() = self.parts.version;
+            *req.headers_mut() = self.parts.headers.clone();
+            return req;
+        }
+        self.spent = true;
+        let (empty, ()) = Request::new(()).into_parts();
+        let parts = std::mem::replace(&mut self.parts, empty);
+        let body = std::mem::replace(&mut self.body, RequestBody::empty());
+        Request::from_parts(parts, body)
+    }
+
+    /// A request an HTTP/2 connection refused before sending it.
+    fn back_from_h2(&mut self, req: Request<RequestBody>) {
+        if self.spent {
+            let (parts, body) = req.into_parts();
+            self.parts = parts;
+            self.body = body;
+            self.spent = false;
+        }
     }
 }
 
@@ -298,20 +327,17 @@ impl Proxy {
         if let Some(copy) = mirror.flatten().filter(|_| !upgrade) {
             copy.take_from(&mut body, &self.mirror);
         }
-        let replay = (self.settings.connect_attempts > 1
+        let resendable = self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
-            && is_idempotent(&parts.method))
-        .then(|| Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        });
-        let request = Request::from_parts(parts, body);
-
-        let (response, sender, in_flight) = self
-            .send_with_retries(&pool, request, replay, trace)
-            .await?;
-        Ok(self.respond(response, sender, in_flight, client_upgrade))
+            && is_idempotent(&parts.method);
+        let outgoing = Outgoing {
+            parts,
+            body,
+            resendable,
+            spent: false,
+        };
+        let (response, in_flight) = self.send_with_retries(&pool, outgoing, trace).await?;
+        Ok(self.respond(response, in_flight, client_upgrade))
     }
 
     /// The head of a mirrored copy of `req`, prepared for the mirror pool; `None` when
@@ -357,15 +383,13 @@ impl Proxy {
     async fn send_with_retries(
         &self,
         pool: &Pool,
-        request: Request<RequestBody>,
-        replay: Option<Replay>,
+        mut outgoing: Outgoing,
         trace: &mut Trace,
-    ) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, InFlight), ProxyError> {
         let attempts = (self.settings.connect_attempts as usize).min(MAX_ATTEMPTS);
         // Backends this request will not go to again: tried, or drained under it.
         let mut excluded = [usize::MAX; MAX_ATTEMPTS];
         let mut skipped = 0;
-        let mut request = Some(request);
         let mut failure = ProxyError::NoHealthyBackend;
         let connect_metric = trace.route.as_ref().map(|r| r.connect());
         let mut attempt = 0;
@@ -383,44 +407,39 @@ impl Proxy {
             };
             trace.retries = attempt as u32;
             attempt += 1;
-            let Some(req) = request
-                .take()
-                .or_else(|| replay.as_ref().map(Replay::request))
-            else {
+            if outgoing.spent {
                 break;
-            };
+            }
             match self
-                .send_to(backend, &pool.settings.upstream, req, connect_metric)
+                .send_to(
+                    backend,
+                    &pool.settings.upstream,
+                    &mut outgoing,
+                    connect_metric,
+                )
                 .await
             {
-                Ok((response, sender)) => {
+                Ok(response) => {
                     health::report(pool, backend, !response.status().is_server_error());
                     trace.backend = Some(index);
-                    return Ok((response, sender, in_flight));
+                    return Ok((response, in_flight));
                 }
-                Err(AttemptError::NotSent(req, error)) => {
+                Err(AttemptError::NotSent(error)) => {
                     // Not reached: the answer (503) is counted under no backend.
                     trace.backend = None;
                     health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream connect failed", &error);
-                    request = Some(*req);
                     failure = ProxyError::UpstreamConnect;
                 }
+                Err(AttemptError::Body(answer)) => return Err(answer),
                 Err(AttemptError::Failed(error)) => {
-                    if let Some(body_error) = request_body_error(&error) {
-                        return Err(match body_error {
-                            RequestBodyError::TooLarge(_) => ProxyError::BodyTooLarge,
-                            RequestBodyError::Client(_) => ProxyError::BadRequest,
-                            RequestBodyError::TimedOut(_) => ProxyError::ClientBodyTimeout,
-                        });
-                    }
                     // The backend that broke the exchange is the one the 502 is counted
                     // and logged under.
                     trace.backend = Some(index);
                     health::report(pool, backend, false);
                     backend.warn_rate_limited("upstream request failed", &error);
                     failure = ProxyError::UpstreamError;
-                    if replay.is_none() {
+                    if !outgoing.resendable {
                         break;
                     }
                 }
@@ -442,16 +461,18 @@ impl Proxy {
     }
 
     /// One backend: a pooled connection if one is open, else a new one. A pooled
-    /// connection that turns out closed hands the request back and the next is tried.
+    /// connection that turns out closed before it took the request leaves the request
+    /// whole, and the next is tried.
     async fn send_to(
         &self,
         backend: &Backend,
         upstream: &Upstream,
-        mut req: Request<RequestBody>,
+        outgoing: &mut Outgoing,
         connect_metric: Option<&Histogram>,
-    ) -> Result<(Response<Incoming>, Sender), AttemptError> {
+    ) -> Result<Response<UpstreamBody>, AttemptError> {
+        let timeout = self.settings.upstream_header_timeout;
         loop {
-            let (mut sender, pooled) = match backend.conns.checkout().await {
+            let (sender, pooled) = match backend.conns.checkout() {
                 Some(sender) => (sender, true),
                 None => {
                     let started = Instant::now();
@@ -472,13 +493,34 @@ impl Proxy {
                             }
                             (sender, false)
                         }
-                        Err(error) => return Err(AttemptError::NotSent(Box::new(req), error)),
+                        Err(error) => return Err(AttemptError::NotSent(error)),
                     }
                 }
             };
-            let timeout = self.settings.upstream_header_timeout;
+            let mut h2 = match sender {
+                Sender::H1(conn) => {
+                    let sent = conn
+                        .send(&outgoing.parts, &mut outgoing.body, timeout)
+                        .await;
+                    return match sent {
+                        Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
+                        // Closed by the backend while it was idle: nothing of the
+                        // request was taken, so it goes on the next connection.
+                        Err(upstream_h1::SendError::Stale(_)) => continue,
+                        Err(upstream_h1::SendError::Failed(e)) => {
+                            Err(AttemptError::Failed(Box::new(e)))
+                        }
+                        Err(upstream_h1::SendError::Body(e)) => {
+                            Err(AttemptError::Body(body_failure(&e)))
+                        }
+                        Err(upstream_h1::SendError::TimedOut) => Err(AttemptError::TimedOut),
+                    };
+                }
+                Sender::H2(h2) => h2,
+            };
+            let mut req = outgoing.for_h2();
             let body_sent = req.body_mut().notify_end();
-            let exchange = sender.try_send(req);
+            let exchange = h2.try_send_request(req);
             let deadline = async {
                 if let Some(body_sent) = body_sent {
                     let _ = body_sent.await;
@@ -490,21 +532,24 @@ impl Proxy {
                 () = deadline => return Err(AttemptError::TimedOut),
             };
             match outcome {
-                Ok(response) => return Ok((response, sender)),
+                Ok(response) => return Ok(response.map(UpstreamBody::H2)),
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) if pooled => {
-                        if let Sender::H2(_) = sender {
-                            backend.conns.forget_shared();
-                        }
-                        req = unsent;
-                    }
                     Some(unsent) => {
-                        return Err(AttemptError::NotSent(
-                            Box::new(unsent),
-                            ConnectError::Handshake(error.into_error()),
-                        ))
+                        outgoing.back_from_h2(unsent);
+                        if !pooled {
+                            return Err(AttemptError::NotSent(ConnectError::Handshake(
+                                error.into_error(),
+                            )));
+                        }
+                        backend.conns.forget_shared();
                     }
-                    None => return Err(AttemptError::Failed(error.into_error())),
+                    None => {
+                        let error = error.into_error();
+                        return Err(match request_body_error(&error) {
+                            Some(body_error) => AttemptError::Body(body_failure(body_error)),
+                            None => AttemptError::Failed(Box::new(error)),
+                        });
+                    }
                 },
             }
         }
@@ -512,27 +557,27 @@ impl Proxy {
 
     fn respond(
         &self,
-        mut response: Response<Incoming>,
-        sender: Sender,
+        response: Response<UpstreamBody>,
         in_flight: InFlight,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+        let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let upgraded = match body {
+                UpstreamBody::H1(body) => body.into_upgraded(),
+                UpstreamBody::H2(_) => None,
+            };
+            let (Some(client_upgrade), Some((upstream, read_ahead))) = (client_upgrade, upgraded)
+            else {
                 // A 101 nobody asked for cannot be passed on.
                 return ProxyError::UpstreamError.response();
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            drop(sender);
-            let (mut parts, _) = response.into_parts();
+            tokio::spawn(tunnel(client_upgrade, upstream, read_ahead, in_flight));
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, ProxyBody::empty());
         }
-        let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let exchange = Exchange {
-            sender: Some(sender),
             in_flight,
             log: None,
             bytes: 0,
@@ -543,29 +588,30 @@ impl Proxy {
 
 /// One exchange with a backend, from its response headers until its body has been passed
 /// on: whole, the connection goes back to the backend's pool; broken off or dropped
-/// early (client gone), the connection closes. Either way the request stops counting as
-/// in flight and its access log line, if any, is sent then, with the bytes passed on.
+/// early (client gone), the connection closes with the body that holds it. Either way
+/// the request stops counting as in flight and its access log line, if any, is sent
+/// then, with the bytes passed on.
 pub struct Exchange {
-    sender: Option<Sender>,
     in_flight: InFlight,
     log: Option<Box<PendingLog>>,
     bytes: u64,
 }
 
 impl Ending for Exchange {
+    type Body = UpstreamBody;
+
     fn passed(&mut self, bytes: u64) {
         self.bytes += bytes;
     }
 
-    fn ended(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.in_flight.backend().conns.checkin(sender);
+    fn ended(&mut self, body: &mut UpstreamBody) {
+        if let Some(conn) = body.take_reusable() {
+            self.in_flight.backend().conns.checkin(conn);
         }
     }
 
     fn broken(&mut self) {
-        // The connection broke mid-body: never pooled.
-        self.sender = None;
+        // The body dropped its broken connection: nothing to pool.
     }
 }
 
@@ -574,7 +620,7 @@ impl Drop for Exchange {
         if let Some(log) = self.log.take() {
             log.send(self.bytes);
         }
-        // `in_flight` goes with it, and an unfinished `sender` closes its connection.
+        // `in_flight` goes with it.
     }
 }
 
@@ -597,18 +643,23 @@ impl PendingLog {
 /// it as in flight for as long as it is open.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    mut upstream: upstream_h1::Io,
+    read_ahead: bytes::Bytes,
     in_flight: InFlight,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::debug!(backend = %in_flight.backend().name, "upgrade failed: {e}");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    // What the backend sent right behind its 101 goes first.
+    if let Err(e) = client.write_all(&read_ahead).await {
+        tracing::debug!(backend = %in_flight.backend().name, "tunnel ended: {e}");
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(backend = %in_flight.backend().name, "tunnel ended: {e}");
     }
@@ -680,6 +731,15 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+/// The answer to a request whose body failed.
+fn body_failure(error: &RequestBodyError) -> ProxyError {
+    match error {
+        RequestBodyError::TooLarge(_) => ProxyError::BodyTooLarge,
+        RequestBodyError::Client(_) => ProxyError::BadRequest,
+        RequestBodyError::TimedOut(_) => ProxyError::ClientBodyTimeout,
+    }
 }
 
 /// Was this failure caused by the client's request body (too large, client gone)?

@@ -1,0 +1,476 @@
+//! The request head as the backend gets it, and the response head as it comes back:
+//! strict where hyper is (no bare LF, no obsolete line folding, no response carrying both
+//! `Content-Length` and `Transfer-Encoding`, at most `MAX_HEADERS` fields in at most
+//! `MAX_HEAD` bytes), and the body framing RFC 9112 §6.3 gives the response.
+
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode, Version};
+
+use super::Error;
+
+/// Most header fields a response head (or a trailer section) may carry; hyper's limit.
+pub const MAX_HEADERS: usize = 100;
+/// Longest response head accepted, status line to the empty line.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// How the request's body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body follows the head.
+    Empty,
+    /// `Content-Length` bytes; `add_header`: the proxy writes the header itself.
+    Length { length: u64, add_header: bool },
+    /// Chunked, with the header written by the proxy.
+    Chunked,
+}
+
+impl RequestFraming {
+    /// The client's `Content-Length` when it gave one (hyper checked it), else what the
+    /// body knows of its size, else chunked. Transfer-Encoding is hop-by-hop: the
+    /// client's is already gone.
+    pub fn of(headers: &HeaderMap, body_ended: bool, exact_size: Option<u64>) -> Self {
+        if body_ended {
+            return RequestFraming::Empty;
+        }
+        let given = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        match (given, exact_size) {
+            (Some(length), _) => RequestFraming::Length {
+                length,
+                add_header: false,
+            },
+            (None, Some(length)) => RequestFraming::Length {
+                length,
+                add_header: true,
+            },
+            (None, None) => RequestFraming::Chunked,
+        }
+    }
+}
+
+/// Writes the request head into `out` (cleared first). Names and values come from
+/// `http` types, which cannot hold CR or LF, so nothing here can split the head.
+pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: RequestFraming) {
+    out.clear();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length {
+            length,
+            add_header: true,
+        } => {
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "content-length: {length}\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Read until the backend closes; the connection cannot be reused.
+    UntilClose,
+    /// 101: the connection now carries the upgraded protocol.
+    Upgrade,
+}
+
+#[derive(Debug)]
+pub struct Head {
+    pub parts: http::response::Parts,
+    pub body: BodyKind,
+    /// The backend lets the connection carry another request after this one.
+    pub keep_alive: bool,
+}
+
+fn parser() -> httparse::ParserConfig {
+    // The defaults refuse obsolete line folding and spaces before a field's colon.
+    httparse::ParserConfig::default()
+}
+
+/// Where one header field lies in the head's bytes.
+#[derive(Clone, Copy, Default)]
+struct FieldAt {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+fn offsets(base: &[u8], part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+/// A bare LF ends lines for httparse; hyper refuses it, and so does this.
+pub fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
+/// The response head at the start of `buf`, taken out of it; `Ok(None)` while it is
+/// incomplete. Informational responses (100, 103) are dropped as they come: the client
+/// gets the final one.
+pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+    loop {
+        let mut fields = [FieldAt::default(); MAX_HEADERS];
+        let (len, code, version, count) = {
+            let mut uninit = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let len = match parser().parse_response_with_uninit_headers(
+                &mut response,
+                buf,
+                &mut uninit,
+            ) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                    return Err(Error::HeadTooLarge)
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
+                Err(e) => return Err(Error::Malformed(e)),
+            };
+            if len > MAX_HEAD {
+                return Err(Error::HeadTooLarge);
+            }
+            if has_bare_lf(&buf[..len]) {
+                return Err(Error::BareLf);
+            }
+            for (at, header) in fields.iter_mut().zip(response.headers.iter()) {
+                at.name = offsets(buf, header.name.as_bytes());
+                at.value = offsets(buf, header.value);
+            }
+            (
+                len,
+                response.code.unwrap_or_default(),
+                response.version.unwrap_or_default(),
+                response.headers.len(),
+            )
+        };
+        let head = buf.split_to(len).freeze();
+        let status = StatusCode::from_u16(code).map_err(|_| Error::BadStatus)?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        let headers = header_map(&head, &fields[..count])?;
+        let version = if version == 1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        let body = body_kind(status, version, method, &headers)?;
+        let keep_alive = body != BodyKind::UntilClose
+            && body != BodyKind::Upgrade
+            && keeps_alive(version, &headers);
+        let mut response = http::Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        let (parts, ()) = response.into_parts();
+        return Ok(Some(Head {
+            parts,
+            body,
+            keep_alive,
+        }));
+    }
+}
+
+/// The fields, their values sharing `head`'s bytes instead of a copy each.
+fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<HeaderMap, Error> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for at in fields {
+        let name =
+            HeaderName::from_bytes(&head[at.name.0..at.name.1]).map_err(|_| Error::BadHeader)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(at.value.0..at.value.1))
+            .map_err(|_| Error::BadHeader)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// RFC 9112 §6.3, where a response with both lengths is refused rather than guessed at
+/// (the case request smuggling through a proxy is made of).
+fn body_kind(
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<BodyKind, Error> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(BodyKind::Upgrade);
+    }
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(BodyKind::Empty);
+    }
+    let has_length = headers.contains_key(CONTENT_LENGTH);
+    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        if has_length {
+            return Err(Error::BothLengths);
+        }
+        if version == Version::HTTP_10 {
+            return Err(Error::TransferEncodingInHttp10);
+        }
+        let chunked_last = last
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked_last {
+            BodyKind::Chunked
+        } else {
+            BodyKind::UntilClose
+        });
+    }
+    if !has_length {
+        return Ok(BodyKind::UntilClose);
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                return Err(Error::BadContentLength);
+            }
+            let parsed: u64 = std::str::from_utf8(item)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(Error::BadContentLength)?;
+            if length.is_some_and(|seen| seen != parsed) {
+                return Err(Error::BadContentLength);
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(0) => BodyKind::Empty,
+        Some(length) => BodyKind::Length(length),
+        None => return Err(Error::BadContentLength),
+    })
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Head>, Error> {
+        parse_response(&mut BytesMut::from(text), &Method::GET)
+    }
+
+    fn request(method: Method, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_request_head_is_origin_form_http11_with_the_framing_the_body_needs() {
+        let mut out = Vec::new();
+        let parts = request(Method::POST, "/a?b=c", &[("host", "app"), ("x-one", "1")]);
+        encode_request(&mut out, &parts, RequestFraming::Chunked);
+        assert_eq!(
+            out,
+            b"POST /a?b=c HTTP/1.1\r\nhost: app\r\nx-one: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        encode_request(
+            &mut out,
+            &request(Method::PUT, "/", &[]),
+            RequestFraming::Length {
+                length: 12,
+                add_header: true,
+            },
+        );
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
+    }
+
+    #[test]
+    fn request_framing_follows_the_clients_length_then_the_bodys() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            RequestFraming::of(&headers, true, Some(0)),
+            RequestFraming::Empty
+        );
+        assert_eq!(
+            RequestFraming::of(&headers, false, None),
+            RequestFraming::Chunked
+        );
+        assert_eq!(
+            RequestFraming::of(&headers, false, Some(3)),
+            RequestFraming::Length {
+                length: 3,
+                add_header: true
+            }
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
+        assert_eq!(
+            RequestFraming::of(&headers, false, Some(7)),
+            RequestFraming::Length {
+                length: 7,
+                add_header: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_complete_head_is_taken_out_of_the_buffer_and_the_body_stays() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi");
+        let head = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.parts.status, StatusCode::OK);
+        assert_eq!(head.parts.headers["x-a"], "b");
+        assert_eq!(head.body, BodyKind::Length(2));
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"hi");
+    }
+
+    #[test]
+    fn an_incomplete_head_asks_for_more_until_it_is_too_large() {
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let long = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(parse(&long), Err(Error::HeadTooLarge)));
+    }
+
+    #[test]
+    fn refused_heads() {
+        let cases = [
+            ("HTTP/1.1 200 OK\nContent-Length: 0\n\n", "bare LF"),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\nX: y\r\n\r\n",
+                "bare LF in a field",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both lengths",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+                "two lengths",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "two fields",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                "negative length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0x10\r\n\r\n",
+                "hex length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
+                "obsolete folding",
+            ),
+            ("HTTP/1.1 200 OK\r\nX : a\r\n\r\n", "space before colon"),
+            (
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "TE in HTTP/1.0",
+            ),
+            ("HTTP/2.0 200 OK\r\n\r\n", "not HTTP/1.x"),
+            ("HTTP/1.1 20 OK\r\n\r\n", "two-digit status"),
+        ];
+        for (text, what) in cases {
+            assert!(parse(text).is_err(), "{what} was accepted: {text:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(
+            parse(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")),
+            Err(Error::TooManyHeaders)
+        ));
+    }
+
+    #[test]
+    fn body_framing_per_rfc_9112() {
+        let kind = |text: &str| parse(text).unwrap().unwrap().body;
+        assert_eq!(kind("HTTP/1.1 204 No Content\r\n\r\n"), BodyKind::Empty);
+        assert_eq!(
+            kind("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+            BodyKind::Empty
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            BodyKind::Length(5)
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"),
+            BodyKind::Chunked
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            BodyKind::UntilClose
+        );
+        assert_eq!(kind("HTTP/1.1 200 OK\r\n\r\n"), BodyKind::UntilClose);
+        assert_eq!(
+            kind("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+            BodyKind::Upgrade
+        );
+        let head = parse_response(
+            &mut BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            &Method::HEAD,
+        );
+        assert_eq!(head.unwrap().unwrap().body, BodyKind::Empty);
+    }
+
+    #[test]
+    fn informational_responses_are_skipped() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+        );
+        let head = parse_response(&mut buf, &Method::POST).unwrap().unwrap();
+        assert_eq!(head.parts.status, StatusCode::CREATED);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn keep_alive_by_version_and_connection_tokens() {
+        let alive = |text: &str| parse(text).unwrap().unwrap().keep_alive;
+        assert!(alive("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!alive(
+            "HTTP/1.1 200 OK\r\nConnection: foo, Close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!alive("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(alive(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!alive("HTTP/1.1 200 OK\r\n\r\n"));
+    }
+}

@@ -1,0 +1,411 @@
+//! HTTP/1.1 to a backend, driven inside the request's own task: the request is written
+//! and the response read by the future that handles the request, and its body by the
+//! client connection's task as it passes the body on. No connection task, no channel
+//! between tasks, no wake-up of another task per request (what hyper's client costs),
+//! and the request is only borrowed, so a failed attempt leaves it whole for the next.
+//! Upgrades (101) hand the connection over as it is. HTTP/2 backends and the client
+//! side stay with hyper.
+
+mod body;
+mod chunked;
+mod head;
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use crate::body::{RequestBody, RequestBodyError};
+use head::RequestFraming;
+
+pub use body::ResponseBody;
+
+/// Bytes read from a backend at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the backend closed the connection before it sent a response")]
+    Closed,
+    #[error("the backend closed the connection before the response ended")]
+    Truncated,
+    #[error("malformed response head: {0}")]
+    Malformed(httparse::Error),
+    #[error("response head over {} bytes", head::MAX_HEAD)]
+    HeadTooLarge,
+    #[error("response head with more than {} fields", head::MAX_HEADERS)]
+    TooManyHeaders,
+    #[error("bare LF in the response head")]
+    BareLf,
+    #[error("response status out of range")]
+    BadStatus,
+    #[error("bad header field in the response")]
+    BadHeader,
+    #[error("response with both Content-Length and Transfer-Encoding")]
+    BothLengths,
+    #[error("bad Content-Length in the response")]
+    BadContentLength,
+    #[error("Transfer-Encoding in an HTTP/1.0 response")]
+    TransferEncodingInHttp10,
+    #[error("bad chunked body: {0}")]
+    BadChunk(&'static str),
+    #[error("the request body did not match its Content-Length")]
+    BodyLength,
+    #[error("101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedUpgrade,
+}
+
+/// How sending a request on a connection failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// A reused connection turned out closed before any of the response came back and
+    /// before any of the request's body was taken: the backend closed it while it was
+    /// idle, and the request can go again on another connection.
+    Stale(Error),
+    /// The client's request body failed (too large, too slow, client gone).
+    Body(RequestBodyError),
+    /// The exchange failed after (part of) the request went out.
+    Failed(Error),
+    /// No response head within the deadline after the request was sent.
+    TimedOut,
+}
+
+/// A backend connection: TCP, or TLS over it.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Wakes nothing: a look at an idle connection wants no wake-up.
+struct Noop;
+
+impl std::task::Wake for Noop {
+    fn wake(self: std::sync::Arc<Self>) {}
+}
+
+static NOOP_WAKER: std::sync::LazyLock<std::task::Waker> =
+    std::sync::LazyLock::new(|| std::task::Waker::from(std::sync::Arc::new(Noop)));
+
+/// One HTTP/1.1 connection to a backend, between requests.
+pub struct Conn {
+    io: Io,
+    /// What was read beyond the last response; empty on a pooled connection.
+    read: BytesMut,
+    /// The request head (and chunk framing) being written.
+    out: Vec<u8>,
+    /// Requests sent on it: a request on a reused connection may meet a close the
+    /// backend made while it was idle.
+    sent: u32,
+}
+
+/// What of a request is still to be written.
+struct Outbox {
+    /// Written so far of `Conn::out`.
+    head_at: usize,
+    data: Bytes,
+    /// What follows `data`: CRLF in a chunked body.
+    after: &'static [u8],
+    framing: RequestFraming,
+    /// Body bytes taken so far.
+    taken: u64,
+    body_done: bool,
+}
+
+impl Outbox {
+    fn pending(&self, conn: &Conn) -> bool {
+        self.head_at < conn.out.len() || !self.data.is_empty() || !self.after.is_empty()
+    }
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            read: BytesMut::new(),
+            out: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Whether an idle connection can take a request: the backend has neither closed it
+    /// nor sent anything unasked. The look costs no system call when nothing arrived
+    /// (tokio keeps the socket's readiness), and registers no wake-up.
+    pub fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(&NOOP_WAKER);
+        poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read).is_pending()
+    }
+
+    /// Sends the request and reads the response head; the connection moves into the
+    /// response body, which gives it back when the body ended clean. `header_timeout`
+    /// runs from when the whole request went out.
+    pub async fn send(
+        mut self,
+        parts: &http::request::Parts,
+        body: &mut RequestBody,
+        header_timeout: Duration,
+    ) -> Result<(http::response::Parts, ResponseBody), SendError> {
+        let framing = RequestFraming::of(
+            &parts.headers,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+        );
+        head::encode_request(&mut self.out, parts, framing);
+        let reused = self.sent > 0;
+        self.sent += 1;
+        let mut outbox = Outbox {
+            head_at: 0,
+            data: Bytes::new(),
+            after: b"",
+            framing,
+            taken: 0,
+            body_done: framing == RequestFraming::Empty,
+        };
+        let method = &parts.method;
+        // While the body goes out the backend may already answer (a 413, a redirect):
+        // the head is read alongside, and the rest of the body is then not sent.
+        let early = std::future::poll_fn(|cx| {
+            if outbox.framing != RequestFraming::Empty {
+                if let Poll::Ready(head) = self.poll_head(cx, method) {
+                    return Poll::Ready(Ok(Some(head)));
+                }
+            }
+            self.poll_write_request(cx, &mut outbox, body)
+                .map_ok(|()| None)
+        })
+        .await;
+        let answered = match early {
+            Ok(Some(head)) => head,
+            Ok(None) => {
+                match tokio::time::timeout(
+                    header_timeout,
+                    std::future::poll_fn(|cx| self.poll_head(cx, method)),
+                )
+                .await
+                {
+                    Ok(head) => head,
+                    Err(_) => return Err(SendError::TimedOut),
+                }
+            }
+            Err(SendError::Failed(error)) => return Err(self.failed(error, reused, &outbox)),
+            Err(other) => return Err(other),
+        };
+        let head = answered.map_err(|error| self.failed(error, reused, &outbox))?;
+        if head.body == head::BodyKind::Upgrade
+            && !crate::headers::is_upgrade_request(&parts.headers)
+        {
+            return Err(SendError::Failed(Error::UnaskedUpgrade));
+        }
+        let keep_alive = head.keep_alive && outbox.body_done && !outbox.pending(&self);
+        Ok((head.parts, ResponseBody::new(self, head.body, keep_alive)))
+    }
+
+    /// `error` as a stale connection when it can only be one.
+    fn failed(&self, error: Error, reused: bool, outbox: &Outbox) -> SendError {
+        let closed = match &error {
+            Error::Closed => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        };
+        if reused && closed && outbox.taken == 0 && self.read.is_empty() {
+            SendError::Stale(error)
+        } else {
+            SendError::Failed(error)
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &http::Method,
+    ) -> Poll<Result<head::Head, Error>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(head) = head::parse_response(&mut self.read, method)? {
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            let had = self.read.len();
+            self.read.reserve(READ_CHUNK);
+            if ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))? == 0 {
+                return Poll::Ready(Err(if had == 0 {
+                    Error::Closed
+                } else {
+                    Error::Truncated
+                }));
+            }
+        }
+    }
+
+    /// Writes the head, then the body as it comes, framed as `outbox.framing` says.
+    fn poll_write_request(
+        &mut self,
+        cx: &mut Context<'_>,
+        outbox: &mut Outbox,
+        body: &mut RequestBody,
+    ) -> Poll<Result<(), SendError>> {
+        loop {
+            while outbox.pending(self) {
+                let slices = [
+                    io::IoSlice::new(&self.out[outbox.head_at..]),
+                    io::IoSlice::new(&outbox.data),
+                    io::IoSlice::new(outbox.after),
+                ];
+                let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices))
+                    .map_err(|e| SendError::Failed(e.into()))?;
+                if written == 0 {
+                    return Poll::Ready(Err(SendError::Failed(
+                        io::Error::from(io::ErrorKind::WriteZero).into(),
+                    )));
+                }
+                let mut left = written;
+                let head_left = self.out.len() - outbox.head_at;
+                let step = left.min(head_left);
+                outbox.head_at += step;
+                left -= step;
+                let step = left.min(outbox.data.len());
+                outbox.data.advance(step);
+                left -= step;
+                outbox.after = &outbox.after[left.min(outbox.after.len())..];
+            }
+            ready!(Pin::new(&mut self.io).poll_flush(cx))
+                .map_err(|e| SendError::Failed(e.into()))?;
+            if outbox.body_done {
+                return Poll::Ready(Ok(()));
+            }
+            self.out.clear();
+            outbox.head_at = 0;
+            match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                None => {
+                    outbox.body_done = true;
+                    match outbox.framing {
+                        RequestFraming::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+                        RequestFraming::Length { length, .. } if length != outbox.taken => {
+                            return Poll::Ready(Err(SendError::Failed(Error::BodyLength)))
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(SendError::Body(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        outbox.taken += data.len() as u64;
+                        match outbox.framing {
+                            RequestFraming::Length { length, .. } if outbox.taken > length => {
+                                return Poll::Ready(Err(SendError::Failed(Error::BodyLength)))
+                            }
+                            RequestFraming::Chunked => {
+                                use std::io::Write as _;
+                                // Writing to a Vec cannot fail.
+                                let _ = write!(self.out, "{:x}\r\n", data.len());
+                                outbox.after = b"\r\n";
+                            }
+                            _ => {}
+                        }
+                        outbox.data = data;
+                    }
+                    Err(frame) => {
+                        // Trailers end the body; only chunked coding can carry them.
+                        if let (RequestFraming::Chunked, Ok(trailers)) =
+                            (outbox.framing, frame.into_trailers())
+                        {
+                            self.out.extend_from_slice(b"0\r\n");
+                            for (name, value) in &trailers {
+                                self.out.extend_from_slice(name.as_str().as_bytes());
+                                self.out.extend_from_slice(b": ");
+                                self.out.extend_from_slice(value.as_bytes());
+                                self.out.extend_from_slice(b"\r\n");
+                            }
+                            self.out.extend_from_slice(b"\r\n");
+                            outbox.framing = RequestFraming::Empty;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads more of the response into the buffer; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.read.reserve(READ_CHUNK);
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    fn into_upgraded(self) -> (Io, BytesMut) {
+        (self.io, self.read)
+    }
+}

@@ -1,0 +1,368 @@
+//! The proxy's own HTTP/1.1 client, seen from a client of the proxy: backends that
+//! answer with what hyper refuses get a 502 (or a cut-off body) and the proxy keeps
+//! serving; a keep-alive connection the backend closed while it was idle costs the
+//! client nothing; informational answers, early answers and bytes right behind a 101
+//! reach the client as they should. The backends are scripted TCP servers on
+//! 127.0.0.1 that write exact bytes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Reads one request head (up to the empty line) and returns it, or `None` at EOF.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A backend that answers every request head with `answer` and then closes.
+async fn scripted(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                if read_head(&mut stream).await.is_some() {
+                    let _ = stream.write_all(answer).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn proxy_to(backend: SocketAddr) -> switchyard::server::Running {
+    start_proxy(&config_text("", &[("blue", &[backend])], "")).await
+}
+
+#[tokio::test]
+async fn responses_hyper_refuses_get_a_502_and_the_proxy_keeps_serving() {
+    let long_field: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nX-Long: {}\r\nContent-Length: 0\r\n\r\n",
+            "a".repeat(70_000)
+        )
+        .into_boxed_str(),
+    );
+    let many_fields: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            (0..120)
+                .map(|i| format!("X-{i}: v\r\n"))
+                .collect::<String>()
+        )
+        .into_boxed_str(),
+    );
+    let cases: [(&str, &'static [u8]); 9] = [
+        (
+            "both Content-Length and Transfer-Encoding",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsmug\r\n0\r\n\r\n",
+        ),
+        ("two different lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nhello"),
+        ("a length that is no number", b"HTTP/1.1 200 OK\r\nContent-Length: +4\r\n\r\nabcd"),
+        ("bare LF line ends", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
+        ("an obsolete folded field", b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\nContent-Length: 0\r\n\r\n"),
+        ("a head over 64 KiB", long_field.as_bytes()),
+        ("over 100 fields", many_fields.as_bytes()),
+        ("Transfer-Encoding in HTTP/1.0", b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("not HTTP at all", b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+    ];
+    let good = Upstream::start("good").await;
+    for (what, answer) in cases {
+        let backend = scripted(answer).await;
+        let proxy = start_proxy(&config_text(
+            "",
+            &[("blue", &[backend]), ("good", &[good.addr])],
+            "[services.good]\npath_prefix = \"/good\"\nactive = \"good\"\n",
+        ))
+        .await;
+        let client = client();
+        let answer = send(&client, get(proxy.proxy_addr, "/")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{what}");
+        assert_eq!(
+            answer.header("x-switchyard-error"),
+            Some("upstream-error"),
+            "{what}"
+        );
+        let after = send(&client, get(proxy.proxy_addr, "/good")).await;
+        assert_eq!(after.status, StatusCode::OK, "after {what}");
+        drop(client);
+        proxy.shutdown().await;
+    }
+}
+
+/// The body breaks off: the client must not take what it got for the whole body.
+#[tokio::test]
+async fn a_bad_chunk_or_a_short_body_cuts_the_response_off() {
+    let cases: [(&str, &'static [u8]); 5] = [
+        ("a chunk size that is not hex", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nmore\r\n0\r\n\r\n"),
+        ("a chunk size over 15 digits", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n10000000000000000\r\n"),
+        ("chunk data without its CRLF", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n"),
+        ("a bare LF after a chunk size", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n"),
+        ("fewer bytes than Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),
+    ];
+    for (what, answer) in cases {
+        let backend = scripted(answer).await;
+        let proxy = proxy_to(backend).await;
+        let client = client();
+        // The head goes out with the first piece of body, so a body that breaks at once
+        // breaks the response before its head.
+        let Ok(response) = client.request(get(proxy.proxy_addr, "/")).await else {
+            proxy.shutdown().await;
+            continue;
+        };
+        assert_eq!(response.status(), StatusCode::OK, "{what}");
+        let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+            .await
+            .expect("the body neither ended nor broke");
+        assert!(
+            body.is_err(),
+            "{what}: the client got a complete body: {:?}",
+            body.map(|b| b.to_bytes())
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn chunked_bodies_with_extensions_and_trailers_and_close_delimited_bodies_pass_whole() {
+    let cases: [(&'static [u8], &str); 3] = [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 1\r\n\r\n",
+            "hello world",
+        ),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end", "until the end"),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+            "final",
+        ),
+    ];
+    for (answer, expected) in cases {
+        let backend = scripted(answer).await;
+        let proxy = proxy_to(backend).await;
+        let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), expected);
+        proxy.shutdown().await;
+    }
+}
+
+/// A backend that keeps connections alive but, on each connection, closes without an
+/// answer when the second request comes: what a backend's keep-alive timeout does when
+/// it fires just as the proxy reuses the connection.
+#[tokio::test]
+async fn a_kept_connection_the_backend_closed_costs_the_client_nothing_even_for_a_post() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&requests);
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                if read_head(&mut stream).await.is_none() {
+                    return;
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // The next request is read and dropped with the connection.
+                let _ = read_head(&mut stream).await;
+            });
+        }
+    });
+    let proxy = proxy_to(backend).await;
+    let client = client();
+    for round in 0..10 {
+        let post = Request::post(format!("http://{}/", proxy.proxy_addr))
+            .body(empty())
+            .unwrap();
+        let answer = send(&client, post).await;
+        assert_eq!(answer.status, StatusCode::OK, "round {round}");
+        assert_eq!(answer.text(), "ok");
+    }
+    // Each answered request was the first on its connection.
+    assert_eq!(requests.load(Ordering::SeqCst), 10);
+    proxy.shutdown().await;
+}
+
+/// A backend that answers 413 as soon as it has the head, and never reads the body.
+#[tokio::test]
+async fn an_answer_that_comes_before_the_request_body_is_sent_reaches_the_client() {
+    let backend = scripted(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
+    )
+    .await;
+    let proxy = proxy_to(backend).await;
+    let mut stream = TcpStream::connect(proxy.proxy_addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 10000000\r\n\r\n")
+        .await
+        .unwrap();
+    // Some of the body, then the client waits for the answer.
+    stream.write_all(&[b'x'; 65536]).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("no answer while the body was still coming")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    proxy.shutdown().await;
+}
+
+/// The backend's first bytes of the upgraded protocol come in the same packet as its
+/// 101: they must reach the client, ahead of anything later.
+#[tokio::test]
+async fn bytes_the_backend_sends_right_behind_its_101_reach_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        read_head(&mut stream).await.unwrap();
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nhello from the backend;")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.unwrap();
+        stream.write_all(&buf[..n]).await.unwrap();
+    });
+    let proxy = proxy_to(backend).await;
+    let mut stream = TcpStream::connect(proxy.proxy_addr).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let expected_first = b"hello from the backend;";
+    while !got
+        .windows(expected_first.len())
+        .any(|w| w == expected_first)
+    {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the bytes behind the 101 never came")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    drop(stream);
+    proxy.shutdown().await;
+}
+
+/// Request bodies of every framing the client may use reach the backend whole and as
+/// HTTP/1.1 framing says: chunked stays chunked, a length stays that length.
+#[tokio::test]
+async fn request_bodies_reach_the_backend_framed_right() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut stream).await {
+                    let lower = head.to_ascii_lowercase();
+                    let body = if lower.contains("transfer-encoding: chunked") {
+                        let mut raw = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !raw.ends_with(b"0\r\n\r\n") {
+                            if stream.read(&mut byte).await.unwrap() == 0 {
+                                return;
+                            }
+                            raw.push(byte[0]);
+                        }
+                        raw
+                    } else if let Some(at) = lower.find("content-length: ") {
+                        let length: usize = lower[at + 16..]
+                            .split("\r\n")
+                            .next()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let mut raw = vec![0u8; length];
+                        stream.read_exact(&mut raw).await.unwrap();
+                        raw
+                    } else {
+                        Vec::new()
+                    };
+                    heads_tx
+                        .send((head, String::from_utf8_lossy(&body).into_owned()))
+                        .unwrap();
+                    stream
+                        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let proxy = proxy_to(backend).await;
+    let chunked = b"POST /c HTTP/1.1\r\nHost: app\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    let answer = raw_exchange(proxy.proxy_addr, chunked, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let (head, body) = heads.recv().await.unwrap();
+    assert!(head.starts_with("POST /c HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+    let decoded: String = body
+        .split("\r\n")
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(decoded, "abcde", "{body:?}");
+
+    let sized =
+        b"PUT /s HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello";
+    let answer = raw_exchange(proxy.proxy_addr, sized, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let (head, body) = heads.recv().await.unwrap();
+    assert!(head.contains("content-length: 5\r\n"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, "hello");
+
+    let client = client();
+    let put = Request::put(format!("http://{}/f", proxy.proxy_addr))
+        .body(full("twelve bytes"))
+        .unwrap();
+    let response = client.request(put).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let _ = response.into_body().collect().await;
+    let (head, body) = heads.recv().await.unwrap();
+    assert!(head.contains("content-length: 12\r\n"), "{head}");
+    assert_eq!(body, "twelve bytes");
+    proxy.shutdown().await;
+}
