@@ -7,6 +7,7 @@
 #   benches/tls_load.sh                         # 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=20 CONNECTIONS=100 STREAMS=10 benches/tls_load.sh
 #   INSTALL=1 benches/tls_load.sh               # apt-get install the tools first
+#   BIN=/tmp/old/switchyard benches/tls_load.sh # another build than this tree's
 #
 # Connections are opened once and kept (wrk and h2load reuse them), so this measures
 # steady-state TLS record and HTTP work, not handshakes. Bounded: every run stops after
@@ -27,8 +28,10 @@ for tool in wrk h2load openssl; do
     command -v "$tool" >/dev/null || { echo "$tool is not installed (INSTALL=1 installs it)" >&2; exit 1; }
 done
 
-cargo build --release --quiet
-BIN=target/release/switchyard
+if [[ -z "${BIN:-}" ]]; then
+    cargo build --release --quiet
+    BIN=target/release/switchyard
+fi
 source benches/common.sh
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
