@@ -260,6 +260,29 @@ impl ConnPool {
         }
     }
 
+    /// Closes the idle connections the backend has closed or that are past their idle
+    /// time, so none lingers (half-closed, holding a descriptor) until a request comes
+    /// for its backend. Run from the main thread now and then: it takes each list's
+    /// connections and puts the good ones back, a moment in which that list's worker
+    /// finds it empty and opens a connection instead.
+    pub fn sweep(&self) {
+        for list in self.idle.iter() {
+            let Some(idle) = list.queue.get() else {
+                continue;
+            };
+            for _ in 0..idle.len() {
+                let Some(mut idle_conn) = idle.pop() else {
+                    break;
+                };
+                if idle_conn.since.elapsed() <= self.idle_timeout && idle_conn.conn.is_usable() {
+                    idle.push(idle_conn);
+                } else {
+                    list.len.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// The shared HTTP/2 connection refused a request: forget it, so the next request
     /// opens a new one instead of offering to this one again.
     pub fn forget_shared(&self) {

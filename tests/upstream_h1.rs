@@ -237,8 +237,13 @@ async fn bytes_the_backend_sends_right_behind_its_101_reach_the_client() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        read_head(&mut stream).await.unwrap();
+        // The first connection with a request: the health checker's carry none.
+        let mut stream = loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            if read_head(&mut stream).await.is_some() {
+                break stream;
+            }
+        };
         stream
             .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nhello from the backend;")
             .await
@@ -364,5 +369,80 @@ async fn request_bodies_reach_the_backend_framed_right() {
     let (head, body) = heads.recv().await.unwrap();
     assert!(head.contains("content-length: 12\r\n"), "{head}");
     assert_eq!(body, "twelve bytes");
+    proxy.shutdown().await;
+}
+
+/// A backend that answers one request on each connection and then, if `close_first`,
+/// closes its side; it reports how long after its answer the proxy closed the
+/// connection.
+async fn watching_backend(
+    close_first: bool,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Duration>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                // The health checker's connections carry no request.
+                if read_head(&mut stream).await.is_none() {
+                    return;
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                let answered = std::time::Instant::now();
+                if close_first {
+                    stream.shutdown().await.unwrap();
+                }
+                let mut rest = [0u8; 16];
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest)).await
+                {
+                    let _ = closed_tx.send(answered.elapsed());
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_backend_closed_is_closed_by_the_proxy_without_waiting_for_a_request(
+) {
+    let (backend, mut closed) = watching_backend(true).await;
+    let proxy = proxy_to(backend).await;
+    let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+    assert_eq!(answer.text(), "ok");
+    let after = tokio::time::timeout(Duration::from_secs(10), closed.recv())
+        .await
+        .expect("the proxy kept the half-closed connection")
+        .unwrap();
+    assert!(after < Duration::from_secs(10), "{after:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_past_upstream_idle_timeout_is_closed() {
+    let (backend, mut closed) = watching_backend(false).await;
+    let proxy = start_proxy(&config_text(
+        "upstream_idle_timeout = \"1s\"\n",
+        &[("blue", &[backend])],
+        "",
+    ))
+    .await;
+    let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+    assert_eq!(answer.text(), "ok");
+    let after = tokio::time::timeout(Duration::from_secs(10), closed.recv())
+        .await
+        .expect("the proxy kept the idle connection past upstream_idle_timeout")
+        .unwrap();
+    assert!(
+        after >= Duration::from_secs(1),
+        "closed before its idle time: {after:?}"
+    );
     proxy.shutdown().await;
 }

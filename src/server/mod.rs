@@ -212,6 +212,9 @@ pub async fn start_with(
         stop_admin_accepting: watch::channel(false).0,
         recent: Arc::new(crate::stats::RecentTraffic::starting_now()),
     });
+    tokio::spawn(sweep_idle_upstream_connections(Arc::downgrade(
+        control.table(),
+    )));
     tokio::spawn(crate::stats::sample(
         Arc::clone(control.metrics()),
         Arc::clone(&shared.recent),
@@ -492,6 +495,30 @@ async fn bind_or_take(
         });
     }
     bind(what, addr).await
+}
+
+/// How often idle upstream connections are looked over (`ConnPool::sweep`).
+const UPSTREAM_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Closes, every `UPSTREAM_SWEEP_INTERVAL`, the pooled upstream connections of the
+/// current table's backends that their backend closed or that outlived
+/// `upstream_idle_timeout`; ends with the server.
+async fn sweep_idle_upstream_connections(
+    table: std::sync::Weak<ArcSwap<crate::routing::RoutingTable>>,
+) {
+    let mut ticks = tokio::time::interval(UPSTREAM_SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(table) = table.upgrade() else {
+            return;
+        };
+        for pool in &table.load().pools {
+            for backend in &pool.backends {
+                backend.conns.sweep();
+            }
+        }
+    }
 }
 
 /// Returns to the system the heap that loading the config, building the first tables
