@@ -131,15 +131,14 @@ impl Body for UpstreamBody {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = match self.get_mut() {
+        match self.get_mut() {
             UpstreamBody::H1(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as Self::Error),
             UpstreamBody::H2(body) => std::pin::Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as Self::Error),
-        };
-        polled
+        }
     }
 
     fn is_end_stream(&self) -> bool {

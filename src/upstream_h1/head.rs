@@ -66,12 +66,7 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: 
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    encode_fields(out, &parts.headers);
     match framing {
         RequestFraming::Length {
             length,
@@ -84,6 +79,16 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: 
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `headers` as field lines (a head's, or a chunked body's trailer section).
+pub fn encode_fields(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// How the response's body is delimited.

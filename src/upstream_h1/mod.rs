@@ -384,12 +384,7 @@ impl Conn {
                             (outbox.framing, frame.into_trailers())
                         {
                             self.out.extend_from_slice(b"0\r\n");
-                            for (name, value) in &trailers {
-                                self.out.extend_from_slice(name.as_str().as_bytes());
-                                self.out.extend_from_slice(b": ");
-                                self.out.extend_from_slice(value.as_bytes());
-                                self.out.extend_from_slice(b"\r\n");
-                            }
+                            head::encode_fields(&mut self.out, &trailers);
                             self.out.extend_from_slice(b"\r\n");
                             outbox.framing = RequestFraming::Empty;
                         }
