@@ -329,7 +329,7 @@ impl Proxy {
         }
         let resendable = self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
-            && is_idempotent(&parts.method);
+            && upstream_h1::is_idempotent(&parts.method);
         let outgoing = Outgoing {
             parts,
             body,
@@ -471,6 +471,7 @@ impl Proxy {
         connect_metric: Option<&Histogram>,
     ) -> Result<Response<UpstreamBody>, AttemptError> {
         let timeout = self.settings.upstream_header_timeout;
+        let mut resent_stale = false;
         loop {
             let (sender, pooled) = match backend.conns.checkout() {
                 Some(sender) => (sender, true),
@@ -504,9 +505,15 @@ impl Proxy {
                         .await;
                     return match sent {
                         Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
-                        // Closed by the backend while it was idle: nothing of the
-                        // request was taken, so it goes on the next connection.
-                        Err(upstream_h1::SendError::Stale(_)) => continue,
+                        // Closed by the backend while it was idle, most likely: once,
+                        // the request goes on the next connection.
+                        Err(upstream_h1::SendError::Stale(_)) if !resent_stale => {
+                            resent_stale = true;
+                            continue;
+                        }
+                        Err(upstream_h1::SendError::Stale(e)) => {
+                            Err(AttemptError::Failed(Box::new(e)))
+                        }
                         Err(upstream_h1::SendError::Failed(e)) => {
                             Err(AttemptError::Failed(Box::new(e)))
                         }
@@ -724,13 +731,6 @@ fn prepare_upstream_request(
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// The answer to a request whose body failed.

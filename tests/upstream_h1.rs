@@ -168,40 +168,88 @@ async fn chunked_bodies_with_extensions_and_trailers_and_close_delimited_bodies_
 /// answer when the second request comes: what a backend's keep-alive timeout does when
 /// it fires just as the proxy reuses the connection.
 #[tokio::test]
-async fn a_kept_connection_the_backend_closed_costs_the_client_nothing_even_for_a_post() {
+async fn a_kept_connection_the_backend_closed_costs_a_get_nothing_and_a_post_is_not_sent_twice() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&requests);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let posts = Arc::new(AtomicUsize::new(0));
+    let (answered_seen, posts_seen) = (Arc::clone(&answered), Arc::clone(&posts));
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let seen = Arc::clone(&seen);
+            let (answered, posts) = (Arc::clone(&answered_seen), Arc::clone(&posts_seen));
             tokio::spawn(async move {
-                if read_head(&mut stream).await.is_none() {
+                // The health checker's connections carry no request.
+                let Some(head) = read_head(&mut stream).await else {
                     return;
-                }
-                seen.fetch_add(1, Ordering::SeqCst);
+                };
+                posts.fetch_add(usize::from(head.starts_with("POST")), Ordering::SeqCst);
+                answered.fetch_add(1, Ordering::SeqCst);
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .await;
                 // The next request is read and dropped with the connection.
-                let _ = read_head(&mut stream).await;
+                if let Some(head) = read_head(&mut stream).await {
+                    posts.fetch_add(usize::from(head.starts_with("POST")), Ordering::SeqCst);
+                }
             });
         }
     });
     let proxy = proxy_to(backend).await;
     let client = client();
     for round in 0..10 {
-        let post = Request::post(format!("http://{}/", proxy.proxy_addr))
-            .body(empty())
-            .unwrap();
-        let answer = send(&client, post).await;
+        let answer = send(&client, get(proxy.proxy_addr, "/")).await;
         assert_eq!(answer.status, StatusCode::OK, "round {round}");
         assert_eq!(answer.text(), "ok");
     }
     // Each answered request was the first on its connection.
-    assert_eq!(requests.load(Ordering::SeqCst), 10);
+    assert_eq!(answered.load(Ordering::SeqCst), 10);
+    // A POST may have been acted on before the close: it gets a 502, never a second copy.
+    let post = Request::post(format!("http://{}/", proxy.proxy_addr))
+        .body(empty())
+        .unwrap();
+    let answer = send(&client, post).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(posts.load(Ordering::SeqCst), 1);
+    drop(client);
+    proxy.shutdown().await;
+}
+
+/// A full-duplex backend: it answers with its head at once, then reads the whole request
+/// body and only then ends its answer with what it read.
+#[tokio::test]
+async fn a_backend_that_answers_before_it_reads_the_body_still_gets_all_of_it() {
+    const SIZE: usize = 8 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                if read_head(&mut stream).await.is_none() {
+                    return;
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut body = vec![0u8; SIZE];
+                stream.read_exact(&mut body).await.unwrap();
+                let count = SIZE.to_string();
+                let end = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
+                stream.write_all(end.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let proxy = proxy_to(backend).await;
+    let upload = Request::post(format!("http://{}/", proxy.proxy_addr))
+        .body(full(vec![b'x'; SIZE]))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), send(&client(), upload))
+        .await
+        .expect("the backend never got the whole body");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), SIZE.to_string());
     proxy.shutdown().await;
 }
 
@@ -445,4 +493,93 @@ async fn an_idle_connection_past_upstream_idle_timeout_is_closed() {
         "closed before its idle time: {after:?}"
     );
     proxy.shutdown().await;
+}
+
+/// A TLS backend whose answer has no length, so only the end of the connection ends
+/// it; `close_notify`: it ends the TLS session properly, else it just drops the TCP
+/// connection, as anyone on the path could.
+async fn tls_until_close_backend(ca: &common::tls::TestCa, close_notify: bool) -> SocketAddr {
+    let (chain, key) = ca.issue(&["backend.test"]).chain_and_key();
+    let config = rustls::ServerConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if read_tls_head(&mut stream).await.is_none() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it";
+                stream.write_all(answer).await.unwrap();
+                stream.flush().await.unwrap();
+                if close_notify {
+                    let _ = stream.shutdown().await;
+                }
+                // Dropped without shutdown: the TCP connection ends, the session not.
+            });
+        }
+    });
+    addr
+}
+
+async fn read_tls_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(())
+}
+
+#[tokio::test]
+async fn a_tls_answer_delimited_by_its_close_is_whole_only_with_close_notify() {
+    let ca = common::tls::TestCa::new("private CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path());
+    for close_notify in [true, false] {
+        let backend = tls_until_close_backend(&ca, close_notify).await;
+        let proxy = start_proxy(&config_text(
+            "",
+            &[],
+            &format!(
+                "[pools.blue]\nbackends = [\"{backend}\"]\ntls = true\nca_file = \"{}\"\nserver_name = \"backend.test\"\n\n[services.app]\nactive = \"blue\"\n",
+                ca_file.display()
+            ),
+        ))
+        .await;
+        // A body that breaks at once breaks the response before its head (see
+        // `a_bad_chunk_or_a_short_body_cuts_the_response_off`).
+        let whole = match client().request(get(proxy.proxy_addr, "/")).await {
+            Ok(response) => response
+                .into_body()
+                .collect()
+                .await
+                .ok()
+                .map(|b| b.to_bytes()),
+            Err(_) => None,
+        };
+        if close_notify {
+            assert_eq!(whole.as_deref(), Some(&b"all of it"[..]));
+        } else {
+            assert!(
+                whole.is_none(),
+                "a cut TLS stream passed for whole: {whole:?}"
+            );
+        }
+        proxy.shutdown().await;
+    }
 }

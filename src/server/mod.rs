@@ -513,10 +513,15 @@ async fn sweep_idle_upstream_connections(
         let Some(table) = table.upgrade() else {
             return;
         };
-        for pool in &table.load().pools {
+        let pools = table.load_full();
+        drop(table);
+        for pool in &pools.pools {
             for backend in &pool.backends {
                 backend.conns.sweep();
             }
+            // A look at a closed connection spends the task's I/O budget; spent, the
+            // rest would look open. A fresh budget for each pool.
+            tokio::task::yield_now().await;
         }
     }
 }

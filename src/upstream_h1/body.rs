@@ -9,7 +9,7 @@ use http_body::{Frame, SizeHint};
 
 use super::chunked::{Chunked, Step};
 use super::head::BodyKind;
-use super::{Conn, Error, Io};
+use super::{Conn, Error, Io, Upload};
 
 enum Decoding {
     Length(u64),
@@ -25,10 +25,17 @@ pub struct ResponseBody {
     decoding: Decoding,
     /// The backend keeps the connection open after this response.
     keep_alive: bool,
+    /// The request body still going out, sent as this body is read.
+    upload: Option<Box<Upload>>,
 }
 
 impl ResponseBody {
-    pub(super) fn new(conn: Conn, kind: BodyKind, keep_alive: bool) -> ResponseBody {
+    pub(super) fn new(
+        conn: Conn,
+        kind: BodyKind,
+        keep_alive: bool,
+        upload: Option<Box<Upload>>,
+    ) -> ResponseBody {
         let decoding = match kind {
             BodyKind::Empty => Decoding::Done,
             BodyKind::Length(length) => Decoding::Length(length),
@@ -40,6 +47,7 @@ impl ResponseBody {
             conn: Some(conn),
             decoding,
             keep_alive,
+            upload,
         }
     }
 
@@ -87,6 +95,16 @@ impl http_body::Body for ResponseBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            if let Some(upload) = &mut this.upload {
+                // Sent whole, or failed (the backend stopped reading): either way the
+                // answer goes on.
+                if conn
+                    .poll_write_request(cx, &mut upload.outbox, &mut upload.body)
+                    .is_ready()
+                {
+                    this.upload = None;
+                }
+            }
             match &mut this.decoding {
                 Decoding::Done | Decoding::Upgrade => return Poll::Ready(None),
                 Decoding::Length(left) => {
@@ -116,11 +134,9 @@ impl http_body::Body for ResponseBody {
                             return Poll::Ready(None);
                         }
                         Ok(_) => continue,
-                        // Many servers close a TLS connection without close_notify.
-                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                            this.decoding = Decoding::Done;
-                            return Poll::Ready(None);
-                        }
+                        // A TLS connection closed without close_notify (UnexpectedEof)
+                        // may have been cut by anyone on the path: not taken for the
+                        // end of a body that only its close delimits.
                         Err(e) => return this.broken(e.into()),
                     }
                 }

@@ -91,7 +91,12 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     if digits == 0 || digits > 15 {
         return Err(Error::BadChunk("chunk size is not 1 to 15 hex digits"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    // Only spaces and tabs may come before an extension (BWS, RFC 9112 §7.1.1).
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest[0] == b';') || rest.contains(&b'\r') {
         return Err(Error::BadChunk("bad chunk extension"));
     }
@@ -171,7 +176,7 @@ mod tests {
 
     #[test]
     fn bad_chunking_is_refused() {
-        let cases: [&[u8]; 9] = [
+        let cases: [&[u8]; 12] = [
             b"zz\r\nhello\r\n0\r\n\r\n",
             b"\r\nhello\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
@@ -181,6 +186,9 @@ mod tests {
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"0\r\nX: 1\n\r\n",
             b"-5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+            b"5\r;x\r\nhello\r\n0\r\n\r\n",
         ];
         for case in cases {
             assert!(

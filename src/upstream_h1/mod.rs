@@ -67,8 +67,9 @@ pub enum Error {
 #[derive(Debug)]
 pub enum SendError {
     /// A reused connection turned out closed before any of the response came back and
-    /// before any of the request's body was taken: the backend closed it while it was
-    /// idle, and the request can go again on another connection.
+    /// before any of the request's body was taken, for an idempotent request: most
+    /// likely the backend closed it while it was idle, and the request can go again on
+    /// another connection.
     Stale(Error),
     /// The client's request body failed (too large, too slow, client gone).
     Body(RequestBodyError),
@@ -162,6 +163,24 @@ pub struct Conn {
     /// Requests sent on it: a request on a reused connection may meet a close the
     /// backend made while it was idle.
     sent: u32,
+    /// Something of the current request's answer came (an informational answer too):
+    /// the backend had the request, so a close is no keep-alive race.
+    heard: bool,
+}
+
+/// The methods a request may be sent twice with (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The rest of a request whose answer came while its body was still going out.
+struct Upload {
+    outbox: Outbox,
+    body: RequestBody,
 }
 
 /// What of a request is still to be written.
@@ -190,6 +209,7 @@ impl Conn {
             read: BytesMut::new(),
             out: Vec::new(),
             sent: 0,
+            heard: false,
         }
     }
 
@@ -218,6 +238,7 @@ impl Conn {
         head::encode_request(&mut self.out, parts, framing);
         let reused = self.sent > 0;
         self.sent += 1;
+        self.heard = false;
         let mut outbox = Outbox {
             head_at: 0,
             data: Bytes::new(),
@@ -227,8 +248,9 @@ impl Conn {
             body_done: framing == RequestFraming::Empty,
         };
         let method = &parts.method;
-        // While the body goes out the backend may already answer (a 413, a redirect):
-        // the head is read alongside, and the rest of the body is then not sent.
+        // While the body goes out the backend may already answer (a 413, a redirect, a
+        // full-duplex app): the head is read alongside, and the rest of the body then
+        // goes out as the response body is read (`ResponseBody`).
         let early = std::future::poll_fn(|cx| {
             if outbox.framing != RequestFraming::Empty {
                 if let Poll::Ready(head) = self.poll_head(cx, method) {
@@ -252,21 +274,40 @@ impl Conn {
                     Err(_) => return Err(SendError::TimedOut),
                 }
             }
-            Err(SendError::Failed(error)) => return Err(self.failed(error, reused, &outbox)),
+            Err(SendError::Failed(error)) => {
+                return Err(self.failed(error, reused, method, &outbox))
+            }
             Err(other) => return Err(other),
         };
-        let head = answered.map_err(|error| self.failed(error, reused, &outbox))?;
+        let head = answered.map_err(|error| self.failed(error, reused, method, &outbox))?;
         if head.body == head::BodyKind::Upgrade
             && !crate::headers::is_upgrade_request(&parts.headers)
         {
             return Err(SendError::Failed(Error::UnaskedUpgrade));
         }
-        let keep_alive = head.keep_alive && outbox.body_done && !outbox.pending(&self);
-        Ok((head.parts, ResponseBody::new(self, head.body, keep_alive)))
+        let upload = (!outbox.body_done || outbox.pending(&self)).then(|| {
+            Box::new(Upload {
+                outbox,
+                body: std::mem::replace(body, RequestBody::empty()),
+            })
+        });
+        // A connection whose request was still going out when the answer came is not
+        // reused: where its request ends is the backend's guess.
+        let keep_alive = head.keep_alive && upload.is_none();
+        Ok((
+            head.parts,
+            ResponseBody::new(self, head.body, keep_alive, upload),
+        ))
     }
 
     /// `error` as a stale connection when it can only be one.
-    fn failed(&self, error: Error, reused: bool, outbox: &Outbox) -> SendError {
+    fn failed(
+        &self,
+        error: Error,
+        reused: bool,
+        method: &http::Method,
+        outbox: &Outbox,
+    ) -> SendError {
         let closed = match &error {
             Error::Closed => true,
             Error::Io(e) => matches!(
@@ -278,7 +319,13 @@ impl Conn {
             ),
             _ => false,
         };
-        if reused && closed && outbox.taken == 0 && self.read.is_empty() {
+        if reused
+            && closed
+            && !self.heard
+            && outbox.taken == 0
+            && self.read.is_empty()
+            && is_idempotent(method)
+        {
             SendError::Stale(error)
         } else {
             SendError::Failed(error)
@@ -305,6 +352,7 @@ impl Conn {
                     Error::Truncated
                 }));
             }
+            self.heard = true;
         }
     }
 

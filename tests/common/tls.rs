@@ -92,7 +92,7 @@ impl Issued {
         (cert, key)
     }
 
-    fn chain_and_key(
+    pub fn chain_and_key(
         &self,
     ) -> (
         Vec<CertificateDer<'static>>,
@@ -123,7 +123,7 @@ pub fn tls_table(pairs: &[(PathBuf, PathBuf)], extra: &str) -> String {
     )
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
