@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Reads one request head (up to the empty line) and returns it, or `None` at EOF.
-async fn read_head(stream: &mut TcpStream) -> Option<String> {
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -31,21 +31,36 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&head).into_owned())
 }
 
-/// A backend that answers every request head with `answer` and then closes.
-async fn scripted(answer: &'static [u8]) -> SocketAddr {
+/// A backend on 127.0.0.1 that hands each connection that brings a request, with the
+/// request's head, to `serve` (the health checker's connections bring none).
+async fn backend<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream, String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
+            let serve = Arc::clone(&serve);
             tokio::spawn(async move {
-                if read_head(&mut stream).await.is_some() {
-                    let _ = stream.write_all(answer).await;
+                if let Some(head) = read_head(&mut stream).await {
+                    serve(stream, head).await;
                 }
             });
         }
     });
     addr
+}
+
+/// A backend that answers every request head with `answer` and then closes.
+async fn scripted(answer: &'static [u8]) -> SocketAddr {
+    backend(move |mut stream, _| async move {
+        let _ = stream.write_all(answer).await;
+    })
+    .await
 }
 
 async fn proxy_to(backend: SocketAddr) -> switchyard::server::Running {
@@ -169,33 +184,25 @@ async fn chunked_bodies_with_extensions_and_trailers_and_close_delimited_bodies_
 /// it fires just as the proxy reuses the connection.
 #[tokio::test]
 async fn a_kept_connection_the_backend_closed_costs_a_get_nothing_and_a_post_is_not_sent_twice() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
     let posts = Arc::new(AtomicUsize::new(0));
     let (answered_seen, posts_seen) = (Arc::clone(&answered), Arc::clone(&posts));
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let (answered, posts) = (Arc::clone(&answered_seen), Arc::clone(&posts_seen));
-            tokio::spawn(async move {
-                // The health checker's connections carry no request.
-                let Some(head) = read_head(&mut stream).await else {
-                    return;
-                };
+    let addr = backend(move |mut stream, head| {
+        let (answered, posts) = (Arc::clone(&answered_seen), Arc::clone(&posts_seen));
+        async move {
+            posts.fetch_add(usize::from(head.starts_with("POST")), Ordering::SeqCst);
+            answered.fetch_add(1, Ordering::SeqCst);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            // The next request is read and dropped with the connection.
+            if let Some(head) = read_head(&mut stream).await {
                 posts.fetch_add(usize::from(head.starts_with("POST")), Ordering::SeqCst);
-                answered.fetch_add(1, Ordering::SeqCst);
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                // The next request is read and dropped with the connection.
-                if let Some(head) = read_head(&mut stream).await {
-                    posts.fetch_add(usize::from(head.starts_with("POST")), Ordering::SeqCst);
-                }
-            });
+            }
         }
-    });
-    let proxy = proxy_to(backend).await;
+    })
+    .await;
+    let proxy = proxy_to(addr).await;
     let client = client();
     for round in 0..10 {
         let answer = send(&client, get(proxy.proxy_addr, "/")).await;
@@ -220,28 +227,19 @@ async fn a_kept_connection_the_backend_closed_costs_a_get_nothing_and_a_post_is_
 #[tokio::test]
 async fn a_backend_that_answers_before_it_reads_the_body_still_gets_all_of_it() {
     const SIZE: usize = 8 << 20;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                if read_head(&mut stream).await.is_none() {
-                    return;
-                }
-                stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut body = vec![0u8; SIZE];
-                stream.read_exact(&mut body).await.unwrap();
-                let count = SIZE.to_string();
-                let end = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
-                stream.write_all(end.as_bytes()).await.unwrap();
-            });
-        }
-    });
-    let proxy = proxy_to(backend).await;
+    let addr = backend(|mut stream, _| async move {
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = vec![0u8; SIZE];
+        stream.read_exact(&mut body).await.unwrap();
+        let count = SIZE.to_string();
+        let end = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
+        stream.write_all(end.as_bytes()).await.unwrap();
+    })
+    .await;
+    let proxy = proxy_to(addr).await;
     let upload = Request::post(format!("http://{}/", proxy.proxy_addr))
         .body(full(vec![b'x'; SIZE]))
         .unwrap();
@@ -426,35 +424,27 @@ async fn request_bodies_reach_the_backend_framed_right() {
 async fn watching_backend(
     close_first: bool,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Duration>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                // The health checker's connections carry no request.
-                if read_head(&mut stream).await.is_none() {
-                    return;
-                }
-                stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
-                let answered = std::time::Instant::now();
-                if close_first {
-                    stream.shutdown().await.unwrap();
-                }
-                let mut rest = [0u8; 16];
-                if let Ok(Ok(0)) =
-                    tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest)).await
-                {
-                    let _ = closed_tx.send(answered.elapsed());
-                }
-            });
+    let addr = backend(move |mut stream, _| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            let answered = std::time::Instant::now();
+            if close_first {
+                stream.shutdown().await.unwrap();
+            }
+            let mut rest = [0u8; 16];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest)).await
+            {
+                let _ = closed_tx.send(answered.elapsed());
+            }
         }
-    });
+    })
+    .await;
     (addr, closed)
 }
 
@@ -517,7 +507,7 @@ async fn tls_until_close_backend(ca: &common::tls::TestCa, close_notify: bool) -
                 let Ok(mut stream) = acceptor.accept(stream).await else {
                     return;
                 };
-                if read_tls_head(&mut stream).await.is_none() {
+                if read_head(&mut stream).await.is_none() {
                     return;
                 }
                 let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it";
@@ -531,18 +521,6 @@ async fn tls_until_close_backend(ca: &common::tls::TestCa, close_notify: bool) -
         }
     });
     addr
-}
-
-async fn read_tls_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<()> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.ok()? == 0 {
-            return None;
-        }
-        head.push(byte[0]);
-    }
-    Some(())
 }
 
 #[tokio::test]
