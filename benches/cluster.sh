@@ -18,13 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/common.sh
 ROUNDS=${ROUNDS:-20}
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
-for tool in etcd wrk python3; do
-    command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
-done
+use_bin_or_release_build
+require_tools etcd wrk python3
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ETCD_C=$(port); ETCD_P=$(port); BLUE=$(port); GREEN=$(port)

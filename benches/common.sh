@@ -148,3 +148,20 @@ HAPROXY
     haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
     wait_port "$port"
 }
+
+# Exits unless each named tool is installed; TOOLS_HINT, if set, says how to get them.
+require_tools() {
+    local tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null ||
+            { echo "$tool is not installed${TOOLS_HINT:+ ($TOOLS_HINT)}" >&2; exit 1; }
+    done
+}
+
+# BIN: the switchyard build to measure; unset, this tree's release build, built now.
+use_bin_or_release_build() {
+    if [[ -z "${BIN:-}" ]]; then
+        cargo build --release --quiet
+        BIN=target/release/switchyard
+    fi
+}

@@ -16,13 +16,9 @@ DURATION=${DURATION:-3s}
 CONNECTIONS=${CONNECTIONS:-50}
 BASE_PORT=${BASE_PORT:-18300}
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
-command -v nginx >/dev/null || { echo "nginx is not installed" >&2; exit 1; }
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
 source benches/common.sh
+require_tools wrk nginx
+use_bin_or_release_build
 HZ=$(getconf CLK_TCK)
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2)); SY=$((BASE_PORT + 10)); NGX=$((BASE_PORT + 20))

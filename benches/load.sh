@@ -32,13 +32,9 @@ cd "$(dirname "$0")/.."
 if [[ "${INSTALL:-0}" == 1 ]]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy >/dev/null
 fi
-command -v wrk >/dev/null || { echo "wrk is not installed (INSTALL=1 installs it)" >&2; exit 1; }
-
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
 source benches/common.sh
+TOOLS_HINT="INSTALL=1 installs it" require_tools wrk
+use_bin_or_release_build
 # Every server started below inherits room for the idle connections (and HAProxy
 # asks for twice its maxconn of 4096).
 FDS=$((IDLE_CONNS * 2 + 1024)); ((FDS >= 16384)) || FDS=16384

@@ -17,14 +17,9 @@ CONNECTIONS=${CONNECTIONS:-50}
 BASE_PORT=${BASE_PORT:-18400}
 TOP=${TOP:-15}
 cd "$(dirname "$0")/.."
-for tool in wrk perf python3; do
-    command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 1; }
-done
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
 source benches/common.sh
+require_tools wrk perf python3
+use_bin_or_release_build
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2)); SY=$((BASE_PORT + 10))
 "$BIN" stand-in --listen "127.0.0.1:$UP1" --name up1 & PIDS+=($!)

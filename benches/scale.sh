@@ -36,12 +36,9 @@ BASE_PORT=${BASE_PORT:-19000}
 # above this many services (before/after runs of such a build).
 SCRAPE_MAX=${SCRAPE_MAX:-1000000}
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
 source benches/common.sh
+require_tools wrk
+use_bin_or_release_build
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
 SY=$((BASE_PORT + 10)); ADMIN=$((BASE_PORT + 11))

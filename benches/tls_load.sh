@@ -24,15 +24,9 @@ cd "$(dirname "$0")/.."
 if [[ "${INSTALL:-0}" == 1 ]]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client nginx-light haproxy openssl >/dev/null
 fi
-for tool in wrk h2load openssl; do
-    command -v "$tool" >/dev/null || { echo "$tool is not installed (INSTALL=1 installs it)" >&2; exit 1; }
-done
-
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/switchyard
-fi
 source benches/common.sh
+TOOLS_HINT="INSTALL=1 installs it" require_tools wrk h2load openssl
+use_bin_or_release_build
 
 UP1=$((BASE_PORT + 1)); UP2=$((BASE_PORT + 2))
 SY=$((BASE_PORT + 10)); SY_TLS=$((BASE_PORT + 12)); SY_ADMIN=$((BASE_PORT + 11))
