@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod error;
+pub mod gather;
 pub mod headers;
 pub mod health;
 pub mod idle_timer;

@@ -137,7 +137,7 @@ impl AsyncWrite for RestingIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let polled = crate::gather::poll_write_gathered(Pin::new(&mut self.inner), cx, bufs);
         self.signal
             .write_blocked
             .store(polled.is_pending(), Ordering::Relaxed);

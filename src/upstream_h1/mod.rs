@@ -116,7 +116,7 @@ impl AsyncWrite for Io {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Plain(s) => crate::gather::poll_write_gathered(Pin::new(s), cx, bufs),
             Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
