@@ -389,3 +389,95 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert_eq!(a.hits(), 0);
     proxy.shutdown().await;
 }
+
+/// Writes `lines` one at a time, `gap` apart, until the server closes the connection;
+/// returns how many it took and how long after the first the connection closed.
+async fn trickle(
+    s: &mut tokio::net::TcpStream,
+    lines: &[&[u8]],
+    gap: Duration,
+) -> (usize, Duration) {
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    for (sent, line) in lines.iter().enumerate() {
+        if s.write_all(line).await.is_err() {
+            return (sent, started.elapsed());
+        }
+        // The gap, cut short if the server closes (or answers) meanwhile.
+        match tokio::time::timeout(gap, s.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => return (sent + 1, started.elapsed()),
+            Ok(Ok(n)) => panic!(
+                "answered a head never finished: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        }
+    }
+    (lines.len(), started.elapsed())
+}
+
+/// Slowloris: a head sent a field at a time, each line 80 ms after the last (longer
+/// than the proxy keeps an idle connection's hyper buffers, so it tries to give them up
+/// between lines). The deadline counts from the head's first byte whatever happens in
+/// between: the connection is closed at `client_header_timeout` (300 ms), not when the
+/// head would be complete (4 s), on a fresh connection and on a kept-alive one alike.
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_disconnected_at_client_header_timeout() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config_text(
+        "client_header_timeout = \"300ms\"",
+        &[("blue", &[a.addr])],
+        "",
+    ))
+    .await;
+    let mut lines: Vec<&[u8]> = vec![b"GET / HTTP/1.1\r\n"];
+    lines.extend(std::iter::repeat_n(&b"x-slow: 1\r\n"[..], 48));
+    lines.push(b"Host: a\r\n\r\n");
+
+    let mut fresh = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    let (sent, closed_after) = trickle(&mut fresh, &lines, Duration::from_millis(80)).await;
+    assert!(
+        sent < lines.len(),
+        "the whole head got through, {closed_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?}"
+    );
+
+    // A kept-alive connection: one whole request answered, then the next head trickles.
+    let mut kept = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Idle past the moment the proxy gives the connection's hyper buffers up.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (sent, closed_after) = trickle(&mut kept, &lines, Duration::from_millis(80)).await;
+    assert!(
+        sent < lines.len(),
+        "the whole second head got through, {closed_after:?}"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?}"
+    );
+
+    assert_eq!(a.hits(), 1, "only the whole request reached the backend");
+    proxy.shutdown().await;
+}
