@@ -374,7 +374,7 @@ impl Connection {
                 let woke = tokio::select! {
                     biased;
                     readable = io.readable() => readable.is_ok(),
-                    () = async { drop(stop.wait_for(|s| *s).await) } => {
+                    () = stop_requested(&mut stop) => {
                         counts.closing.store(true, Ordering::Relaxed);
                         matches!(tokio::time::timeout(CLOSE_GRACE, io.readable()).await, Ok(Ok(())))
                     }
@@ -403,7 +403,7 @@ impl Connection {
             let mut resting: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
             let mut rest_armed = false;
             let ended = {
-                let mut stopping = std::pin::pin!(async { drop(stop.wait_for(|s| *s).await) });
+                let mut stopping = std::pin::pin!(stop_requested(&mut stop));
                 let mut stop_seen = false;
                 std::future::poll_fn(|cx| loop {
                     let polled = std::pin::Pin::new(&mut *conn).poll(cx);
@@ -466,6 +466,26 @@ impl Connection {
     }
 }
 
+/// `stop` turned true (or its sender is gone). A waiting `wait_for` takes the channel's
+/// mutex, which every connection shares, each time it is polled, and a connection's
+/// futures are polled on every wake of its task: a shared lock per request. This polls
+/// it once, to register the task's waker (a task's waker stays the same), and after
+/// that only when the channel's version has moved, which is one atomic load.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    let mut probe = stop.clone();
+    let mut waiting = std::pin::pin!(stop.wait_for(|s| *s));
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if registered && !probe.has_changed().unwrap_or(true) {
+            return std::task::Poll::Pending;
+        }
+        registered = true;
+        probe.mark_unchanged();
+        waiting.as_mut().poll(cx).map(drop)
+    })
+    .await
+}
+
 /// What ends a connection that is not asked to.
 struct Deadlines<'a> {
     counts: &'a StreamCounts,
@@ -512,7 +532,7 @@ where
             tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
             Ok(())
         }
-        () = async { drop(stop.wait_for(|s| *s).await) } => {
+        () = stop_requested(&mut stop) => {
             let carried_http2 = http2 || counts.opened.load(Ordering::Relaxed) > 0;
             if !carried_http2 {
                 // HTTP/1: let a busy client get its `Connection: close` answer and close
