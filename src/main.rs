@@ -5,6 +5,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
+// The proxy allocates and frees a few blocks per request, two of them of several KB
+// (hyper's 8 KB read buffer for each request head, the forwarding future): glibc serves
+// those from its shared bins, mimalloc from a per-thread page.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",
