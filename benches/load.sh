@@ -10,6 +10,8 @@
 #   WORKERS=2 benches/load.sh            # two workers/processes/threads each
 #   OBSERVABILITY=1 benches/load.sh      # also switchyard with metrics off, and with
 #                                        # the JSON access log on (to /dev/null)
+# Always measures switchyard twice: with its default balancer (p2c) and as sy-rr,
+# with `balance = "round_robin"` like nginx's and HAProxy's defaults.
 #
 # Prints requests/s, p50, p99 and CPU per request per target (the server's utime +
 # stime over each run, from /proc, divided by the requests it served: steadier than
@@ -57,22 +59,40 @@ wait_port "$SY"
 TARGETS=(direct switchyard)
 declare -A URL=([direct]="http://127.0.0.1:$UP1/" [switchyard]="http://127.0.0.1:$SY/")
 
+# A copy of switchyard's config for a variant: proxy on $2, admin on $2 + 1, its own
+# state file.
+variant_config() { # name port
+    sed -e "s/127.0.0.1:$SY\"/127.0.0.1:$2\"/" -e "s/127.0.0.1:$SY_ADMIN\"/127.0.0.1:$(($2 + 1))\"/" \
+        -e "s#$WORK/switchyard.state.json#$WORK/$1.state.json#" "$WORK/switchyard.toml" >"$WORK/$1.toml"
+}
+start_variant() { # name port [log sink]
+    RUST_LOG=warn "$BIN" run --config "$WORK/$1.toml" >"${3:-/dev/stderr}" & PIDS+=($!)
+    PID_OF["sy-$1"]=$!
+    wait_port "$2"
+    TARGETS+=("sy-$1")
+    URL["sy-$1"]="http://127.0.0.1:$2/"
+}
+
+# The default balancer is power of two choices; nginx and HAProxy default to round
+# robin. With two backends p2c's second draw is the other backend, so it always takes
+# the less loaded one, and that oscillates against backends that answer in batches:
+# a fatter p99. sy-rr is the like-for-like row.
+port=$((BASE_PORT + 30))
+variant_config rr "$port"
+sed -i 's/^\[pools.app\]$/&\nbalance = "round_robin"/' "$WORK/rr.toml"
+start_variant rr "$port"
+
 if [[ "${OBSERVABILITY:-0}" == 1 ]]; then
     # Same proxy config on other ports: metrics off; and metrics on plus access log.
     for variant in nometrics accesslog; do
         port=$((BASE_PORT + 30 + ${#TARGETS[@]} * 2))
-        sed -e "s/127.0.0.1:$SY\"/127.0.0.1:$port\"/" -e "s/127.0.0.1:$SY_ADMIN\"/127.0.0.1:$((port + 1))\"/" \
-            -e "s#$WORK/switchyard.state.json#$WORK/$variant.state.json#" "$WORK/switchyard.toml" >"$WORK/$variant.toml"
+        variant_config "$variant" "$port"
         if [[ $variant == nometrics ]]; then
             printf '[metrics]\nenabled = false\n' >>"$WORK/$variant.toml"
         else
             printf '[log]\naccess = "stdout"\nformat = "json"\n' >>"$WORK/$variant.toml"
         fi
-        RUST_LOG=warn "$BIN" run --config "$WORK/$variant.toml" >/dev/null & PIDS+=($!)
-        PID_OF["sy-$variant"]=$!
-        wait_port "$port"
-        TARGETS+=("sy-$variant")
-        URL["sy-$variant"]="http://127.0.0.1:$port/"
+        start_variant "$variant" "$port" /dev/null
     done
 fi
 
@@ -154,8 +174,7 @@ done
 # on a fresh instance (one that has not already grown its heap for the run above):
 IDLE_PACE_MS=${IDLE_PACE_MS:-1}
 PACED=$((BASE_PORT + 40))
-sed -e "s/127.0.0.1:$SY\"/127.0.0.1:$PACED\"/" -e "s/127.0.0.1:$SY_ADMIN\"/127.0.0.1:$((PACED + 1))\"/" \
-    -e "s#$WORK/switchyard.state.json#$WORK/paced.state.json#" "$WORK/switchyard.toml" >"$WORK/paced.toml"
+variant_config paced "$PACED"
 RUST_LOG=warn "$BIN" run --config "$WORK/paced.toml" & PIDS+=($!)
 wait_port "$PACED"
 IDLE_KB_PACED=$(idle_kb "${PIDS[-1]}" "$PACED" "$IDLE_PACE_MS")
@@ -176,11 +195,14 @@ if [[ -n "${MR[sy-nometrics]:-}" ]]; then
         'BEGIN { printf "metrics on vs off: %.1f%% req/s; access log on: %.1f%% req/s vs metrics-only\n", (on / off - 1) * 100, (withlog / on - 1) * 100 }'
 fi
 echo "switchyard, idle connections opened ${IDLE_PACE_MS} ms apart: $IDLE_KB_PACED KB/idle conn"
-for peer in nginx haproxy; do
-    if [[ -n "${MR[$peer]:-}" ]]; then
-        awk -v s="${MR[switchyard]}" -v n="${MR[$peer]}" -v sp="${MP99[switchyard]}" -v np="${MP99[$peer]}" \
-            -v sc="${MCPU[switchyard]}" -v nc="${MCPU[$peer]}" -v sk="${IDLE_KB[switchyard]:-}" -v nk="${IDLE_KB[$peer]:-}" -v peer="$peer" \
-            'BEGIN { printf "switchyard / %s: req/s %.2fx, p99 %.2fx, CPU/req %.2fx", peer, s / n, sp / np, sc / nc;
-                     if (sk + 0 > 0 && nk + 0 > 0) printf ", KB/idle conn %.1fx", sk / nk; print "" }'
-    fi
+for sy in switchyard sy-rr; do
+    for peer in nginx haproxy; do
+        if [[ -n "${MR[$peer]:-}" ]]; then
+            awk -v s="${MR[$sy]}" -v n="${MR[$peer]}" -v sp="${MP99[$sy]}" -v np="${MP99[$peer]}" \
+                -v sc="${MCPU[$sy]}" -v nc="${MCPU[$peer]}" -v sk="${IDLE_KB[switchyard]:-}" -v nk="${IDLE_KB[$peer]:-}" \
+                -v sy="$sy" -v peer="$peer" \
+                'BEGIN { printf "%s / %s: req/s %.2fx, p99 %.2fx, CPU/req %.2fx", sy, peer, s / n, sp / np, sc / nc;
+                         if (sy == "switchyard" && sk + 0 > 0 && nk + 0 > 0) printf ", KB/idle conn %.1fx", sk / nk; print "" }'
+        fi
+    done
 done
