@@ -137,6 +137,70 @@ async fn silent_connections_after_the_tls_handshake_are_closed_too() {
     proxy.shutdown().await;
 }
 
+/// A plain HTTP/1.1 head begun and never finished, on a fresh connection and on a
+/// kept-alive one: closed without an answer at `client_header_timeout` (counted from
+/// when the proxy began waiting for that head), counted as that timeout, and the
+/// backend never sees it. An idle kept-alive client is closed too, but not counted: it
+/// is no attack, just a client done for now.
+#[tokio::test]
+async fn an_unfinished_head_is_cut_off_and_counted_as_client_header_timeout() {
+    let upstream = Upstream::start("blue-1").await;
+    let proxy = start_proxy(&config_text(
+        "client_header_timeout = \"300ms\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    ))
+    .await;
+    let addr = proxy.proxy_addr;
+    let timeouts = "switchyard_client_timeouts_total{timeout=\"client_header_timeout\"}";
+
+    let mut fresh = TcpStream::connect(addr).await.unwrap();
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    kept.write_all(b"GET /second HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    for (what, stream) in [("fresh", &mut fresh), ("kept-alive", &mut kept)] {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(10)).await,
+            "the {what} connection with half a head is still open"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(closed_by_server(&mut idle, Duration::from_secs(10)).await);
+    assert_eq!(
+        upstream.hits(),
+        2,
+        "only the whole requests reached the backend"
+    );
+    assert_eq!(metric(&scrape(proxy.admin_addr).await, timeouts), 2.0);
+    proxy.shutdown().await;
+}
+
 // ------------------------------------------------------------------------------------
 // 2. Slow bodies and clients that stop reading.
 

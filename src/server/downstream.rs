@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use std::future::Future;
 
-use super::resting::{IdleSignal, OpenResponse, RestingIo};
+use super::resting::{IdleSignal, IdleWatch, OpenResponse, RestingIo, Verdict};
 use crate::client_io::SendTimeout;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -29,6 +29,9 @@ use crate::proxy::{Proxy, ResponseBody};
 pub(super) struct Builders {
     auto: auto::Builder<TokioExecutor>,
     http1: hyper::server::conn::http1::Builder,
+    /// `http1` without hyper's header-read timer, for plain connections, whose driver
+    /// keeps that deadline itself (`IdleWatch`).
+    plain_http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     http2_idle_timeout: Duration,
     /// A connection with no request started by then is closed (`client_header_timeout`):
@@ -59,6 +62,8 @@ impl Builders {
             .header_read_timeout(settings.client_header_timeout)
             .max_buf_size(settings.max_header_size.max(8192))
             .keep_alive(true);
+        let mut plain_http1 = http1.clone();
+        plain_http1.header_read_timeout(None);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         macro_rules! http2_settings {
             ($builder:expr) => {
@@ -82,6 +87,7 @@ impl Builders {
         Builders {
             auto,
             http1,
+            plain_http1,
             http2,
             http2_idle_timeout: settings.http2_idle_timeout,
             first_request_timeout: settings.client_header_timeout,
@@ -347,7 +353,8 @@ impl Connection {
     /// A plain HTTP/1.1 connection (no h2c): served by one hyper connection per run
     /// of requests, so that an idle keep-alive client holds no hyper buffers (see
     /// `resting`). Deadlines match `serve`'s: the wait for a request is
-    /// `client_header_timeout`, counted when no request ever came; a stopping server
+    /// `client_header_timeout`, counted when no request ever came, and so is a head
+    /// begun and not finished (kept by `IdleWatch` rather than hyper); a stopping server
     /// gives an idle client `CLOSE_GRACE` to send one more request, answered with
     /// `Connection: close`.
     pub(super) async fn serve_plain_http1(
@@ -369,6 +376,7 @@ impl Connection {
             SendTimeout::new(stream, builders.send_timeout, metrics.send_timeouts.clone()),
             Arc::clone(&signal),
         );
+        let mut watch = IdleWatch::new(RELEASE_AFTER_IDLE, builders.first_request_timeout);
         loop {
             if !io.has_read_ahead() {
                 let woke = tokio::select! {
@@ -394,39 +402,35 @@ impl Connection {
             // it would stay in every idle connection's task.
             let mut conn = Box::new(
                 builders
-                    .http1
+                    .plain_http1
                     .serve_connection(TokioIo::new(io), service)
                     .with_upgrades(),
             );
+            watch.start_run();
             let mut released = false;
             let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-            let mut resting: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-            let mut rest_armed = false;
             let ended = {
                 let mut stopping = std::pin::pin!(stop_requested(&mut stop));
                 let mut stop_seen = false;
                 std::future::poll_fn(|cx| loop {
                     let polled = std::pin::Pin::new(&mut *conn).poll(cx);
                     if polled.is_ready() {
-                        return polled;
+                        return polled.map(|ended| ended.map_err(|e| e.to_string()));
                     }
-                    if !released && signal.hyper_is_idle() {
-                        let rest = resting.get_or_insert_with(|| {
-                            Box::pin(tokio::time::sleep(RELEASE_AFTER_IDLE))
-                        });
-                        if !rest_armed {
-                            rest_armed = true;
-                            rest.as_mut()
-                                .reset(tokio::time::Instant::now() + RELEASE_AFTER_IDLE);
-                        }
-                        if rest.as_mut().poll(cx).is_ready() {
+                    match watch.poll(cx, &signal) {
+                        Verdict::Wait => {}
+                        Verdict::Release => {
                             released = true;
                             signal.set_releasing(true);
                             std::pin::Pin::new(&mut *conn).graceful_shutdown();
                             continue;
                         }
-                    } else {
-                        rest_armed = false;
+                        Verdict::HeadTimedOut => {
+                            metrics.client_header_timeouts.inc();
+                            return std::task::Poll::Ready(Err(
+                                "no whole request head within client_header_timeout".to_owned(),
+                            ));
+                        }
                     }
                     if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
                         stop_seen = true;

@@ -11,11 +11,13 @@
 //! connection is the socket, its task and a few words; the next byte from the client
 //! starts a new hyper connection on it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +30,8 @@ use crate::client_io::SendTimeout;
 pub(super) struct IdleSignal {
     /// Requests handed to the proxy whose response body hyper has not dropped yet.
     open_responses: AtomicU32,
+    /// Requests handed to the proxy so far (wrapping): whether any came between two looks.
+    requests: AtomicU32,
     /// hyper's last read found no bytes: it waits on the socket.
     read_parked: AtomicBool,
     /// The last write or flush could not complete: hyper still has bytes to send.
@@ -41,6 +45,7 @@ impl IdleSignal {
     /// is dropped.
     pub(super) fn open(self: &Arc<Self>) -> OpenResponse {
         self.open_responses.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         OpenResponse(Arc::clone(self))
     }
 
@@ -54,6 +59,126 @@ impl IdleSignal {
 
     pub(super) fn set_releasing(&self, releasing: bool) {
         self.releasing.store(releasing, Ordering::Relaxed);
+    }
+
+    fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// What the driver of a hyper connection does next about idleness.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Wait,
+    /// Idle for `release_after`: shut hyper down and take the socket back.
+    Release,
+    /// A request head begun before the release is not whole `head_timeout` after hyper
+    /// started waiting for it: close the connection.
+    HeadTimedOut,
+}
+
+enum Phase {
+    /// Not seen idle since this hyper connection started (or it is serving).
+    Unarmed,
+    /// Seen idle when the sleep was armed, with `requests` handed on by then.
+    Resting { requests: u32 },
+    /// Released, and hyper still waits for a head (a hyper connection that has not
+    /// finished a request yet finishes the one it reads before it stops): the
+    /// connection is closed at the sleep's deadline unless that request starts.
+    Heading { requests: u32 },
+    /// A request started after the release: hyper ends the connection after it.
+    Finishing,
+}
+
+/// When to give an idle hyper connection up, and when a request head has taken too
+/// long; it replaces hyper's header-read timer. One sleep for the whole client
+/// connection, re-armed at most once per `release_after` however many requests it
+/// carries: a busy keep-alive client costs no timer per request (hyper's timer was
+/// set and cancelled for every head, and the release timer reset after every answer).
+pub(super) struct IdleWatch {
+    release_after: Duration,
+    head_timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    phase: Phase,
+}
+
+impl IdleWatch {
+    pub(super) fn new(release_after: Duration, head_timeout: Duration) -> IdleWatch {
+        IdleWatch {
+            release_after,
+            head_timeout,
+            sleep: None,
+            phase: Phase::Unarmed,
+        }
+    }
+
+    /// A new hyper connection starts on the socket.
+    pub(super) fn start_run(&mut self) {
+        self.phase = Phase::Unarmed;
+    }
+
+    /// Looked at each time hyper returns `Pending`; registers `cx` for the next deadline.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, signal: &IdleSignal) -> Verdict {
+        loop {
+            match self.phase {
+                Phase::Unarmed => {
+                    if !signal.hyper_is_idle() {
+                        return Verdict::Wait;
+                    }
+                    self.arm(tokio::time::Instant::now() + self.release_after);
+                    self.phase = Phase::Resting {
+                        requests: signal.requests(),
+                    };
+                }
+                Phase::Resting { requests } => {
+                    // Busy again: the sleep stays armed, and what it finds when it is
+                    // next looked at idle tells whether the client was idle throughout.
+                    if !signal.hyper_is_idle() || !self.elapsed(cx) {
+                        return Verdict::Wait;
+                    }
+                    if signal.requests() != requests {
+                        // Requests came and went meanwhile: this idle spell began later.
+                        self.phase = Phase::Unarmed;
+                        continue;
+                    }
+                    let idle_since = self.deadline() - self.release_after;
+                    self.arm(idle_since + self.head_timeout);
+                    self.phase = Phase::Heading { requests };
+                    return Verdict::Release;
+                }
+                Phase::Heading { requests } => {
+                    if signal.requests() != requests {
+                        self.phase = Phase::Finishing;
+                        return Verdict::Wait;
+                    }
+                    return if self.elapsed(cx) {
+                        Verdict::HeadTimedOut
+                    } else {
+                        Verdict::Wait
+                    };
+                }
+                Phase::Finishing => return Verdict::Wait,
+            }
+        }
+    }
+
+    fn arm(&mut self, deadline: tokio::time::Instant) {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.sleep
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, |sleep| sleep.deadline())
+    }
+
+    fn elapsed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
     }
 }
 
@@ -182,6 +307,104 @@ fn put_back(kept: &mut Bytes, taken: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const REST: Duration = Duration::from_millis(50);
+    const HEAD: Duration = Duration::from_millis(300);
+
+    fn look(watch: &mut IdleWatch, signal: &IdleSignal) -> Verdict {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        watch.poll(&mut cx, signal)
+    }
+
+    /// hyper waiting for a head, with every answer written.
+    fn idle() -> Arc<IdleSignal> {
+        let signal = Arc::new(IdleSignal::default());
+        signal.read_parked.store(true, Ordering::Relaxed);
+        signal
+    }
+
+    /// One request from start to end, as the service and hyper report it.
+    fn serve_one(signal: &Arc<IdleSignal>) {
+        signal.read_parked.store(false, Ordering::Relaxed);
+        drop(signal.open());
+        signal.read_parked.store(true, Ordering::Relaxed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_released_after_the_rest_time() {
+        let signal = idle();
+        let mut watch = IdleWatch::new(REST, HEAD);
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        tokio::time::advance(REST - Duration::from_millis(1)).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Release);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_client_keeps_its_hyper_connection() {
+        let signal = idle();
+        let mut watch = IdleWatch::new(REST, HEAD);
+        for _ in 0..100 {
+            assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+            serve_one(&signal);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // Idle from the last request on: released within two rest times of it.
+        let mut waited = Duration::ZERO;
+        while look(&mut watch, &signal) == Verdict::Wait {
+            tokio::time::advance(Duration::from_millis(5)).await;
+            waited += Duration::from_millis(5);
+        }
+        assert!(
+            waited >= REST - Duration::from_millis(10) && waited <= 2 * REST,
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_an_answer_outstanding_is_not_idle() {
+        let signal = idle();
+        let mut watch = IdleWatch::new(REST, HEAD);
+        let open = signal.open();
+        tokio::time::advance(10 * REST).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        drop(open);
+        signal.write_blocked.store(true, Ordering::Relaxed);
+        tokio::time::advance(10 * REST).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_unfinished_after_the_release_times_out_from_when_idle_began() {
+        let signal = idle();
+        let mut watch = IdleWatch::new(REST, HEAD);
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        tokio::time::advance(REST).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Release);
+        tokio::time::advance(HEAD - REST - Duration::from_millis(1)).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::HeadTimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_finished_after_the_release_is_served_to_the_end() {
+        let signal = idle();
+        let mut watch = IdleWatch::new(REST, HEAD);
+        look(&mut watch, &signal);
+        tokio::time::advance(REST).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Release);
+        let _open = signal.open();
+        tokio::time::advance(10 * HEAD).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        // The next hyper connection starts afresh.
+        watch.start_run();
+        drop(_open);
+        assert_eq!(look(&mut watch, &signal), Verdict::Wait);
+        tokio::time::advance(REST).await;
+        assert_eq!(look(&mut watch, &signal), Verdict::Release);
+    }
 
     /// What hyper hands back: a frozen read buffer, the bytes it parsed advanced past.
     fn hyper_read_buf(unparsed: &[u8]) -> Bytes {
