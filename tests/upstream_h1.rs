@@ -561,3 +561,65 @@ async fn a_tls_answer_delimited_by_its_close_is_whole_only_with_close_notify() {
         proxy.shutdown().await;
     }
 }
+
+/// `upstream_header_timeout` on a kept connection: each request gets its whole timeout
+/// from when it went out, whatever the requests before it on that connection, and no
+/// more. The backend keeps one connection and answers `GET /delay/<ms>` after that long.
+#[tokio::test]
+async fn each_request_on_a_kept_connection_gets_the_whole_header_timeout() {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    let addr = backend(move |mut stream, head| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut head = Some(head);
+            while let Some(request) = head {
+                let delay: u64 = request
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|path| path.strip_prefix("/delay/"))
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                if stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                head = read_head(&mut stream).await;
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&config_text(
+        "upstream_header_timeout = \"300ms\"",
+        &[("blue", &[addr])],
+        "",
+    ))
+    .await;
+    let client = client();
+    let at = |path: &str| get(proxy.proxy_addr, path);
+    assert_eq!(send(&client, at("/delay/0")).await.status, StatusCode::OK);
+    // Past half of the first request's timeout, a request that takes most of its own:
+    // it outlives the first request's deadline and is still answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(send(&client, at("/delay/200")).await.status, StatusCode::OK);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the connection was kept"
+    );
+    // One that takes too long gets its 504, and not before its own timeout.
+    let started = std::time::Instant::now();
+    let late = send(&client, at("/delay/5000")).await;
+    assert_eq!(late.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.shutdown().await;
+}

@@ -10,6 +10,7 @@ mod body;
 mod chunked;
 mod head;
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -166,6 +167,22 @@ pub struct Conn {
     /// Something of the current request's answer came (an informational answer too):
     /// the backend had the request, so a close is no keep-alive race.
     heard: bool,
+    /// The response-head deadline, with the thread (`this_thread`) whose runtime made it.
+    header_deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// A number for the calling thread, never reused within the process.
+fn this_thread() -> u64 {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static NUMBER: Cell<u64> = const { Cell::new(0) });
+    NUMBER.with(|number| {
+        if number.get() == 0 {
+            number.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        number.get()
+    })
 }
 
 /// The methods a request may be sent twice with (RFC 9110 §9.2.2).
@@ -210,6 +227,7 @@ impl Conn {
             out: Vec::new(),
             sent: 0,
             heard: false,
+            header_deadline: None,
         }
     }
 
@@ -264,14 +282,10 @@ impl Conn {
         let answered = match early {
             Ok(Some(head)) => head,
             Ok(None) => {
-                match tokio::time::timeout(
-                    header_timeout,
-                    std::future::poll_fn(|cx| self.poll_head(cx, method)),
-                )
-                .await
-                {
-                    Ok(head) => head,
-                    Err(_) => return Err(SendError::TimedOut),
+                let deadline = tokio::time::Instant::now() + header_timeout;
+                match std::future::poll_fn(|cx| self.poll_head_until(cx, method, deadline)).await {
+                    Some(head) => head,
+                    None => return Err(SendError::TimedOut),
                 }
             }
             Err(SendError::Failed(error)) => {
@@ -330,6 +344,44 @@ impl Conn {
         } else {
             SendError::Failed(error)
         }
+    }
+
+    /// `poll_head`, or `None` once `deadline` has passed. The deadline is kept on the
+    /// connection's own sleep, which only moves when it fires before the deadline of
+    /// the request now waiting (it was armed for an earlier one): an answer that comes
+    /// in time, as nearly all do, costs no timer set and cancelled.
+    fn poll_head_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &http::Method,
+        deadline: tokio::time::Instant,
+    ) -> Poll<Option<Result<head::Head, Error>>> {
+        if let Poll::Ready(head) = self.poll_head(cx, method) {
+            return Poll::Ready(Some(head));
+        }
+        let thread = this_thread();
+        let sleep = match &mut self.header_deadline {
+            // A sleep belongs to the runtime that made it, and a pooled connection may
+            // be taken by another worker's thread.
+            Some((made_on, sleep)) if *made_on == thread => {
+                if sleep.deadline() > deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            slot => {
+                let (_, sleep) =
+                    slot.insert((thread, Box::pin(tokio::time::sleep_until(deadline))));
+                sleep
+            }
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(None);
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 
     fn poll_head(
