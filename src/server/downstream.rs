@@ -459,6 +459,7 @@ impl Connection {
                     io = parts.io.into_inner();
                     io.put_back(parts.read_buf);
                     service = parts.service;
+                    watch.rest();
                 }
                 // Closed by hyper (the client asked, or it stopped), or upgraded.
                 (released, _) => {

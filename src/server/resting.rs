@@ -117,6 +117,12 @@ impl IdleWatch {
         self.phase = Phase::Unarmed;
     }
 
+    /// The hyper connection was given up and the socket idles: its sleep goes too, so
+    /// that an idle connection holds no timer (and is not woken by one).
+    pub(super) fn rest(&mut self) {
+        self.sleep = None;
+    }
+
     /// Looked at each time hyper returns `Pending`; registers `cx` for the next deadline.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, signal: &IdleSignal) -> Verdict {
         loop {
