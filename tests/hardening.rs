@@ -32,6 +32,34 @@ async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// A proxy with a TLS listener for `app.example` and `client_header_timeout = 300ms`, in
+/// front of `upstream`; the CA (for clients) and the certificate's directory (kept).
+async fn tls_proxy_with_header_timeout(
+    upstream: &Upstream,
+) -> (switchyard::server::Running, TestCa, tempfile::TempDir) {
+    let ca = TestCa::new("hardening CA");
+    let dir = tempfile::tempdir().unwrap();
+    let pair = ca.issue(&["app.example"]).write(dir.path(), "app");
+    let keys = format!(
+        "client_header_timeout = \"300ms\"\n{}",
+        tls_table(&[pair], "")
+    );
+    let proxy = start_proxy(&config_text(&keys, &[("blue", &[upstream.addr])], "")).await;
+    (proxy, ca, dir)
+}
+
+/// Reads an answer up to the end of its head; the bytes read.
+async fn read_answer_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    answer
+}
+
 fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -116,14 +144,7 @@ async fn silent_connections_are_closed_after_client_header_timeout_even_with_h2c
 #[tokio::test]
 async fn silent_connections_after_the_tls_handshake_are_closed_too() {
     let upstream = Upstream::start("blue-1").await;
-    let ca = TestCa::new("hardening CA");
-    let dir = tempfile::tempdir().unwrap();
-    let pair = ca.issue(&["app.example"]).write(dir.path(), "app");
-    let keys = format!(
-        "client_header_timeout = \"300ms\"\n{}",
-        tls_table(&[pair], "")
-    );
-    let proxy = start_proxy(&config_text(&keys, &[("blue", &[upstream.addr])], "")).await;
+    let (proxy, ca, _dir) = tls_proxy_with_header_timeout(&upstream).await;
     let tls_addr = proxy.tls_addr.unwrap();
     for alpn in ["h2", "http/1.1"] {
         let client = TlsClient::new(&ca, &[alpn]);
@@ -163,14 +184,9 @@ async fn an_unfinished_head_is_cut_off_and_counted_as_client_header_timeout() {
     kept.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = kept.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before answering");
-        answer.extend_from_slice(&buf[..n]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert!(read_answer_head(&mut kept)
+        .await
+        .starts_with(b"HTTP/1.1 200"));
     kept.write_all(b"GET /second HTTP/1.1\r\nhost: a\r\n")
         .await
         .unwrap();
@@ -198,6 +214,41 @@ async fn an_unfinished_head_is_cut_off_and_counted_as_client_header_timeout() {
         "only the whole requests reached the backend"
     );
     assert_eq!(metric(&scrape(proxy.admin_addr).await, timeouts), 2.0);
+    proxy.shutdown().await;
+}
+
+/// The same over TLS (hyper keeps the head deadline there), on a kept-alive connection:
+/// one whole request answered, then half a head; cut off and counted.
+#[tokio::test]
+async fn an_unfinished_head_over_tls_is_cut_off_and_counted_too() {
+    let upstream = Upstream::start("blue-1").await;
+    let (proxy, ca, _dir) = tls_proxy_with_header_timeout(&upstream).await;
+    let client = TlsClient::new(&ca, &["http/1.1"]);
+    let mut stream = client
+        .connect(proxy.tls_addr.unwrap(), "app.example")
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_answer_head(&mut stream)
+        .await
+        .starts_with(b"HTTP/1.1 200"));
+    stream
+        .write_all(b"GET /second HTTP/1.1\r\nhost: app.example\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut stream, Duration::from_secs(10)).await);
+    assert_eq!(upstream.hits(), 1);
+    let metrics = scrape(proxy.admin_addr).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "switchyard_client_timeouts_total{timeout=\"client_header_timeout\"}"
+        ),
+        1.0
+    );
     proxy.shutdown().await;
 }
 

@@ -272,7 +272,12 @@ impl Connection {
                     peer,
                 )
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    if e.is_header_timeout() {
+                        metrics.client_header_timeouts.inc();
+                    }
+                    e.to_string()
+                })
             };
         }
         let ended = match served {
@@ -287,6 +292,25 @@ impl Connection {
         if let Err(e) = ended {
             tracing::debug!(%peer, "client connection ended: {e}");
         }
+    }
+}
+
+/// hyper's header-read timer cut a request head off (TLS and h2c connections; plain
+/// ones keep that deadline in `IdleWatch`).
+trait HeaderTimeout {
+    fn is_header_timeout(&self) -> bool;
+}
+
+impl HeaderTimeout for hyper::Error {
+    fn is_header_timeout(&self) -> bool {
+        self.is_timeout()
+    }
+}
+
+impl HeaderTimeout for Box<dyn std::error::Error + Send + Sync> {
+    fn is_header_timeout(&self) -> bool {
+        self.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
     }
 }
 
