@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response, Version};
@@ -381,12 +382,15 @@ impl Connection {
     /// begun and not finished (kept by `IdleWatch` rather than hyper); a stopping server
     /// gives an idle client `CLOSE_GRACE` to send one more request, answered with
     /// `Connection: close`.
-    pub(super) async fn serve_plain_http1(
+    pub(super) fn serve_plain_http1<'a>(
         self,
-        builders: &Builders,
+        builders: &'a Builders,
         stream: tokio::net::TcpStream,
         mut stop: watch::Receiver<bool>,
-    ) {
+    ) -> impl Future<Output = ()> + 'a {
+        // Set up outside the future: what an async fn is given stays in its future
+        // beside whatever it is moved into, and this future is what every idle
+        // connection holds.
         let peer = self.peer;
         let counts = Arc::new(StreamCounts::default());
         let metrics = Arc::clone(&self.metrics);
@@ -401,94 +405,105 @@ impl Connection {
             Arc::clone(&signal),
         );
         let mut watch = IdleWatch::new(RELEASE_AFTER_IDLE, builders.first_request_timeout);
-        loop {
-            if !io.has_read_ahead() {
-                let woke = tokio::select! {
-                    biased;
-                    readable = io.readable() => readable.is_ok(),
-                    () = stop_requested(&mut stop) => {
-                        counts.closing.store(true, Ordering::Relaxed);
-                        matches!(tokio::time::timeout(CLOSE_GRACE, io.readable()).await, Ok(Ok(())))
-                    }
-                    () = tokio::time::sleep(builders.first_request_timeout) => {
-                        if !counts.started.load(Ordering::Relaxed) {
-                            metrics.client_header_timeouts.inc();
-                            tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
-                        }
-                        false
-                    }
-                };
-                if !woke {
-                    return;
-                }
-            }
-            // Boxed: hyper's connection is kilobytes, held only while requests run; inline
-            // it would stay in every idle connection's task.
-            let mut conn = Box::new(
-                builders
-                    .plain_http1
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades(),
-            );
-            watch.start_run();
-            let mut released = false;
-            let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-            let ended = {
-                let mut stopping = std::pin::pin!(stop_requested(&mut stop));
-                let mut stop_seen = false;
-                std::future::poll_fn(|cx| loop {
-                    let polled = std::pin::Pin::new(&mut *conn).poll(cx);
-                    if polled.is_ready() {
-                        return polled.map(|ended| ended.map_err(|e| e.to_string()));
-                    }
-                    match watch.poll(cx, &signal) {
-                        Verdict::Wait => {}
-                        Verdict::Release => {
-                            released = true;
-                            signal.set_releasing(true);
-                            std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                            continue;
-                        }
-                        Verdict::HeadTimedOut => {
-                            metrics.client_header_timeouts.inc();
-                            return std::task::Poll::Ready(Err(
-                                "no whole request head within client_header_timeout".to_owned(),
-                            ));
-                        }
+        async move {
+            loop {
+                if !io.has_read_ahead() {
+                    // No hyper connection and no buffer: the socket's readiness, the stop
+                    // signal and the watch's one sleep, polled by hand rather than by
+                    // `select!`, whose futures would make every connection's future larger.
+                    watch.wait_idle(builders.first_request_timeout);
+                    let mut stopping = std::pin::pin!(stop_requested(&mut stop));
+                    let mut stop_seen = false;
+                    let woke = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(ready) = io.poll_read_ready(cx) {
+                        return Poll::Ready(ready.is_ok());
                     }
                     if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
                         stop_seen = true;
                         counts.closing.store(true, Ordering::Relaxed);
-                        grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                        watch.wait_idle(CLOSE_GRACE);
                     }
-                    if let Some(sleep) = grace.as_mut() {
-                        if sleep.as_mut().poll(cx).is_ready() {
-                            grace = None;
-                            std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                            continue;
+                    if watch.idle_elapsed(cx) {
+                        if !stop_seen && !counts.started.load(Ordering::Relaxed) {
+                            metrics.client_header_timeouts.inc();
+                            tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
                         }
+                        return Poll::Ready(false);
                     }
-                    return std::task::Poll::Pending;
+                    Poll::Pending
                 })
-                .await
-            };
-            signal.set_releasing(false);
-            if let Err(e) = ended {
-                tracing::debug!(%peer, "client connection ended: {e}");
-                return;
-            }
-            match (released, conn.into_parts()) {
-                (true, Some(parts)) => {
-                    tracing::trace!(%peer, read_ahead = parts.read_buf.len(), "idle: hyper released");
-                    io = parts.io.into_inner();
-                    io.put_back(parts.read_buf);
-                    service = parts.service;
-                    watch.rest();
+                .await;
+                    if !woke {
+                        return;
+                    }
                 }
-                // Closed by hyper (the client asked, or it stopped), or upgraded.
-                (released, _) => {
-                    tracing::trace!(%peer, released, "hyper connection ended");
+                // Boxed: hyper's connection is kilobytes, held only while requests run; inline
+                // it would stay in every idle connection's task.
+                let mut conn = Box::new(
+                    builders
+                        .plain_http1
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades(),
+                );
+                watch.start_run();
+                let mut released = false;
+                let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+                let ended = {
+                    let mut stopping = std::pin::pin!(stop_requested(&mut stop));
+                    let mut stop_seen = false;
+                    std::future::poll_fn(|cx| loop {
+                        let polled = std::pin::Pin::new(&mut *conn).poll(cx);
+                        if polled.is_ready() {
+                            return polled.map(|ended| ended.map_err(|e| e.to_string()));
+                        }
+                        match watch.poll(cx, &signal) {
+                            Verdict::Wait => {}
+                            Verdict::Release => {
+                                released = true;
+                                signal.set_releasing(true);
+                                std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                                continue;
+                            }
+                            Verdict::HeadTimedOut => {
+                                metrics.client_header_timeouts.inc();
+                                return std::task::Poll::Ready(Err(
+                                    "no whole request head within client_header_timeout".to_owned(),
+                                ));
+                            }
+                        }
+                        if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
+                            stop_seen = true;
+                            counts.closing.store(true, Ordering::Relaxed);
+                            grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                        }
+                        if let Some(sleep) = grace.as_mut() {
+                            if sleep.as_mut().poll(cx).is_ready() {
+                                grace = None;
+                                std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                                continue;
+                            }
+                        }
+                        return std::task::Poll::Pending;
+                    })
+                    .await
+                };
+                signal.set_releasing(false);
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, "client connection ended: {e}");
                     return;
+                }
+                match (released, conn.into_parts()) {
+                    (true, Some(parts)) => {
+                        tracing::trace!(%peer, read_ahead = parts.read_buf.len(), "idle: hyper released");
+                        io = parts.io.into_inner();
+                        io.put_back(parts.read_buf);
+                        service = parts.service;
+                    }
+                    // Closed by hyper (the client asked, or it stopped), or upgraded.
+                    (released, _) => {
+                        tracing::trace!(%peer, released, "hyper connection ended");
+                        return;
+                    }
                 }
             }
         }

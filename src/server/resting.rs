@@ -117,10 +117,16 @@ impl IdleWatch {
         self.phase = Phase::Unarmed;
     }
 
-    /// The hyper connection was given up and the socket idles: its sleep goes too, so
-    /// that an idle connection holds no timer (and is not woken by one).
-    pub(super) fn rest(&mut self) {
-        self.sleep = None;
+    /// The socket idles with no hyper connection: the sleep is re-armed for `timeout`
+    /// from now (the keep-alive wait, or a stopping server's grace), in place of
+    /// whatever it was armed for.
+    pub(super) fn wait_idle(&mut self, timeout: Duration) {
+        self.arm(tokio::time::Instant::now() + timeout);
+    }
+
+    /// The wait `wait_idle` armed has run out; registers `cx` until it does.
+    pub(super) fn idle_elapsed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.elapsed(cx)
     }
 
     /// Looked at each time hyper returns `Pending`; registers `cx` for the next deadline.
@@ -223,9 +229,10 @@ impl RestingIo {
         !self.read_ahead.is_empty()
     }
 
-    /// Waits until the client has sent something (or closed), holding no buffer.
-    pub(super) async fn readable(&self) -> io::Result<()> {
-        self.inner.get_ref().readable().await
+    /// Ready once the client has sent something (or closed); reads nothing, so it
+    /// needs no buffer.
+    pub(super) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.get_ref().poll_read_ready(cx)
     }
 }
 
