@@ -415,24 +415,27 @@ impl Connection {
                     let mut stopping = std::pin::pin!(stop_requested(&mut stop));
                     let mut stop_seen = false;
                     let woke = std::future::poll_fn(|cx| {
-                    if let Poll::Ready(ready) = io.poll_read_ready(cx) {
-                        return Poll::Ready(ready.is_ok());
-                    }
-                    if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
-                        stop_seen = true;
-                        counts.closing.store(true, Ordering::Relaxed);
-                        watch.wait_idle(CLOSE_GRACE);
-                    }
-                    if watch.idle_elapsed(cx) {
+                        if let Poll::Ready(ready) = io.poll_read_ready(cx) {
+                            return Poll::Ready(ready.is_ok());
+                        }
+                        if !stop_seen && stopping.as_mut().poll(cx).is_ready() {
+                            stop_seen = true;
+                            counts.closing.store(true, Ordering::Relaxed);
+                            watch.wait_idle(CLOSE_GRACE);
+                        }
+                        if !watch.idle_elapsed(cx) {
+                            return Poll::Pending;
+                        }
                         if !stop_seen && !counts.started.load(Ordering::Relaxed) {
                             metrics.client_header_timeouts.inc();
-                            tracing::debug!(%peer, "closing a connection that sent no request within client_header_timeout");
+                            tracing::debug!(
+                                %peer,
+                                "closing a connection that sent no request within client_header_timeout"
+                            );
                         }
-                        return Poll::Ready(false);
-                    }
-                    Poll::Pending
-                })
-                .await;
+                        Poll::Ready(false)
+                    })
+                    .await;
                     if !woke {
                         return;
                     }
