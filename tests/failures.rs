@@ -206,18 +206,11 @@ async fn a_connect_timeout_is_retried_on_another_backend() {
 
 /// An upstream that reads the request, then closes without answering.
 async fn dropping_upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 65536];
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
-    addr
+    raw_upstream(|mut s| async move {
+        let mut buf = [0u8; 65536];
+        let _ = s.read(&mut buf).await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -479,5 +472,79 @@ async fn a_client_that_trickles_its_headers_is_disconnected_at_client_header_tim
     );
 
     assert_eq!(a.hits(), 1, "only the whole request reached the backend");
+    proxy.shutdown().await;
+}
+
+/// An upstream that answers every request on its keep-alive connections, each after
+/// `delay`, as `x-upstream: slow`.
+async fn slow_upstream(delay: Duration) -> std::net::SocketAddr {
+    raw_upstream(move |mut s| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok(n) = s.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            head.extend_from_slice(&buf[..n]);
+            // Bodiless GETs only: one answer per head.
+            while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                head.drain(..end + 4);
+                tokio::time::sleep(delay).await;
+                let answer =
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-upstream: slow\r\n\r\nslow";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_balancer_keeps_most_requests_off_a_slow_backend() {
+    // Round robin would send every other request to the slow backend. p2c, the default,
+    // sends one there only while it has no more in flight than the fast one, and each
+    // of its answers takes 250 ms. (With a single client both have none in flight at
+    // every pick: in-flight counts tell backends apart only under concurrent load.)
+    let fast = Upstream::start("fast").await;
+    let slow = slow_upstream(Duration::from_millis(250)).await;
+    let proxy = start_proxy(&config_text("", &[("blue", &[fast.addr, slow])], "")).await;
+    let addr = proxy.proxy_addr;
+    // Eight clients at once until 400 requests have been sent, so the load stays
+    // concurrent to the end.
+    let started = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let started = started.clone();
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            let mut served = Vec::new();
+            while started.fetch_add(1, Ordering::SeqCst) < 400 {
+                let answer = send(&client, get(addr, "/")).await;
+                assert_eq!(answer.status, StatusCode::OK);
+                served.push(answer.header("x-upstream").unwrap_or("").to_string());
+            }
+            served
+        }));
+    }
+    let mut slow_answers = 0;
+    let mut answers = 0;
+    for client in clients {
+        let served = tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .expect("400 requests finish")
+            .unwrap();
+        answers += served.len();
+        slow_answers += served.iter().filter(|s| *s == "slow").count();
+    }
+    assert_eq!(answers, 400);
+    assert!(
+        slow_answers * 10 < answers,
+        "{slow_answers} of {answers} requests went to the slow backend"
+    );
     proxy.shutdown().await;
 }

@@ -130,21 +130,15 @@ async fn hop_by_hop_headers_are_stripped_in_both_directions() {
 #[tokio::test]
 async fn hop_by_hop_headers_from_the_upstream_do_not_reach_the_client() {
     // An upstream that sends hop-by-hop headers of its own.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    let addr = raw_upstream(|mut s| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=99\r\nX-Public: 1\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=99\r\nX-Public: 1\r\n\r\nok")
+            .await;
+    })
+    .await;
     let proxy = start_proxy(&config_text("", &[("blue", &[addr])], "")).await;
     let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
     assert_eq!(answer.status, StatusCode::OK);

@@ -246,6 +246,24 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
     }
 }
 
+/// An upstream on 127.0.0.1:0 that hands each connection it accepts to `serve`, in a
+/// task of its own: for upstreams that must misbehave in ways a real server will not.
+pub async fn raw_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(stream));
+        }
+    });
+    addr
+}
+
 /// Sends raw bytes on a new connection and returns everything read until the server
 /// closes or `limit` passes.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
