@@ -82,23 +82,26 @@ EOT
 
 # nginx in front of UP1 and UP2 on 127.0.0.1:$1, WORKERS workers (default 1). $2: more lines for the
 # server block (after `listen 127.0.0.1:$1`, so `$2` may start with " ssl http2;").
-# $3: more lines for the location.
+# $3: more lines for the location. NGINX_NAME (default nginx) names its config and
+# directory under WORK, so several can run; NGINX_BALANCE (e.g. "least_conn;") goes
+# into the upstream block (default: nginx's round robin).
 start_nginx() {
-    local port=$1 server_lines=$2 location_lines=$3
-    mkdir -p "$WORK/nginx"
-    cat >"$WORK/nginx.conf" <<EOF
+    local port=$1 server_lines=$2 location_lines=$3 name=${NGINX_NAME:-nginx}
+    mkdir -p "$WORK/$name"
+    cat >"$WORK/$name.conf" <<EOF
 worker_processes ${WORKERS:-1};
 daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
+pid $WORK/$name/nginx.pid;
+error_log $WORK/$name/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
     # The default (1000) closes each connection after 1000 requests: clients have to
     # reconnect (h2load counts failures); the other proxies have no such limit.
     keepalive_requests 1000000;
-$(nginx_temp_paths "$WORK/nginx")
+$(nginx_temp_paths "$WORK/$name")
     upstream app {
+        ${NGINX_BALANCE:-}
         server 127.0.0.1:$UP1;
         server 127.0.0.1:$UP2;
         keepalive 128;
@@ -116,15 +119,16 @@ $location_lines
     }
 }
 EOF
-    nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" & PIDS+=($!)
+    nginx -c "$WORK/$name.conf" -p "$WORK/$name" & PIDS+=($!)
     wait_port "$port"
 }
 
 # HAProxy in front of UP1 and UP2 on 127.0.0.1:$1, WORKERS threads (default 1). $2: more `bind`
-# options; $3: more frontend lines.
+# options; $3: more frontend lines. HAPROXY_BALANCE: its balancer (default leastconn);
+# HAPROXY_NAME (default haproxy) names its config under WORK.
 start_haproxy() {
-    local port=$1 bind_options=$2 frontend_lines=$3
-    cat >"$WORK/haproxy.cfg" <<HAPROXY
+    local port=$1 bind_options=$2 frontend_lines=$3 name=${HAPROXY_NAME:-haproxy}
+    cat >"$WORK/$name.cfg" <<HAPROXY
 global
     nbthread ${WORKERS:-1}
     maxconn 4096
@@ -141,11 +145,11 @@ frontend fe
 $frontend_lines
     default_backend app
 backend app
-    balance leastconn
+    balance ${HAPROXY_BALANCE:-leastconn}
     server up1 127.0.0.1:$UP1
     server up2 127.0.0.1:$UP2
 HAPROXY
-    haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!)
+    haproxy -f "$WORK/$name.cfg" -db & PIDS+=($!)
     wait_port "$port"
 }
 

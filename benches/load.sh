@@ -11,7 +11,8 @@
 #   OBSERVABILITY=1 benches/load.sh      # also switchyard with metrics off, and with
 #                                        # the JSON access log on (to /dev/null)
 # Always measures switchyard twice: with its default balancer (p2c) and as sy-rr,
-# with `balance = "round_robin"` like nginx's and HAProxy's defaults.
+# with `balance = "round_robin"`. nginx runs its default round robin; HAProxy runs
+# `balance leastconn` (common.sh), a least-loaded balancer like p2c.
 #
 # Prints requests/s, p50, p99 and CPU per request per target (the server's utime +
 # stime over each run, from /proc, divided by the requests it served: steadier than
@@ -73,10 +74,11 @@ start_variant() { # name port [log sink]
     URL["sy-$1"]="http://127.0.0.1:$2/"
 }
 
-# The default balancer is power of two choices; nginx and HAProxy default to round
-# robin. With two backends p2c's second draw is the other backend, so it always takes
-# the less loaded one, and that oscillates against backends that answer in batches:
-# a fatter p99. sy-rr is the like-for-like row.
+# The default balancer is power of two choices. With two backends its second draw is
+# the other backend, so it always takes the one with fewer requests in flight, and
+# switchyard's count still includes answers that wait unread in its own sockets: a
+# burst of requests goes to one backend, a fatter p99 (see the README). sy-rr is the
+# like-for-like row for nginx; HAProxy's leastconn is the one for p2c.
 port=$((BASE_PORT + 30))
 variant_config rr "$port"
 sed -i 's/^\[pools.app\]$/&\nbalance = "round_robin"/' "$WORK/rr.toml"
@@ -181,6 +183,7 @@ IDLE_KB_PACED=$(idle_kb "${PIDS[-1]}" "$PACED" "$IDLE_PACE_MS")
 
 echo
 echo "median of $ROUNDS rounds; wrk -t1 -c$CONNECTIONS -d$DURATION; $WORKERS worker(s) each; $(nproc) cores; $(uname -m)"
+echo "balancers: switchyard p2c, sy-rr round robin, nginx round robin, haproxy leastconn"
 printf '%-12s %12s %10s %10s %12s %16s\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req" "KB/idle conn"
 declare -A MR MP99 MCPU
 for target in "${TARGETS[@]}"; do
