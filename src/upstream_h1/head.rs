@@ -116,16 +116,32 @@ fn parser() -> httparse::ParserConfig {
     httparse::ParserConfig::default()
 }
 
-/// Where one header field lies in the head's bytes.
+/// Where one header field lies in the head's bytes. A head is at most `MAX_HEAD`
+/// bytes, so every offset fits in 16 bits: the array of them that each parse zeroes is
+/// 800 bytes rather than 3,200.
 #[derive(Clone, Copy, Default)]
 struct FieldAt {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u16, u16),
+    value: (u16, u16),
 }
 
-fn offsets(base: &[u8], part: &[u8]) -> (usize, usize) {
+fn offsets(base: &[u8], part: &[u8]) -> Result<(u16, u16), Error> {
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    (start, start + part.len())
+    let at = |offset: usize| u16::try_from(offset).map_err(|_| Error::HeadTooLarge);
+    Ok((at(start)?, at(start + part.len())?))
+}
+
+fn span(head: &[u8], (start, end): (u16, u16)) -> &[u8] {
+    &head[usize::from(start)..usize::from(end)]
+}
+
+/// Which of the fields that decide the framing a head has: the lookups for those it
+/// lacks (most heads lack two of the three) are skipped.
+#[derive(Clone, Copy, Default)]
+struct Framing {
+    content_length: bool,
+    transfer_encoding: bool,
+    connection: bool,
 }
 
 /// A bare LF ends lines for httparse; hyper refuses it, and so does this.
@@ -164,8 +180,8 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
                 return Err(Error::BareLf);
             }
             for (at, header) in fields.iter_mut().zip(response.headers.iter()) {
-                at.name = offsets(buf, header.name.as_bytes());
-                at.value = offsets(buf, header.value);
+                at.name = offsets(buf, header.name.as_bytes())?;
+                at.value = offsets(buf, header.value)?;
             }
             (
                 len,
@@ -179,16 +195,16 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             continue;
         }
-        let headers = header_map(&head, &fields[..count])?;
+        let (headers, framing) = header_map(&head, &fields[..count])?;
         let version = if version == 1 {
             Version::HTTP_11
         } else {
             Version::HTTP_10
         };
-        let body = body_kind(status, version, method, &headers)?;
+        let body = body_kind(status, version, method, &headers, framing)?;
         let keep_alive = body != BodyKind::UntilClose
             && body != BodyKind::Upgrade
-            && keeps_alive(version, &headers);
+            && keeps_alive(version, &headers, framing);
         let mut response = http::Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -203,16 +219,21 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
 }
 
 /// The fields, their values sharing `head`'s bytes instead of a copy each.
-fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<HeaderMap, Error> {
+fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<(HeaderMap, Framing), Error> {
     let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut framing = Framing::default();
     for at in fields {
-        let name =
-            HeaderName::from_bytes(&head[at.name.0..at.name.1]).map_err(|_| Error::BadHeader)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(at.value.0..at.value.1))
-            .map_err(|_| Error::BadHeader)?;
+        let name = HeaderName::from_bytes(span(head, at.name)).map_err(|_| Error::BadHeader)?;
+        let value = HeaderValue::from_maybe_shared(
+            head.slice(usize::from(at.value.0)..usize::from(at.value.1)),
+        )
+        .map_err(|_| Error::BadHeader)?;
+        framing.content_length |= name == CONTENT_LENGTH;
+        framing.transfer_encoding |= name == TRANSFER_ENCODING;
+        framing.connection |= name == CONNECTION;
         headers.append(name, value);
     }
-    Ok(headers)
+    Ok((headers, framing))
 }
 
 /// RFC 9112 §6.3, where a response with both lengths is refused rather than guessed at
@@ -222,6 +243,7 @@ fn body_kind(
     version: Version,
     method: &Method,
     headers: &HeaderMap,
+    framing: Framing,
 ) -> Result<BodyKind, Error> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(BodyKind::Upgrade);
@@ -232,8 +254,12 @@ fn body_kind(
     {
         return Ok(BodyKind::Empty);
     }
-    let has_length = headers.contains_key(CONTENT_LENGTH);
-    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+    let has_length = framing.content_length;
+    let last_coding = framing
+        .transfer_encoding
+        .then(|| headers.get_all(TRANSFER_ENCODING).iter().next_back())
+        .flatten();
+    if let Some(last) = last_coding {
         if has_length {
             return Err(Error::BothLengths);
         }
@@ -278,7 +304,10 @@ fn body_kind(
     })
 }
 
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+fn keeps_alive(version: Version, headers: &HeaderMap, framing: Framing) -> bool {
+    if !framing.connection {
+        return version == Version::HTTP_11;
+    }
     let mut close = false;
     let mut keep_alive = false;
     for value in headers.get_all(CONNECTION) {
@@ -381,6 +410,24 @@ mod tests {
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
         let long = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
         assert!(matches!(parse(&long), Err(Error::HeadTooLarge)));
+    }
+
+    #[test]
+    fn a_head_of_the_largest_size_keeps_its_fields_and_their_framing() {
+        // The offsets of its last field are near the top of their 16 bits.
+        let lead = "HTTP/1.1 200 OK\r\nX-Long: ";
+        let tail = "\r\nConnection: close\r\nContent-Length: 2\r\n\r\n";
+        let filler = "a".repeat(MAX_HEAD - lead.len() - tail.len());
+        let text = format!("{lead}{filler}{tail}hi");
+        let mut buf = BytesMut::from(text.as_str());
+        let head = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.parts.headers["x-long"].len(), filler.len());
+        assert_eq!(head.parts.headers["content-length"], "2");
+        assert_eq!(head.body, BodyKind::Length(2));
+        assert!(!head.keep_alive, "its Connection: close was read");
+        assert_eq!(&buf[..], b"hi");
+        let over = format!("{lead}a{filler}{tail}");
+        assert!(matches!(parse(&over), Err(Error::HeadTooLarge)));
     }
 
     #[test]

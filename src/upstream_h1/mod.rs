@@ -8,7 +8,9 @@
 
 mod body;
 mod chunked;
-mod head;
+// Public for `benches/upstream_h1.rs`.
+#[doc(hidden)]
+pub mod head;
 
 use std::future::Future;
 use std::io;
