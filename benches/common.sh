@@ -84,13 +84,15 @@ EOT
 # server block (after `listen 127.0.0.1:$1`, so `$2` may start with " ssl http2;").
 # $3: more lines for the location. NGINX_NAME (default nginx) names its config and
 # directory under WORK, so several can run; NGINX_BALANCE (e.g. "least_conn;") goes
-# into the upstream block (default: nginx's round robin).
+# into the upstream block (default: nginx's round robin). NGINX_MAIN: more lines for the
+# main context; NGINX_WRAP: a command nginx runs under (e.g. valgrind).
 start_nginx() {
     local port=$1 server_lines=$2 location_lines=$3 name=${NGINX_NAME:-nginx}
     mkdir -p "$WORK/$name"
     cat >"$WORK/$name.conf" <<EOF
 worker_processes ${WORKERS:-1};
 daemon off;
+${NGINX_MAIN:-}
 pid $WORK/$name/nginx.pid;
 error_log $WORK/$name/error.log warn;
 events { worker_connections 4096; }
@@ -119,7 +121,7 @@ $location_lines
     }
 }
 EOF
-    nginx -c "$WORK/$name.conf" -p "$WORK/$name" & PIDS+=($!)
+    ${NGINX_WRAP:-} nginx -c "$WORK/$name.conf" -p "$WORK/$name" & PIDS+=($!)
     wait_port "$port"
 }
 
