@@ -38,21 +38,16 @@ where
     F: Fn(TcpStream, String) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let serve = Arc::new(serve);
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let serve = Arc::clone(&serve);
-            tokio::spawn(async move {
-                if let Some(head) = read_head(&mut stream).await {
-                    serve(stream, head).await;
-                }
-            });
+    raw_upstream(move |mut stream| {
+        let serve = Arc::clone(&serve);
+        async move {
+            if let Some(head) = read_head(&mut stream).await {
+                serve(stream, head).await;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A backend that answers every request head with `answer` and then closes.

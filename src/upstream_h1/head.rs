@@ -131,8 +131,8 @@ fn offsets(base: &[u8], part: &[u8]) -> Result<(u16, u16), Error> {
     Ok((at(start)?, at(start + part.len())?))
 }
 
-fn span(head: &[u8], (start, end): (u16, u16)) -> &[u8] {
-    &head[usize::from(start)..usize::from(end)]
+fn range((start, end): (u16, u16)) -> std::ops::Range<usize> {
+    usize::from(start)..usize::from(end)
 }
 
 /// Which of the fields that decide the framing a head has: the lookups for those it
@@ -223,11 +223,9 @@ fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<(HeaderMap, Framing), 
     let mut headers = HeaderMap::with_capacity(fields.len());
     let mut framing = Framing::default();
     for at in fields {
-        let name = HeaderName::from_bytes(span(head, at.name)).map_err(|_| Error::BadHeader)?;
-        let value = HeaderValue::from_maybe_shared(
-            head.slice(usize::from(at.value.0)..usize::from(at.value.1)),
-        )
-        .map_err(|_| Error::BadHeader)?;
+        let name = HeaderName::from_bytes(&head[range(at.name)]).map_err(|_| Error::BadHeader)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(range(at.value)))
+            .map_err(|_| Error::BadHeader)?;
         framing.content_length |= name == CONTENT_LENGTH;
         framing.transfer_encoding |= name == TRANSFER_ENCODING;
         framing.connection |= name == CONNECTION;
