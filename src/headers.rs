@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1 plus the customary non-standard ones); `Connection`
@@ -132,25 +132,45 @@ fn host_of_authority(authority: &str) -> Result<&str, BadHost> {
                 None => (authority, None),
             };
             let host = host.strip_suffix('.').unwrap_or(host);
-            let name = !host.is_empty()
-                && !host.starts_with('.')
-                && !host.contains("..")
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-            if !name {
+            if host.is_empty() || !is_host_name(host.as_bytes()) {
                 return Err(BadHost::Invalid);
             }
             (host, port)
         }
     };
     if let Some(port) = port {
-        let digits = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
-        if !digits || port.parse::<u32>().is_ok_and(|p| p > 65535) {
+        if !is_port(port.as_bytes()) {
             return Err(BadHost::Invalid);
         }
     }
     Ok(host)
+}
+
+/// Letters, digits, `-`, `_` and dots between them: no leading dot, no empty label.
+/// One pass over the bytes: this runs on every request.
+fn is_host_name(host: &[u8]) -> bool {
+    // A dot right at the start counts as following a dot.
+    let mut after_dot = true;
+    host.iter().all(|&b| {
+        let ok = match b {
+            b'.' => !after_dot,
+            b'-' | b'_' => true,
+            _ => b.is_ascii_alphanumeric(),
+        };
+        after_dot = b == b'.';
+        ok
+    })
+}
+
+/// Up to five digits, at most 65535; empty (`host:`) is accepted, as RFC 3986 allows.
+fn is_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port
+            .iter()
+            .try_fold(0u32, |n, &b| {
+                b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+            })
+            .is_some_and(|n| n <= 65535)
 }
 
 /// Is this request asking to switch protocols (WebSocket and the like)?
@@ -185,9 +205,7 @@ pub fn add_forwarded(
 ) {
     // At most four headers are added: one allocation instead of a regrowth midway.
     headers.reserve(4);
-    let xff = append_to_list(headers, &X_FORWARDED_FOR, client_ip);
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
-
+    append_to_list(headers, &X_FORWARDED_FOR, client_ip.clone());
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -200,8 +218,7 @@ pub fn add_forwarded(
         Version::HTTP_2 => "2 switchyard",
         _ => "1.1 switchyard",
     });
-    let via = append_to_list(headers, &header::VIA, &via);
-    headers.insert(header::VIA, via);
+    append_to_list(headers, &header::VIA, via);
 }
 
 /// The client's address as an `X-Forwarded-For` item: made once per connection, then
@@ -212,23 +229,25 @@ pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// The existing values of a list header (all lines joined), with `item` appended.
-fn append_to_list(headers: &HeaderMap, name: &HeaderName, item: &HeaderValue) -> HeaderValue {
-    let mut existing = headers.get_all(name).iter().peekable();
-    if existing.peek().is_none() {
-        return item.clone();
-    }
-    let mut joined = Vec::with_capacity(64);
-    for value in existing {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b", ");
+/// Appends `item` to a list header: its existing lines become one, `item` last. One
+/// lookup of the name, found or not.
+fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: HeaderValue) {
+    let mut existing = match headers.entry(name) {
+        Entry::Vacant(slot) => {
+            slot.insert(item);
+            return;
         }
+        Entry::Occupied(existing) => existing,
+    };
+    let mut joined = Vec::with_capacity(64);
+    for value in existing.iter() {
         joined.extend_from_slice(value.as_bytes());
+        joined.extend_from_slice(b", ");
     }
-    joined.extend_from_slice(b", ");
     joined.extend_from_slice(item.as_bytes());
     // Existing values were valid header bytes, and so are the separator and the item.
-    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| HeaderValue::from_static(""))
+    existing
+        .insert(HeaderValue::from_bytes(&joined).unwrap_or_else(|_| HeaderValue::from_static("")));
 }
 
 #[cfg(test)]
@@ -396,6 +415,66 @@ mod tests {
         ] {
             let req = http::Request::get("/").header("host", bad);
             assert_eq!(host_of(req), Err(BadHost::Invalid), "{bad:?}");
+        }
+    }
+
+    /// The checks as first written, one rule per line, for the one-pass version to be
+    /// compared against.
+    fn host_of_authority_by_rules(authority: &str) -> Result<&str, BadHost> {
+        if authority.starts_with('[') {
+            return host_of_authority(authority);
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let name = !host.is_empty()
+            && !host.starts_with('.')
+            && !host.contains("..")
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        let port_ok = port.is_none_or(|port| {
+            port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && !port.parse::<u32>().is_ok_and(|p| p > 65535)
+        });
+        if name && port_ok {
+            Ok(host)
+        } else {
+            Err(BadHost::Invalid)
+        }
+    }
+
+    #[test]
+    fn the_one_pass_host_check_agrees_with_the_rules_on_every_short_authority() {
+        let alphabet = ['a', 'Z', '7', '.', '-', '_', ':', ' ', '@', '/'];
+        let mut checked = 0;
+        let mut authority = String::new();
+        for len in 0..=5u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                authority.clear();
+                for _ in 0..len {
+                    authority.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                assert_eq!(
+                    host_of_authority(&authority),
+                    host_of_authority_by_rules(&authority),
+                    "{authority:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 111_111);
+        for port in ["0", "65535", "65536", "99999", "100000", "080", ""] {
+            let authority = format!("app.example:{port}");
+            assert_eq!(
+                host_of_authority(&authority),
+                host_of_authority_by_rules(&authority),
+                "{authority:?}"
+            );
         }
     }
 

@@ -447,7 +447,13 @@ async fn watching_backend(
 async fn an_idle_connection_the_backend_closed_is_closed_by_the_proxy_without_waiting_for_a_request(
 ) {
     let (backend, mut closed) = watching_backend(true).await;
-    let proxy = proxy_to(backend).await;
+    // An idle time far past the wait: only seeing the close can end the connection.
+    let proxy = start_proxy(&config_text(
+        "upstream_idle_timeout = \"1h\"\n",
+        &[("blue", &[backend])],
+        "",
+    ))
+    .await;
     let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
     assert_eq!(answer.text(), "ok");
     let after = tokio::time::timeout(Duration::from_secs(10), closed.recv())

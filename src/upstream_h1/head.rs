@@ -139,9 +139,47 @@ fn range((start, end): (u16, u16)) -> std::ops::Range<usize> {
 /// lacks (most heads lack two of the three) are skipped.
 #[derive(Clone, Copy, Default)]
 struct Framing {
-    content_length: bool,
+    content_length: ContentLength,
     transfer_encoding: bool,
     connection: bool,
+}
+
+/// The `Content-Length` fields, read as the head is parsed: whether they are an error
+/// depends on the rest of the head (a 204 or a HEAD answer ignores them), so an invalid
+/// one is kept as such, not refused yet.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+enum ContentLength {
+    #[default]
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl ContentLength {
+    /// With one more field: a comma-separated list of the same length, as RFC 9112
+    /// §6.3 allows; anything else makes the whole invalid.
+    fn and(self, value: &[u8]) -> ContentLength {
+        let mut length = self;
+        for item in value.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            // 19 digits always fit in a u64.
+            let parsed = (!item.is_empty() && item.len() <= 19)
+                .then(|| {
+                    item.iter().try_fold(0u64, |n, &b| {
+                        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+                    })
+                })
+                .flatten();
+            length = match (length, parsed) {
+                (ContentLength::Invalid, _) | (_, None) => return ContentLength::Invalid,
+                (ContentLength::Valid(seen), Some(parsed)) if seen != parsed => {
+                    return ContentLength::Invalid
+                }
+                (_, Some(parsed)) => ContentLength::Valid(parsed),
+            };
+        }
+        length
+    }
 }
 
 /// A bare LF ends lines for httparse; hyper refuses it, and so does this.
@@ -226,7 +264,9 @@ fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<(HeaderMap, Framing), 
         let name = HeaderName::from_bytes(&head[range(at.name)]).map_err(|_| Error::BadHeader)?;
         let value = HeaderValue::from_maybe_shared(head.slice(range(at.value)))
             .map_err(|_| Error::BadHeader)?;
-        framing.content_length |= name == CONTENT_LENGTH;
+        if name == CONTENT_LENGTH {
+            framing.content_length = framing.content_length.and(value.as_bytes());
+        }
         framing.transfer_encoding |= name == TRANSFER_ENCODING;
         framing.connection |= name == CONNECTION;
         headers.append(name, value);
@@ -252,7 +292,7 @@ fn body_kind(
     {
         return Ok(BodyKind::Empty);
     }
-    let has_length = framing.content_length;
+    let has_length = framing.content_length != ContentLength::Absent;
     let last_coding = framing
         .transfer_encoding
         .then(|| headers.get_all(TRANSFER_ENCODING).iter().next_back())
@@ -278,28 +318,11 @@ fn body_kind(
     if !has_length {
         return Ok(BodyKind::UntilClose);
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(Error::BadContentLength);
-            }
-            let parsed: u64 = std::str::from_utf8(item)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or(Error::BadContentLength)?;
-            if length.is_some_and(|seen| seen != parsed) {
-                return Err(Error::BadContentLength);
-            }
-            length = Some(parsed);
-        }
+    match framing.content_length {
+        ContentLength::Valid(0) => Ok(BodyKind::Empty),
+        ContentLength::Valid(length) => Ok(BodyKind::Length(length)),
+        ContentLength::Absent | ContentLength::Invalid => Err(Error::BadContentLength),
     }
-    Ok(match length {
-        Some(0) => BodyKind::Empty,
-        Some(length) => BodyKind::Length(length),
-        None => return Err(Error::BadContentLength),
-    })
 }
 
 fn keeps_alive(version: Version, headers: &HeaderMap, framing: Framing) -> bool {
@@ -334,6 +357,34 @@ mod tests {
         assert!(has_bare_lf(b"HTTP/1.1 200 OK\r\nA: b\n\r\n"));
         assert!(has_bare_lf(b"HTTP/1.1 200 OK\r\n\r\n\n"));
         assert!(has_bare_lf(b"\r\n\r\r\n\n"));
+    }
+
+    #[test]
+    fn content_length_fields_fold_into_one_length_or_invalid() {
+        let fold = |fields: &[&str]| {
+            fields.iter().fold(ContentLength::Absent, |length, field| {
+                length.and(field.as_bytes())
+            })
+        };
+        assert_eq!(fold(&[]), ContentLength::Absent);
+        assert_eq!(fold(&["0018"]), ContentLength::Valid(18));
+        assert_eq!(fold(&[" 7 ", "7, 7"]), ContentLength::Valid(7));
+        assert_eq!(
+            fold(&["9999999999999999999"]),
+            ContentLength::Valid(9_999_999_999_999_999_999)
+        );
+        for bad in [
+            &[""][..],
+            &["1,"],
+            &[" "],
+            &["12345678901234567890"],
+            &["7", "8"],
+            &["7", ""],
+            &["1 2"],
+            &["+1"],
+        ] {
+            assert_eq!(fold(bad), ContentLength::Invalid, "{bad:?}");
+        }
     }
 
     fn request(method: Method, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {

@@ -237,8 +237,19 @@ impl Conn {
     /// nor sent anything unasked. The look costs no system call when nothing arrived
     /// (tokio keeps the socket's readiness), and registers no wake-up.
     pub fn is_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(&NOOP_WAKER);
-        poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read).is_pending()
+        match &mut self.io {
+            // `try_read` looks at that readiness before it reads: no waker to store and
+            // no buffer to reserve on every checkout. A byte read means the connection
+            // goes, so one byte of room is enough.
+            Io::Plain(stream) => matches!(
+                stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+            Io::Tls(_) => {
+                let mut cx = Context::from_waker(&NOOP_WAKER);
+                poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read).is_pending()
+            }
+        }
     }
 
     /// Sends the request and reads the response head; the connection moves into the
