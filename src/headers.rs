@@ -193,32 +193,117 @@ fn list_contains(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Sets what the upstream needs to know about the original request: the client address
-/// appended to `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` (the host the
-/// client asked for) and this proxy appended to `Via`.
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
+/// What the backend is told about a request's origin: the client's address, appended to
+/// `X-Forwarded-For`; `X-Forwarded-Proto`; `X-Forwarded-Host`, the host the client asked
+/// for; and this proxy, appended to `Via`. Kept beside the client's fields, not written
+/// into them, until the request goes out: the HTTP/1.1 encoder writes these after the
+/// client's fields (`replaces`, `write_h1_fields`), so the request's map neither grows
+/// nor gets a joined value made for every request; `apply` puts them in the map, for
+/// HTTP/2 backends and mirrored copies.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    client_ip: HeaderValue,
     tls: bool,
-    host: Option<&HeaderValue>,
+    /// `None`: the request named no host (HTTP/1.0), and the client's
+    /// `X-Forwarded-Host`, if any, goes through as it came.
+    host: Option<HeaderValue>,
     version: Version,
-) {
-    // At most four headers are added: one allocation instead of a regrowth midway.
-    headers.reserve(4);
-    append_to_list(headers, &X_FORWARDED_FOR, client_ip.clone());
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+}
+
+/// Which of the list fields `Forwarded` extends the client sent.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ListsSeen {
+    forwarded_for: bool,
+    via: bool,
+}
+
+impl Forwarded {
+    pub fn new(
+        client_ip: &HeaderValue,
+        tls: bool,
+        host: Option<HeaderValue>,
+        version: Version,
+    ) -> Forwarded {
+        Forwarded {
+            client_ip: client_ip.clone(),
+            tls,
+            host,
+            version,
+        }
     }
-    let via = HeaderValue::from_static(match version {
-        Version::HTTP_10 => "1.0 switchyard",
-        Version::HTTP_2 => "2 switchyard",
-        _ => "1.1 switchyard",
-    });
-    append_to_list(headers, &header::VIA, via);
+
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn via(&self) -> &'static str {
+        match self.version {
+            Version::HTTP_10 => "1.0 switchyard",
+            Version::HTTP_2 => "2 switchyard",
+            _ => "1.1 switchyard",
+        }
+    }
+
+    /// Sets the fields in `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        // At most four fields are added: one allocation instead of a regrowth midway.
+        headers.reserve(4);
+        append_to_list(headers, &X_FORWARDED_FOR, self.client_ip.clone());
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(self.proto()),
+        );
+        if let Some(host) = &self.host {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        append_to_list(headers, &header::VIA, HeaderValue::from_static(self.via()));
+    }
+
+    /// Whether the client's field `name` is left out of the request as it goes out,
+    /// because `write_h1_fields` writes it: replaced (`X-Forwarded-Proto`, and
+    /// `X-Forwarded-Host` when there is a host) or extended (`X-Forwarded-For` and
+    /// `Via`, noted in `seen`).
+    pub fn replaces(&self, name: &HeaderName, seen: &mut ListsSeen) -> bool {
+        if name == header::VIA {
+            seen.via = true;
+            return true;
+        }
+        if *name == X_FORWARDED_FOR {
+            seen.forwarded_for = true;
+            return true;
+        }
+        *name == X_FORWARDED_PROTO || (self.host.is_some() && *name == X_FORWARDED_HOST)
+    }
+
+    /// The fields as HTTP/1.1 field lines, the client's lines of the list fields (as
+    /// `replaces` saw them) joined in front of this proxy's item.
+    pub fn write_h1_fields(&self, headers: &HeaderMap, seen: ListsSeen, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        let client = self.client_ip.as_bytes();
+        if seen.forwarded_for {
+            join_list(out, headers.get_all(&X_FORWARDED_FOR).iter(), client);
+        } else {
+            out.extend_from_slice(client);
+        }
+        out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        out.extend_from_slice(self.proto().as_bytes());
+        if let Some(host) = &self.host {
+            out.extend_from_slice(b"\r\nx-forwarded-host: ");
+            out.extend_from_slice(host.as_bytes());
+        }
+        out.extend_from_slice(b"\r\nvia: ");
+        let via = self.via().as_bytes();
+        if seen.via {
+            join_list(out, headers.get_all(header::VIA).iter(), via);
+        } else {
+            out.extend_from_slice(via);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The client's address as an `X-Forwarded-For` item: made once per connection, then
@@ -240,14 +325,24 @@ fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: HeaderValue)
         Entry::Occupied(existing) => existing,
     };
     let mut joined = Vec::with_capacity(64);
-    for value in existing.iter() {
-        joined.extend_from_slice(value.as_bytes());
-        joined.extend_from_slice(b", ");
-    }
-    joined.extend_from_slice(item.as_bytes());
+    join_list(&mut joined, existing.iter(), item.as_bytes());
     // Existing values were valid header bytes, and so are the separator and the item.
     existing
         .insert(HeaderValue::from_bytes(&joined).unwrap_or_else(|_| HeaderValue::from_static("")));
+}
+
+/// `existing` (at least one line) joined with ", ", then `item`; a line that starts it
+/// empty adds no separator.
+fn join_list<'a>(out: &mut Vec<u8>, existing: impl Iterator<Item = &'a HeaderValue>, item: &[u8]) {
+    let start = out.len();
+    for value in existing {
+        if out.len() > start {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(b", ");
+    out.extend_from_slice(item);
 }
 
 #[cfg(test)]
@@ -320,13 +415,13 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("x-forwarded-for", "10.0.0.2"),
         ]);
-        add_forwarded(
-            &mut h,
+        Forwarded::new(
             &forwarded_for_value("192.0.2.7".parse().unwrap()),
             false,
             None,
             Version::HTTP_11,
-        );
+        )
+        .apply(&mut h);
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
             "10.0.0.1, 10.0.0.2, 192.0.2.7"
@@ -338,13 +433,13 @@ mod tests {
     fn forwarded_headers_are_set_for_a_fresh_request() {
         let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("shop.example.com");
-        add_forwarded(
-            &mut h,
+        Forwarded::new(
             &forwarded_for_value("::1".parse().unwrap()),
             true,
-            Some(&host),
+            Some(host),
             Version::HTTP_11,
-        );
+        )
+        .apply(&mut h);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example.com");
@@ -354,15 +449,16 @@ mod tests {
     #[test]
     fn via_is_appended_after_earlier_proxies() {
         let mut h = map(&[("via", "1.1 edge")]);
-        add_forwarded(
-            &mut h,
+        Forwarded::new(
             &forwarded_for_value("127.0.0.1".parse().unwrap()),
             false,
             None,
             Version::HTTP_10,
-        );
+        )
+        .apply(&mut h);
         assert_eq!(h.get("via").unwrap(), "1.1 edge, 1.0 switchyard");
     }
+
     fn host_of(req: http::request::Builder) -> Result<String, BadHost> {
         let req = req.body(()).unwrap();
         request_host(&req).map(str::to_string)

@@ -22,7 +22,7 @@ use crate::balancer;
 use crate::body::{Ending, ProxyBody, RequestBody, RequestBodyError};
 use crate::client::{ConnectError, Sender, Upstream, UpstreamBody};
 use crate::error::ProxyError;
-use crate::headers;
+use crate::headers::{self, Forwarded};
 use crate::health;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::mirror::MirrorQueue;
@@ -127,6 +127,9 @@ struct Prepared {
 /// it, or a copy of its head when it may be sent again.
 struct Outgoing {
     parts: http::request::Parts,
+    /// For an HTTP/1.1 backend, what it is told of the request's origin; for HTTP/2
+    /// that is in `parts`.
+    forwarded: Option<Forwarded>,
     body: RequestBody,
     /// Bodiless and idempotent: it may go to another backend after one failed it
     /// mid-exchange (nginx's `proxy_next_upstream error` for idempotent methods).
@@ -377,7 +380,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        prepare_upstream_request(&mut parts, peer, upgrade, upstream)?;
+        let forwarded = prepare_upstream_request(&mut parts, peer, upgrade, upstream, false)?;
         let mut body = RequestBody::new(
             body,
             self.settings.max_request_body,
@@ -394,6 +397,7 @@ impl Proxy {
             pool,
             outgoing: Outgoing {
                 parts,
+                forwarded,
                 body,
                 resendable,
                 spent: false,
@@ -425,7 +429,9 @@ impl Proxy {
         *head.headers_mut() = req.headers().clone();
         let (mut head, ()) = head.into_parts();
         let upstream = &mirror.pool.settings.upstream;
-        if prepare_upstream_request(&mut head, peer, false, upstream).is_err() {
+        // A copy goes out through `Sender::send_request`, which sends the fields as
+        // they are.
+        if prepare_upstream_request(&mut head, peer, false, upstream, true).is_err() {
             // The request itself will be refused the same way.
             return None;
         }
@@ -558,7 +564,12 @@ impl Proxy {
             let mut h2 = match sender {
                 Sender::H1(conn) => {
                     let sent = conn
-                        .send(&outgoing.parts, &mut outgoing.body, timeout)
+                        .send(
+                            &outgoing.parts,
+                            outgoing.forwarded.as_ref(),
+                            &mut outgoing.body,
+                            timeout,
+                        )
                         .await;
                     return match sent {
                         Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
@@ -733,12 +744,16 @@ async fn tunnel(
     drop(in_flight);
 }
 
+/// The request as `upstream` is to get it. What the backend is told of the request's
+/// origin is put in its fields for HTTP/2 or when `forwarded_in_fields`, else given back
+/// for the HTTP/1.1 encoder to write (`headers::Forwarded`).
 fn prepare_upstream_request(
     parts: &mut http::request::Parts,
     peer: &Peer,
     upgrade: bool,
     upstream: &Upstream,
-) -> Result<(), ProxyError> {
+    forwarded_in_fields: bool,
+) -> Result<Option<Forwarded>, ProxyError> {
     // Routed by the URI's authority when there is one (HTTP/2, absolute-form), so that
     // is the Host the backend gets too (RFC 9112 §3.2.2), whatever Host came with it.
     if let Some(authority) = parts.uri.authority() {
@@ -749,14 +764,9 @@ fn prepare_upstream_request(
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     // The proxy answers `Expect: 100-continue` itself when it starts reading the body.
     parts.headers.remove(EXPECT);
-    headers::add_forwarded(
-        &mut parts.headers,
-        &peer.forwarded_for,
-        peer.tls,
-        original_host.as_ref(),
-        parts.version,
-    );
+    let forwarded = Forwarded::new(&peer.forwarded_for, peer.tls, original_host, parts.version);
     if upstream.protocol.is_h2() {
+        forwarded.apply(&mut parts.headers);
         // HTTP/2 carries the host as `:authority` and needs `:scheme`.
         let authority = match parts.headers.remove(HOST) {
             Some(host) => http::uri::Authority::try_from(host.as_bytes())
@@ -775,7 +785,7 @@ fn prepare_upstream_request(
         );
         parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
         parts.version = Version::HTTP_2;
-        return Ok(());
+        return Ok(None);
     }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // Upstreams get origin-form, byte for byte the path and query the client sent.
@@ -786,7 +796,11 @@ fn prepare_upstream_request(
         parts.uri = origin;
     }
     parts.version = Version::HTTP_11;
-    Ok(())
+    if forwarded_in_fields {
+        forwarded.apply(&mut parts.headers);
+        return Ok(None);
+    }
+    Ok(Some(forwarded))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -11,6 +11,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER
 use http::{HeaderMap, Method, StatusCode, Version};
 
 use super::Error;
+use crate::headers::{Forwarded, ListsSeen};
 
 /// Most header fields a response head (or a trailer section) may carry; hyper's limit.
 pub const MAX_HEADERS: usize = 100;
@@ -54,9 +55,15 @@ impl RequestFraming {
     }
 }
 
-/// Writes the request head into `out` (cleared first). Names and values come from
-/// `http` types, which cannot hold CR or LF, so nothing here can split the head.
-pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: RequestFraming) {
+/// Writes the request head into `out` (cleared first), with `forwarded`'s fields after
+/// the client's when the proxy's own request path gives them. Names and values come
+/// from `http` types, which cannot hold CR or LF, so nothing here can split the head.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    forwarded: Option<&Forwarded>,
+    framing: RequestFraming,
+) {
     out.clear();
     let target = parts
         .uri
@@ -66,7 +73,18 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: 
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    encode_fields(out, &parts.headers);
+    match forwarded {
+        None => encode_fields(out, &parts.headers),
+        Some(forwarded) => {
+            let mut seen = ListsSeen::default();
+            for (name, value) in &parts.headers {
+                if !forwarded.replaces(name, &mut seen) {
+                    encode_field(out, name, value);
+                }
+            }
+            forwarded.write_h1_fields(&parts.headers, seen, out);
+        }
+    }
     match framing {
         RequestFraming::Length {
             length,
@@ -84,11 +102,15 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, framing: 
 /// Appends `headers` as field lines (a head's, or a chunked body's trailer section).
 pub fn encode_fields(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, name, value);
     }
+}
+
+fn encode_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How the response's body is delimited.
@@ -359,6 +381,83 @@ mod tests {
         assert!(has_bare_lf(b"\r\n\r\r\n\n"));
     }
 
+    /// The head's field lines, grouped by name (stable: lines of one name keep their
+    /// order), without the request line.
+    fn lines_by_name(head: &[u8]) -> Vec<String> {
+        let text = std::str::from_utf8(head).unwrap();
+        let mut lines: Vec<String> = text
+            .split("\r\n")
+            .skip(1)
+            .filter(|line| !line.is_empty())
+            .map(str::to_string)
+            .collect();
+        lines.sort_by_key(|line| line.split(':').next().unwrap_or("").to_string());
+        lines
+    }
+
+    #[test]
+    fn the_forwarded_fields_the_encoder_writes_are_those_apply_puts_in_the_map() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[],
+            &[("host", "app.example"), ("accept", "*/*")],
+            &[
+                ("x-forwarded-for", "10.0.0.1"),
+                ("accept", "*/*"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("via", "1.1 edge"),
+            ],
+            &[
+                ("x-forwarded-for", ""),
+                ("x-forwarded-for", "b"),
+                ("x-forwarded-proto", "ftp"),
+                ("x-forwarded-host", "spoofed.example"),
+            ],
+            &[
+                ("via", ""),
+                ("x-other", "1"),
+                ("x-other", "2"),
+                ("via", "2 cdn"),
+            ],
+        ];
+        let client = HeaderValue::from_static("192.0.2.7");
+        let mut compared = 0;
+        for fields in cases {
+            for tls in [false, true] {
+                for host in [None, Some("app.example:8080")] {
+                    for version in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+                        let forwarded = Forwarded::new(
+                            &client,
+                            tls,
+                            host.map(HeaderValue::from_static),
+                            version,
+                        );
+                        let mut written = Vec::new();
+                        let parts = request(Method::GET, "/x", fields);
+                        encode_request(
+                            &mut written,
+                            &parts,
+                            Some(&forwarded),
+                            RequestFraming::Empty,
+                        );
+                        let mut applied = request(Method::GET, "/x", fields);
+                        forwarded.apply(&mut applied.headers);
+                        let mut from_map = Vec::new();
+                        encode_request(&mut from_map, &applied, None, RequestFraming::Empty);
+                        assert_eq!(
+                            lines_by_name(&written),
+                            lines_by_name(&from_map),
+                            "{fields:?} tls {tls} host {host:?} {version:?}"
+                        );
+                        assert!(written.starts_with(b"GET /x HTTP/1.1\r\n"));
+                        assert!(written.ends_with(b"\r\n\r\n"));
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 60);
+    }
+
     #[test]
     fn content_length_fields_fold_into_one_length_or_invalid() {
         let fold = |fields: &[&str]| {
@@ -399,7 +498,7 @@ mod tests {
     fn the_request_head_is_origin_form_http11_with_the_framing_the_body_needs() {
         let mut out = Vec::new();
         let parts = request(Method::POST, "/a?b=c", &[("host", "app"), ("x-one", "1")]);
-        encode_request(&mut out, &parts, RequestFraming::Chunked);
+        encode_request(&mut out, &parts, None, RequestFraming::Chunked);
         assert_eq!(
             out,
             b"POST /a?b=c HTTP/1.1\r\nhost: app\r\nx-one: 1\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -407,6 +506,7 @@ mod tests {
         encode_request(
             &mut out,
             &request(Method::PUT, "/", &[]),
+            None,
             RequestFraming::Length {
                 length: 12,
                 add_header: true,

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{RequestBody, RequestBodyError};
+use crate::headers::Forwarded;
 use head::RequestFraming;
 
 pub use body::ResponseBody;
@@ -258,6 +259,7 @@ impl Conn {
     pub async fn send(
         mut self,
         parts: &http::request::Parts,
+        forwarded: Option<&Forwarded>,
         body: &mut RequestBody,
         header_timeout: Duration,
     ) -> Result<(http::response::Parts, ResponseBody), SendError> {
@@ -266,7 +268,7 @@ impl Conn {
             body.is_end_stream(),
             body.size_hint().exact(),
         );
-        head::encode_request(&mut self.out, parts, framing);
+        head::encode_request(&mut self.out, parts, forwarded, framing);
         let reused = self.sent > 0;
         self.sent += 1;
         self.heard = false;
