@@ -84,7 +84,9 @@ impl Sender {
         match self {
             Sender::H1(conn) => {
                 let (parts, mut body) = req.into_parts();
-                match conn.send(&parts, None, &mut body, header_timeout).await {
+                let upgrade = crate::headers::is_upgrade_request(&parts.headers);
+                let mut request = upstream_h1::EncodedRequest::new(parts, None, &body, upgrade);
+                match conn.send(&mut request, &mut body, header_timeout).await {
                     Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
                     Err(upstream_h1::SendError::TimedOut) => {
                         Err(format!("no response headers within {header_timeout:?}"))

@@ -126,10 +126,7 @@ struct Prepared {
 /// whole again for the next attempt unless its body was taken; an HTTP/2 attempt takes
 /// it, or a copy of its head when it may be sent again.
 struct Outgoing {
-    parts: http::request::Parts,
-    /// For an HTTP/1.1 backend, what it is told of the request's origin; for HTTP/2
-    /// that is in `parts`.
-    forwarded: Option<Forwarded>,
+    head: UpstreamHead,
     body: RequestBody,
     /// Bodiless and idempotent: it may go to another backend after one failed it
     /// mid-exchange (nginx's `proxy_next_upstream error` for idempotent methods).
@@ -138,33 +135,52 @@ struct Outgoing {
     spent: bool,
 }
 
+/// The request's head in the form its pool's backends take.
+enum UpstreamHead {
+    /// Encoded when the request was prepared (see `EncodedRequest`).
+    H1(upstream_h1::EncodedRequest),
+    /// hyper's HTTP/2 client takes the request itself.
+    H2(http::request::Parts),
+}
+
 impl Outgoing {
-    /// The request for an HTTP/2 connection.
-    fn for_h2(&mut self) -> Request<RequestBody> {
+    /// The request for an HTTP/2 connection; `None` if it was prepared for HTTP/1.1.
+    fn for_h2(&mut self) -> Option<Request<RequestBody>> {
+        let UpstreamHead::H2(parts) = &mut self.head else {
+            return None;
+        };
         if self.resendable {
             let mut req = Request::new(RequestBody::empty());
-            *req.method_mut() = self.parts.method.clone();
-            *req.uri_mut() = self.parts.uri.clone();
-            *req.version_mut() = self.parts.version;
-            *req.headers_mut() = self.parts.headers.clone();
-            return req;
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            return Some(req);
         }
         self.spent = true;
         let (empty, ()) = Request::new(()).into_parts();
-        let parts = std::mem::replace(&mut self.parts, empty);
+        let parts = std::mem::replace(parts, empty);
         let body = std::mem::replace(&mut self.body, RequestBody::empty());
-        Request::from_parts(parts, body)
+        Some(Request::from_parts(parts, body))
     }
 
     /// A request an HTTP/2 connection refused before sending it.
     fn back_from_h2(&mut self, req: Request<RequestBody>) {
         if self.spent {
             let (parts, body) = req.into_parts();
-            self.parts = parts;
+            self.head = UpstreamHead::H2(parts);
             self.body = body;
             self.spent = false;
         }
     }
+}
+
+/// A request prepared for one HTTP version met a connection of the other: never, as
+/// both follow the pool's `protocol`, but an error rather than a panic if it did.
+fn protocol_mismatch() -> AttemptError {
+    AttemptError::Failed(Box::new(std::io::Error::other(
+        "request prepared for another HTTP version than the backend connection's",
+    )))
 }
 
 /// Who sent a request: the same for every request on a connection, so made once.
@@ -198,15 +214,20 @@ struct Trace {
 
 impl Proxy {
     /// The answer to one client request. Routing and preparing the request happen
-    /// here, before the future that sends it exists: a future keeps room for every
-    /// local it held across an await (the request as it came, its parts, its body, each
-    /// moved on but not forgotten), and hyper moves the request's future for every
-    /// request (into the HTTP/1 dispatcher, into each HTTP/2 stream's task).
-    pub fn handle<'a>(
-        &'a self,
+    /// here, when hyper hands the request over, before the future that sends it
+    /// exists:
+    /// - a future keeps room for every local it held across an await (the request as
+    ///   it came, its parts, its body, each moved on but not forgotten), and hyper
+    ///   moves the request's future for every request (into the HTTP/1 dispatcher,
+    ///   into each HTTP/2 stream's task);
+    /// - hyper's HTTP/1 dispatcher looks at the connection (for the client's close)
+    ///   before it first polls the future, and while the request's fields still hold
+    ///   its read buffer, that look has to make it a new one.
+    pub fn handle(
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: &'a Peer,
-    ) -> impl Future<Output = Response<ResponseBody>> + 'a {
+        peer: &Arc<Peer>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
         let started = Instant::now();
         let head = self
             .access_log
@@ -224,15 +245,16 @@ impl Proxy {
         // than the copies hyper would make of it (+15-25% HTTP/2 req/s measured, HTTP/1
         // unchanged).
         let sending = match self.prepare(req, peer, &mut trace) {
-            Ok(prepared) => Ok(Box::pin(self.send(prepared, trace))),
+            Ok(prepared) => Ok(Box::pin(Arc::clone(self).send(prepared, trace))),
             Err(error) => Err((error, trace)),
         };
+        let (proxy, peer) = (Arc::clone(self), Arc::clone(peer));
         async move {
             let (forwarded, trace) = match sending {
                 Ok(sending) => sending.await,
                 Err((error, trace)) => (Err(error), trace),
             };
-            self.account(forwarded, &trace, started, head, peer)
+            proxy.account(forwarded, &trace, started, head, &peer)
         }
     }
 
@@ -308,10 +330,11 @@ impl Proxy {
     /// Sends a prepared request to its pool's backends; gives the trace back with the
     /// answer. Not an `async fn`, which would keep a second copy of the request.
     fn send(
-        &self,
+        self: Arc<Self>,
         prepared: Prepared,
         mut trace: Trace,
-    ) -> impl Future<Output = (Result<Response<ResponseBody>, ProxyError>, Trace)> + '_ {
+    ) -> impl Future<Output = (Result<Response<ResponseBody>, ProxyError>, Trace)> + Send + 'static
+    {
         let Prepared {
             pool,
             mut outgoing,
@@ -393,11 +416,22 @@ impl Proxy {
         let resendable = self.settings.connect_attempts > 1
             && http_body::Body::is_end_stream(&body)
             && upstream_h1::is_idempotent(&parts.method);
+        let head = if upstream.protocol.is_h2() {
+            UpstreamHead::H2(parts)
+        } else {
+            // `parts` and `forwarded` end here: the request's fields no longer hold
+            // the client connection's read buffer (see `EncodedRequest`).
+            UpstreamHead::H1(upstream_h1::EncodedRequest::new(
+                parts,
+                forwarded.as_ref(),
+                &body,
+                upgrade,
+            ))
+        };
         Ok(Prepared {
             pool,
             outgoing: Outgoing {
-                parts,
-                forwarded,
+                head,
                 body,
                 resendable,
                 spent: false,
@@ -563,14 +597,10 @@ impl Proxy {
             };
             let mut h2 = match sender {
                 Sender::H1(conn) => {
-                    let sent = conn
-                        .send(
-                            &outgoing.parts,
-                            outgoing.forwarded.as_ref(),
-                            &mut outgoing.body,
-                            timeout,
-                        )
-                        .await;
+                    let UpstreamHead::H1(request) = &mut outgoing.head else {
+                        return Err(protocol_mismatch());
+                    };
+                    let sent = conn.send(request, &mut outgoing.body, timeout).await;
                     return match sent {
                         Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
                         // Closed by the backend while it was idle, most likely: once,
@@ -595,7 +625,9 @@ impl Proxy {
             };
             // In a block: the request moves into the exchange, and out of this future.
             let (exchange, body_sent) = {
-                let mut req = outgoing.for_h2();
+                let Some(mut req) = outgoing.for_h2() else {
+                    return Err(protocol_mismatch());
+                };
                 let body_sent = req.body_mut().notify_end();
                 (h2.try_send_request(req), body_sent)
             };

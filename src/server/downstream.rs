@@ -332,10 +332,15 @@ fn service(
        + 'static {
     let peer = Arc::new(crate::proxy::Peer::new(this.peer, this.tls));
     service_fn(move |req: Request<Incoming>| {
-        let this = Arc::clone(&this);
-        let peer = Arc::clone(&peer);
         let counts = Arc::clone(&counts);
         let open = signal.as_ref().map(IdleSignal::open);
+        let http1 = req.version() < Version::HTTP_2;
+        // Now, as hyper hands the request over, not when it first polls the future
+        // (see `Proxy::handle`).
+        let answer = match this.redirect_to_port {
+            Some(port) => Err(redirect_to_https(&req, port)),
+            None => Ok(this.proxy.handle(req, &peer)),
+        };
         async move {
             let wrap = |response: Response<ResponseBody>, active| {
                 response.map(|inner| ClientBody {
@@ -347,18 +352,18 @@ fn service(
             if !counts.started.load(Ordering::Relaxed) {
                 counts.started.store(true, Ordering::Relaxed);
             }
-            if let Some(port) = this.redirect_to_port {
-                return Ok::<_, Infallible>(wrap(redirect_to_https(&req, port), None));
-            }
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(redirect) => return Ok::<_, Infallible>(wrap(redirect, None)),
+            };
             let mut guard = CancelGuard(None);
             let mut active = None;
-            if req.version() == Version::HTTP_2 {
+            if !http1 {
                 counts.opened.fetch_add(1, Ordering::Relaxed);
                 active = Some(ActiveStream::start(Arc::clone(&counts)));
                 guard.0 = Some(Arc::clone(&counts));
             }
-            let http1 = req.version() < Version::HTTP_2;
-            let mut response = this.proxy.handle(req, &peer).await;
+            let mut response = answer.await;
             guard.0 = None;
             if http1
                 && counts.closing.load(Ordering::Relaxed)

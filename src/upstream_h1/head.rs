@@ -215,8 +215,18 @@ pub fn has_bare_lf(head: &[u8]) -> bool {
 /// incomplete. Informational responses (100, 103) are dropped as they come: the client
 /// gets the final one.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
+    parse_response_into(buf, method, &mut None)
+}
+
+/// `parse_response`, the fields going into `spare` (an empty map, taken only for the
+/// final head) when there is one.
+pub fn parse_response_into(
+    buf: &mut BytesMut,
+    method: &Method,
+    spare: &mut Option<HeaderMap>,
+) -> Result<Option<Head>, Error> {
     loop {
-        let mut fields = [FieldAt::default(); MAX_HEADERS];
+        let mut field_at = [FieldAt::default(); MAX_HEADERS];
         let (len, code, version, count) = {
             let mut uninit = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut []);
@@ -239,7 +249,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
             if has_bare_lf(&buf[..len]) {
                 return Err(Error::BareLf);
             }
-            for (at, header) in fields.iter_mut().zip(response.headers.iter()) {
+            for (at, header) in field_at.iter_mut().zip(response.headers.iter()) {
                 at.name = offsets(buf, header.name.as_bytes())?;
                 at.value = offsets(buf, header.value)?;
             }
@@ -255,7 +265,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             continue;
         }
-        let (headers, framing) = header_map(&head, &fields[..count])?;
+        let (headers, framing) = header_map(&head, &field_at[..count], spare.take())?;
         let version = if version == 1 {
             Version::HTTP_11
         } else {
@@ -279,8 +289,22 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
 }
 
 /// The fields, their values sharing `head`'s bytes instead of a copy each.
-fn header_map(head: &Bytes, fields: &[FieldAt]) -> Result<(HeaderMap, Framing), Error> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+fn header_map(
+    head: &Bytes,
+    fields: &[FieldAt],
+    spare: Option<HeaderMap>,
+) -> Result<(HeaderMap, Framing), Error> {
+    let mut headers = match spare {
+        Some(mut map) => {
+            // Given empty; cleared again only if not, as clearing walks its whole table.
+            if !map.is_empty() {
+                map.clear();
+            }
+            map.reserve(fields.len());
+            map
+        }
+        None => HeaderMap::with_capacity(fields.len()),
+    };
     let mut framing = Framing::default();
     for at in fields {
         let name = HeaderName::from_bytes(&head[range(at.name)]).map_err(|_| Error::BadHeader)?;

@@ -19,6 +19,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -174,6 +175,60 @@ pub struct Conn {
     header_deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
 }
 
+/// A request's head as HTTP/1.1 bytes, made once when the request is prepared. The
+/// request's fields share the read buffer of the client's connection, which hyper
+/// would otherwise have to leave and replace with a new one each time it looks at the
+/// connection while the backend answers; and a second attempt (another connection or
+/// backend) sends these same bytes.
+pub struct EncodedRequest {
+    head: Vec<u8>,
+    method: http::Method,
+    framing: RequestFraming,
+    /// The request asks to switch protocols: a 101 is an answer to it.
+    upgrade: bool,
+    /// The request's own header map, emptied: the response's fields go into it, so
+    /// the map hyper parsed the request into serves the answer too, and hyper keeps
+    /// it for the connection's next request, instead of a map made and one freed
+    /// with every request.
+    spare_fields: Option<HeaderMap>,
+}
+
+impl EncodedRequest {
+    /// `parts` as they go out, with `forwarded`'s fields; `body` as it is before any of
+    /// it was read, for the framing.
+    pub fn new(
+        parts: http::request::Parts,
+        forwarded: Option<&Forwarded>,
+        body: &RequestBody,
+        upgrade: bool,
+    ) -> EncodedRequest {
+        let framing = RequestFraming::of(
+            &parts.headers,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+        );
+        let mut head = Vec::with_capacity(ENCODED_HEAD_CAPACITY);
+        head::encode_request(&mut head, &parts, forwarded, framing);
+        let mut fields = parts.headers;
+        fields.clear();
+        EncodedRequest {
+            head,
+            method: parts.method,
+            framing,
+            upgrade,
+            spare_fields: Some(fields),
+        }
+    }
+
+    pub fn method(&self) -> &http::Method {
+        &self.method
+    }
+}
+
+/// Room first made for an encoded request head, in one allocation: most heads fit,
+/// and one that does not grows.
+const ENCODED_HEAD_CAPACITY: usize = 1024;
+
 /// A number for the calling thread, never reused within the process.
 fn this_thread() -> u64 {
     use std::cell::Cell;
@@ -258,17 +313,13 @@ impl Conn {
     /// runs from when the whole request went out.
     pub async fn send(
         mut self,
-        parts: &http::request::Parts,
-        forwarded: Option<&Forwarded>,
+        request: &mut EncodedRequest,
         body: &mut RequestBody,
         header_timeout: Duration,
     ) -> Result<(http::response::Parts, ResponseBody), SendError> {
-        let framing = RequestFraming::of(
-            &parts.headers,
-            body.is_end_stream(),
-            body.size_hint().exact(),
-        );
-        head::encode_request(&mut self.out, parts, forwarded, framing);
+        let framing = request.framing;
+        self.out.clear();
+        self.out.extend_from_slice(&request.head);
         let reused = self.sent > 0;
         self.sent += 1;
         self.heard = false;
@@ -280,13 +331,13 @@ impl Conn {
             taken: 0,
             body_done: framing == RequestFraming::Empty,
         };
-        let method = &parts.method;
+        let (method, fields) = (&request.method, &mut request.spare_fields);
         // While the body goes out the backend may already answer (a 413, a redirect, a
         // full-duplex app): the head is read alongside, and the rest of the body then
         // goes out as the response body is read (`ResponseBody`).
         let early = std::future::poll_fn(|cx| {
             if outbox.framing != RequestFraming::Empty {
-                if let Poll::Ready(head) = self.poll_head(cx, method) {
+                if let Poll::Ready(head) = self.poll_head(cx, method, fields) {
                     return Poll::Ready(Ok(Some(head)));
                 }
             }
@@ -298,7 +349,9 @@ impl Conn {
             Ok(Some(head)) => head,
             Ok(None) => {
                 let deadline = tokio::time::Instant::now() + header_timeout;
-                match std::future::poll_fn(|cx| self.poll_head_until(cx, method, deadline)).await {
+                let until =
+                    std::future::poll_fn(|cx| self.poll_head_until(cx, method, fields, deadline));
+                match until.await {
                     Some(head) => head,
                     None => return Err(SendError::TimedOut),
                 }
@@ -309,9 +362,7 @@ impl Conn {
             Err(other) => return Err(other),
         };
         let head = answered.map_err(|error| self.failed(error, reused, method, &outbox))?;
-        if head.body == head::BodyKind::Upgrade
-            && !crate::headers::is_upgrade_request(&parts.headers)
-        {
+        if head.body == head::BodyKind::Upgrade && !request.upgrade {
             return Err(SendError::Failed(Error::UnaskedUpgrade));
         }
         let upload = (!outbox.body_done || outbox.pending(&self)).then(|| {
@@ -369,9 +420,10 @@ impl Conn {
         &mut self,
         cx: &mut Context<'_>,
         method: &http::Method,
+        fields: &mut Option<HeaderMap>,
         deadline: tokio::time::Instant,
     ) -> Poll<Option<Result<head::Head, Error>>> {
-        if let Poll::Ready(head) = self.poll_head(cx, method) {
+        if let Poll::Ready(head) = self.poll_head(cx, method, fields) {
             return Poll::Ready(Some(head));
         }
         let thread = this_thread();
@@ -399,14 +451,17 @@ impl Conn {
         Poll::Pending
     }
 
+    /// `fields`: an empty map for the response's fields, if there is one to reuse.
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         method: &http::Method,
+        fields: &mut Option<HeaderMap>,
     ) -> Poll<Result<head::Head, Error>> {
         loop {
             if !self.read.is_empty() {
-                if let Some(head) = head::parse_response(&mut self.read, method)? {
+                let parsed = head::parse_response_into(&mut self.read, method, fields)?;
+                if let Some(head) = parsed {
                     return Poll::Ready(Ok(head));
                 }
             }
