@@ -69,7 +69,7 @@ impl Upstream {
 /// A connection ready for one request: HTTP/1.1 (exclusive until its response ends) or
 /// a handle on a shared HTTP/2 connection.
 pub enum Sender {
-    H1(upstream_h1::Conn),
+    H1(Box<upstream_h1::Conn>),
     H2(http2::SendRequest<RequestBody>),
 }
 
@@ -117,7 +117,7 @@ pub enum UpstreamBody {
 impl UpstreamBody {
     /// The HTTP/1.1 connection, once its body ended clean and the backend keeps it
     /// open; HTTP/2 connections are shared and never handed back.
-    pub fn take_reusable(&mut self) -> Option<upstream_h1::Conn> {
+    pub fn take_reusable(&mut self) -> Option<Box<upstream_h1::Conn>> {
         match self {
             UpstreamBody::H1(body) => body.take_reusable(),
             UpstreamBody::H2(_) => None,
@@ -195,7 +195,7 @@ struct IdleList {
 }
 
 struct IdleConn {
-    conn: upstream_h1::Conn,
+    conn: Box<upstream_h1::Conn>,
     since: Instant,
 }
 
@@ -245,7 +245,7 @@ impl ConnPool {
     }
 
     /// An HTTP/1.1 connection whose response ended clean, for the next request.
-    pub fn checkin(&self, conn: upstream_h1::Conn) {
+    pub fn checkin(&self, conn: Box<upstream_h1::Conn>) {
         // A full queue drops the connection, which closes it.
         let list = self.own_list();
         let room = list

@@ -21,7 +21,7 @@ enum Decoding {
 
 pub struct ResponseBody {
     /// Taken when the body broke, or by `take_reusable` once it ended.
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     decoding: Decoding,
     /// The backend keeps the connection open after this response.
     keep_alive: bool,
@@ -31,7 +31,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub(super) fn new(
-        conn: Conn,
+        conn: Box<Conn>,
         kind: BodyKind,
         keep_alive: bool,
         upload: Option<Box<Upload>>,
@@ -53,7 +53,7 @@ impl ResponseBody {
 
     /// The connection, once the body ended clean on one the backend keeps open and
     /// that holds nothing beyond this response.
-    pub fn take_reusable(&mut self) -> Option<Conn> {
+    pub fn take_reusable(&mut self) -> Option<Box<Conn>> {
         match self.decoding {
             Decoding::Done if self.keep_alive => {
                 let conn = self.conn.take()?;
@@ -67,7 +67,7 @@ impl ResponseBody {
     pub fn into_upgraded(mut self) -> Option<(Io, Bytes)> {
         match self.decoding {
             Decoding::Upgrade => {
-                let (io, read) = self.conn.take()?.into_upgraded();
+                let (io, read) = (*self.conn.take()?).into_upgraded();
                 Some((io, read.freeze()))
             }
             _ => None,

@@ -278,15 +278,18 @@ impl Outbox {
 }
 
 impl Conn {
-    pub fn new(io: Io) -> Conn {
-        Conn {
+    /// Boxed: a connection moves from the pool into each request's future and its
+    /// response body and back, and at the size of a pointer each of those (and every
+    /// move of them) is smaller by what a connection holds.
+    pub fn new(io: Io) -> Box<Conn> {
+        Box::new(Conn {
             io,
             read: BytesMut::new(),
             out: Vec::new(),
             sent: 0,
             heard: false,
             header_deadline: None,
-        }
+        })
     }
 
     /// Whether an idle connection can take a request: the backend has neither closed it
@@ -312,7 +315,7 @@ impl Conn {
     /// response body, which gives it back when the body ended clean. `header_timeout`
     /// runs from when the whole request went out.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         request: &mut EncodedRequest,
         body: &mut RequestBody,
         header_timeout: Duration,
