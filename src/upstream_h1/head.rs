@@ -215,15 +215,16 @@ pub fn has_bare_lf(head: &[u8]) -> bool {
 /// incomplete. Informational responses (100, 103) are dropped as they come: the client
 /// gets the final one.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Error> {
-    parse_response_into(buf, method, &mut None)
+    parse_response_into(buf, method, &mut None, &mut FieldNames::default())
 }
 
 /// `parse_response`, the fields going into `spare` (an empty map, taken only for the
-/// final head) when there is one.
+/// final head) when there is one, their names looked up in `names` first.
 pub fn parse_response_into(
     buf: &mut BytesMut,
     method: &Method,
     spare: &mut Option<HeaderMap>,
+    names: &mut FieldNames,
 ) -> Result<Option<Head>, Error> {
     loop {
         let mut field_at = [FieldAt::default(); MAX_HEADERS];
@@ -265,7 +266,7 @@ pub fn parse_response_into(
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             continue;
         }
-        let (headers, framing) = header_map(&head, &field_at[..count], spare.take())?;
+        let (headers, framing) = header_map(&head, &field_at[..count], spare.take(), names)?;
         let version = if version == 1 {
             Version::HTTP_11
         } else {
@@ -293,6 +294,7 @@ fn header_map(
     head: &Bytes,
     fields: &[FieldAt],
     spare: Option<HeaderMap>,
+    names: &mut FieldNames,
 ) -> Result<(HeaderMap, Framing), Error> {
     let mut headers = match spare {
         Some(mut map) => {
@@ -306,8 +308,8 @@ fn header_map(
         None => HeaderMap::with_capacity(fields.len()),
     };
     let mut framing = Framing::default();
-    for at in fields {
-        let name = HeaderName::from_bytes(&head[range(at.name)]).map_err(|_| Error::BadHeader)?;
+    for (position, at) in fields.iter().enumerate() {
+        let name = names.name(position, &head[range(at.name)])?;
         let value = HeaderValue::from_maybe_shared(head.slice(range(at.value)))
             .map_err(|_| Error::BadHeader)?;
         if name == CONTENT_LENGTH {
@@ -318,6 +320,41 @@ fn header_map(
         headers.append(name, value);
     }
     Ok((headers, framing))
+}
+
+/// The field names of a backend connection's last response, as they came and as made:
+/// a backend sends the same names in the same order answer after answer, and a name
+/// found at its place here is cloned instead of looked up among the standard names
+/// again (and, for one the `http` crate does not know, allocated again).
+#[derive(Default)]
+pub struct FieldNames {
+    seen: Vec<(Box<[u8]>, HeaderName)>,
+}
+
+/// Names kept per connection: the first few of a response, which are most of most.
+const FIELD_NAMES_KEPT: usize = 8;
+
+impl FieldNames {
+    /// The name of the field at `position`, whose bytes are `raw` (a token: httparse
+    /// checked it, and `HeaderName` checks it again when it is not the one kept).
+    fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, Error> {
+        if let Some((bytes, name)) = self.seen.get(position) {
+            if **bytes == *raw {
+                return Ok(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| Error::BadHeader)?;
+        if position < FIELD_NAMES_KEPT {
+            let kept = (Box::from(raw), name.clone());
+            let len = self.seen.len();
+            match self.seen.get_mut(position) {
+                Some(slot) => *slot = kept,
+                None if position == len => self.seen.push(kept),
+                None => {}
+            }
+        }
+        Ok(name)
+    }
 }
 
 /// RFC 9112 §6.3, where a response with both lengths is refused rather than guessed at
@@ -480,6 +517,38 @@ mod tests {
             }
         }
         assert_eq!(compared, 60);
+    }
+
+    #[test]
+    fn field_names_kept_from_one_answer_serve_the_next_only_where_the_bytes_match() {
+        let mut names = FieldNames::default();
+        let mut parse = |text: &str| {
+            let mut spare = None;
+            parse_response_into(
+                &mut BytesMut::from(text),
+                &Method::GET,
+                &mut spare,
+                &mut names,
+            )
+            .unwrap()
+            .unwrap()
+            .parts
+            .headers
+        };
+        let first = parse("HTTP/1.1 200 OK\r\nX-Upstream: a\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(first["x-upstream"], "a");
+        // A different name at a kept place, and one with other letter case.
+        let second = parse("HTTP/1.1 200 OK\r\nX-Other: b\r\ncontent-length: 0\r\n\r\n");
+        assert!(second.get("x-upstream").is_none());
+        assert_eq!(second["x-other"], "b");
+        assert_eq!(second["content-length"], "0");
+        let third =
+            parse("HTTP/1.1 200 OK\r\nX-Other: c\r\ncontent-length: 0\r\nVia: 1.1 x\r\n\r\n");
+        assert_eq!(third["x-other"], "c");
+        assert_eq!(third["via"], "1.1 x");
+        assert_eq!(third.len(), 3);
+        let kept: Vec<&[u8]> = names.seen.iter().map(|(raw, _)| &raw[..]).collect();
+        assert_eq!(kept, [&b"X-Other"[..], b"content-length", b"Via"]);
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub struct Conn {
     heard: bool,
     /// The response-head deadline, with the thread (`this_thread`) whose runtime made it.
     header_deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+    /// The field names of the last response.
+    names: head::FieldNames,
 }
 
 /// A request's head as HTTP/1.1 bytes, made once when the request is prepared. The
@@ -289,6 +291,7 @@ impl Conn {
             sent: 0,
             heard: false,
             header_deadline: None,
+            names: head::FieldNames::default(),
         })
     }
 
@@ -463,7 +466,8 @@ impl Conn {
     ) -> Poll<Result<head::Head, Error>> {
         loop {
             if !self.read.is_empty() {
-                let parsed = head::parse_response_into(&mut self.read, method, fields)?;
+                let parsed =
+                    head::parse_response_into(&mut self.read, method, fields, &mut self.names)?;
                 if let Some(head) = parsed {
                     return Poll::Ready(Ok(head));
                 }
