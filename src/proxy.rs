@@ -175,8 +175,9 @@ impl Outgoing {
     }
 }
 
-/// A request prepared for one HTTP version met a connection of the other: never, as
-/// both follow the pool's `protocol`, but an error rather than a panic if it did.
+/// A request prepared for one HTTP version met a new connection of the other: never,
+/// as both follow the pool's `protocol`. (A pooled one can, after a reload changed the
+/// protocol: that one is dropped and the next tried.)
 fn protocol_mismatch() -> AttemptError {
     AttemptError::Failed(Box::new(std::io::Error::other(
         "request prepared for another HTTP version than the backend connection's",
@@ -223,6 +224,9 @@ impl Proxy {
     /// - hyper's HTTP/1 dispatcher looks at the connection (for the client's close)
     ///   before it first polls the future, and while the request's fields still hold
     ///   its read buffer, that look has to make it a new one.
+    ///
+    /// So a mirrored copy of a bodiless request is queued here, even if hyper then
+    /// drops the future unpolled (its connection closing at that moment).
     pub fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -598,6 +602,12 @@ impl Proxy {
             let mut h2 = match sender {
                 Sender::H1(conn) => {
                     let UpstreamHead::H1(request) = &mut outgoing.head else {
+                        // Pooled before a reload made the pool HTTP/2: closed, and the
+                        // next connection tried; the request has not gone anywhere.
+                        drop(conn);
+                        if pooled {
+                            continue;
+                        }
                         return Err(protocol_mismatch());
                     };
                     let sent = conn.send(request, &mut outgoing.body, timeout).await;
@@ -621,7 +631,19 @@ impl Proxy {
                         Err(upstream_h1::SendError::TimedOut) => Err(AttemptError::TimedOut),
                     };
                 }
-                Sender::H2(h2) => h2,
+                Sender::H2(h2) => {
+                    if !matches!(outgoing.head, UpstreamHead::H2(_)) {
+                        // The shared connection of a pool a reload made HTTP/1.1:
+                        // forgotten (it closes once its last stream ends), and the next
+                        // connection tried.
+                        if pooled {
+                            backend.conns.forget_shared();
+                            continue;
+                        }
+                        return Err(protocol_mismatch());
+                    }
+                    h2
+                }
             };
             // In a block: the request moves into the exchange, and out of this future.
             let (exchange, body_sent) = {

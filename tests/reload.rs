@@ -406,3 +406,42 @@ async fn a_reload_adds_and_removes_the_https_listener() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_reload_that_changes_a_pools_protocol_fails_no_request_on_the_connections_it_had() {
+    let upstream = Upstream::start("rpc-1").await;
+    let h2c = config_text(
+        "",
+        &[],
+        &format!(
+            "[pools.rpc]\nbackends = [\"{}\"]\nprotocol = \"h2c\"\n\n[services.app]\nactive = \"rpc\"\n",
+            upstream.addr
+        ),
+    );
+    let http1 = h2c.replace("protocol = \"h2c\"\n", "");
+    let proxy = ProxyProcess::start(&h2c);
+    wait_ready(proxy.admin_addr).await;
+    let client = client();
+    let versions = |n: usize| {
+        let client = client.clone();
+        let addr = proxy.proxy_addr;
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let answer = send(&client, get(addr, "/echo")).await;
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+                seen.push(answer.json()["version"].as_str().unwrap_or("").to_string());
+            }
+            seen
+        }
+    };
+    // The pool's shared HTTP/2 connection is open when the reload makes it HTTP/1.1,
+    // and its idle HTTP/1.1 connections are when the next makes it HTTP/2 again.
+    assert_eq!(versions(3).await, ["HTTP/2.0"; 3]);
+    std::fs::write(config_path(&proxy), &http1).unwrap();
+    reload_ok(&proxy).await;
+    assert_eq!(versions(3).await, ["HTTP/1.1"; 3]);
+    std::fs::write(config_path(&proxy), &h2c).unwrap();
+    reload_ok(&proxy).await;
+    assert_eq!(versions(3).await, ["HTTP/2.0"; 3]);
+}
