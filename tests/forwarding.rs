@@ -96,6 +96,28 @@ async fn host_is_preserved_and_forwarded_headers_are_set() {
     proxy.shutdown().await;
 }
 
+/// The map a request's fields came in is reused for its response's fields: none of the
+/// request's may show up in the answer, on the first request of a connection or later.
+#[tokio::test]
+async fn a_response_carries_only_the_fields_its_backend_sent() {
+    let (_upstream, proxy) = one_backend().await;
+    let client = client();
+    for round in 0..3 {
+        let request = Request::get(format!("http://{}/echo", proxy.proxy_addr))
+            .header("x-secret", "from-the-client")
+            .header("cookie", "session=1")
+            .body(empty())
+            .unwrap();
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json()["headers"]["x-secret"][0], "from-the-client");
+        assert_eq!(answer.header("x-secret"), None, "round {round}");
+        assert_eq!(answer.header("cookie"), None, "round {round}");
+        assert_eq!(answer.header("x-upstream"), Some("blue-1"), "round {round}");
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_stripped_in_both_directions() {
     let (upstream, proxy) = one_backend().await;

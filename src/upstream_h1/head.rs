@@ -322,36 +322,34 @@ fn header_map(
     Ok((headers, framing))
 }
 
-/// The field names of a backend connection's last response, as they came and as made:
-/// a backend sends the same names in the same order answer after answer, and a name
-/// found at its place here is cloned instead of looked up among the standard names
-/// again (and, for one the `http` crate does not know, allocated again).
+/// The field names of a backend connection's last response: a backend sends the same
+/// names in the same order answer after answer, and a name found at its place here is
+/// cloned instead of looked up among the standard names again (and, for one the `http`
+/// crate does not know, allocated again).
 #[derive(Default)]
 pub struct FieldNames {
-    seen: Vec<(Box<[u8]>, HeaderName)>,
+    seen: Vec<HeaderName>,
 }
 
 /// Names kept per connection: the first few of a response, which are most of most.
 const FIELD_NAMES_KEPT: usize = 8;
 
 impl FieldNames {
-    /// The name of the field at `position`, whose bytes are `raw` (a token: httparse
-    /// checked it, and `HeaderName` checks it again when it is not the one kept).
+    /// The name of the field at `position`, whose bytes are `raw`. A name is its
+    /// bytes lowercased, so bytes equal to a kept name but for ASCII case make that
+    /// name; other bytes are checked and made (`HeaderName::from_bytes`), and kept.
     fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, Error> {
-        if let Some((bytes, name)) = self.seen.get(position) {
-            if **bytes == *raw {
+        if let Some(name) = self.seen.get(position) {
+            if name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
                 return Ok(name.clone());
             }
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| Error::BadHeader)?;
-        if position < FIELD_NAMES_KEPT {
-            let kept = (Box::from(raw), name.clone());
-            let len = self.seen.len();
-            match self.seen.get_mut(position) {
-                Some(slot) => *slot = kept,
-                None if position == len => self.seen.push(kept),
-                None => {}
-            }
+        let len = self.seen.len();
+        match self.seen.get_mut(position) {
+            Some(slot) => *slot = name.clone(),
+            None if position == len && len < FIELD_NAMES_KEPT => self.seen.push(name.clone()),
+            None => {}
         }
         Ok(name)
     }
@@ -521,34 +519,52 @@ mod tests {
 
     #[test]
     fn field_names_kept_from_one_answer_serve_the_next_only_where_the_bytes_match() {
-        let mut names = FieldNames::default();
-        let mut parse = |text: &str| {
+        fn parse(names: &mut FieldNames, text: &str) -> HeaderMap {
             let mut spare = None;
-            parse_response_into(
-                &mut BytesMut::from(text),
-                &Method::GET,
-                &mut spare,
-                &mut names,
-            )
-            .unwrap()
-            .unwrap()
-            .parts
-            .headers
-        };
-        let first = parse("HTTP/1.1 200 OK\r\nX-Upstream: a\r\nContent-Length: 0\r\n\r\n");
+            parse_response_into(&mut BytesMut::from(text), &Method::GET, &mut spare, names)
+                .unwrap()
+                .unwrap()
+                .parts
+                .headers
+        }
+        let mut names = FieldNames::default();
+        let first = parse(
+            &mut names,
+            "HTTP/1.1 200 OK\r\nX-Upstream: a\r\nContent-Length: 0\r\n\r\n",
+        );
         assert_eq!(first["x-upstream"], "a");
-        // A different name at a kept place, and one with other letter case.
-        let second = parse("HTTP/1.1 200 OK\r\nX-Other: b\r\ncontent-length: 0\r\n\r\n");
+        // A different name at a kept place, and one in other letter case.
+        let second = parse(
+            &mut names,
+            "HTTP/1.1 200 OK\r\nX-Other: b\r\ncontent-LENGTH: 0\r\n\r\n",
+        );
         assert!(second.get("x-upstream").is_none());
         assert_eq!(second["x-other"], "b");
         assert_eq!(second["content-length"], "0");
-        let third =
-            parse("HTTP/1.1 200 OK\r\nX-Other: c\r\ncontent-length: 0\r\nVia: 1.1 x\r\n\r\n");
+        let third = parse(
+            &mut names,
+            "HTTP/1.1 200 OK\r\nX-Other: c\r\ncontent-length: 0\r\nVia: 1.1 x\r\n\r\n",
+        );
         assert_eq!(third["x-other"], "c");
         assert_eq!(third["via"], "1.1 x");
         assert_eq!(third.len(), 3);
-        let kept: Vec<&[u8]> = names.seen.iter().map(|(raw, _)| &raw[..]).collect();
-        assert_eq!(kept, [&b"X-Other"[..], b"content-length", b"Via"]);
+        let kept: Vec<&str> = names.seen.iter().map(HeaderName::as_str).collect();
+        assert_eq!(kept, ["x-other", "content-length", "via"]);
+        // Past the kept places, and a shorter answer after a longer one.
+        let many: String = (0..12).map(|i| format!("X-F{i}: {i}\r\n")).collect();
+        let long = parse(
+            &mut names,
+            &format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n"),
+        );
+        assert_eq!(long.len(), 13);
+        assert_eq!(long["x-f11"], "11");
+        assert_eq!(names.seen.len(), FIELD_NAMES_KEPT);
+        let short = parse(&mut names, "HTTP/1.1 200 OK\r\nX-F0: a\r\n\r\n");
+        assert_eq!(short.len(), 1);
+        assert_eq!(short["x-f0"], "a");
+        // A name at a kept place whose bytes differ only by a byte no name may hold.
+        let mut bad = BytesMut::from("HTTP/1.1 200 OK\r\nX-F0\x01: a\r\n\r\n");
+        assert!(parse_response_into(&mut bad, &Method::GET, &mut None, &mut names).is_err());
     }
 
     #[test]

@@ -221,10 +221,6 @@ impl EncodedRequest {
             spare_fields: Some(fields),
         }
     }
-
-    pub fn method(&self) -> &http::Method {
-        &self.method
-    }
 }
 
 /// Room first made for an encoded request head, in one allocation: most heads fit,
