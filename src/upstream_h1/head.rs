@@ -322,34 +322,64 @@ fn header_map(
     Ok((headers, framing))
 }
 
-/// The field names of a backend connection's last response: a backend sends the same
-/// names in the same order answer after answer, and a name found at its place here is
-/// cloned instead of looked up among the standard names again (and, for one the `http`
-/// crate does not know, allocated again).
+/// The field names of a backend connection's last response, as they came and as made:
+/// a backend sends the same names in the same order answer after answer, and a name
+/// whose bytes are the same as those kept at its place is cloned instead of looked up
+/// among the standard names again (and, for one the `http` crate does not know,
+/// allocated again).
 #[derive(Default)]
 pub struct FieldNames {
-    seen: Vec<HeaderName>,
+    seen: Vec<(RawName, HeaderName)>,
 }
 
 /// Names kept per connection: the first few of a response, which are most of most.
 const FIELD_NAMES_KEPT: usize = 8;
 
+/// Longest name kept, as it came. Kept inline, so that keeping a new name (a backend
+/// whose fields come in another order) allocates nothing, and compared exactly, which
+/// is cheaper than a comparison that ignores case.
+const RAW_NAME_MAX: usize = 24;
+
+#[derive(Clone, Copy)]
+struct RawName {
+    len: u8,
+    bytes: [u8; RAW_NAME_MAX],
+}
+
+impl RawName {
+    fn new(raw: &[u8]) -> Option<RawName> {
+        let mut bytes = [0; RAW_NAME_MAX];
+        bytes.get_mut(..raw.len())?.copy_from_slice(raw);
+        Some(RawName {
+            len: raw.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 impl FieldNames {
-    /// The name of the field at `position`, whose bytes are `raw`. A name is its
-    /// bytes lowercased, so bytes equal to a kept name but for ASCII case make that
-    /// name; other bytes are checked and made (`HeaderName::from_bytes`), and kept.
+    /// The name of the field at `position`, whose bytes are `raw` (a token: httparse
+    /// checked it, and `HeaderName` checks it again when it is not the one kept).
     fn name(&mut self, position: usize, raw: &[u8]) -> Result<HeaderName, Error> {
-        if let Some(name) = self.seen.get(position) {
-            if name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
+        if let Some((kept, name)) = self.seen.get(position) {
+            if kept.as_slice() == raw {
                 return Ok(name.clone());
             }
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| Error::BadHeader)?;
-        let len = self.seen.len();
-        match self.seen.get_mut(position) {
-            Some(slot) => *slot = name.clone(),
-            None if position == len && len < FIELD_NAMES_KEPT => self.seen.push(name.clone()),
-            None => {}
+        if let Some(raw) = RawName::new(raw) {
+            let len = self.seen.len();
+            match self.seen.get_mut(position) {
+                Some(slot) => *slot = (raw, name.clone()),
+                None if position == len && len < FIELD_NAMES_KEPT => {
+                    self.seen.push((raw, name.clone()))
+                }
+                None => {}
+            }
         }
         Ok(name)
     }
@@ -548,8 +578,29 @@ mod tests {
         assert_eq!(third["x-other"], "c");
         assert_eq!(third["via"], "1.1 x");
         assert_eq!(third.len(), 3);
-        let kept: Vec<&str> = names.seen.iter().map(HeaderName::as_str).collect();
-        assert_eq!(kept, ["x-other", "content-length", "via"]);
+        let kept: Vec<(&[u8], &str)> = names
+            .seen
+            .iter()
+            .map(|(raw, name)| (raw.as_slice(), name.as_str()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (&b"X-Other"[..], "x-other"),
+                (b"content-length", "content-length"),
+                (b"Via", "via")
+            ]
+        );
+        // A name too long to keep, at a kept place: made each time, and right.
+        let long_name = "X-A-Name-Longer-Than-Kept-Ones";
+        for value in ["1", "2"] {
+            let answer = parse(
+                &mut names,
+                &format!("HTTP/1.1 200 OK\r\n{long_name}: {value}\r\n\r\n"),
+            );
+            assert_eq!(answer["x-a-name-longer-than-kept-ones"], value);
+            assert!(answer.get("x-other").is_none());
+        }
         // Past the kept places, and a shorter answer after a longer one.
         let many: String = (0..12).map(|i| format!("X-F{i}: {i}\r\n")).collect();
         let long = parse(
