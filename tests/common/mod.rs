@@ -54,6 +54,9 @@ pub fn state_dir() -> PathBuf {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     ));
+    // A test process of an earlier run may have had the same process id, and its
+    // directories stay: what it left there would be this test's starting state.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
