@@ -522,17 +522,22 @@ impl Connection {
 /// mutex, which every connection shares, each time it is polled, and a connection's
 /// futures are polled on every wake of its task: a shared lock per request. This polls
 /// it once, to register the task's waker (a task's waker stays the same), and after
-/// that only when the channel's version has moved, which is one atomic load.
+/// that only once the channel's version has moved, which is one atomic load.
+///
+/// The version is noted at that first poll only. The sender moves the version before
+/// it wakes the waiters, so a poll on another thread in between finds `wait_for` still
+/// pending: noting the version again there would shut out the wake that follows.
 async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     let mut probe = stop.clone();
     let mut waiting = std::pin::pin!(stop.wait_for(|s| *s));
     let mut registered = false;
     std::future::poll_fn(|cx| {
-        if registered && !probe.has_changed().unwrap_or(true) {
+        if !registered {
+            registered = true;
+            probe.mark_unchanged();
+        } else if !probe.has_changed().unwrap_or(true) {
             return std::task::Poll::Pending;
         }
-        registered = true;
-        probe.mark_unchanged();
         waiting.as_mut().poll(cx).map(drop)
     })
     .await
@@ -642,4 +647,69 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ResponseBod
         .headers_mut()
         .insert(http::header::LOCATION, location);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::stop_requested;
+
+    /// The stop is sent from the runtime that accepts while connections run on workers:
+    /// a connection's task can be polled between the channel's version moving and its
+    /// waiters being woken. Such a poll must not make it miss the stop (it did: the
+    /// drain of an upgrade then waited for `shutdown_timeout`).
+    #[test]
+    fn a_stop_sent_while_a_connection_is_polled_on_another_thread_is_seen() {
+        const TRIALS: usize = 300;
+        const CONNECTIONS: usize = 4;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for trial in 0..TRIALS {
+                let (stop, watcher) = watch::channel(false);
+                let (polled, mut first_polls) = tokio::sync::mpsc::channel(CONNECTIONS);
+                let connections: Vec<_> = (0..CONNECTIONS)
+                    .map(|_| {
+                        let mut watcher = watcher.clone();
+                        let polled = polled.clone();
+                        tokio::spawn(async move {
+                            let mut stopping = std::pin::pin!(stop_requested(&mut watcher));
+                            let mut told = false;
+                            // A busy connection: its task is woken all the time.
+                            std::future::poll_fn(|cx| {
+                                if stopping.as_mut().poll(cx).is_ready() {
+                                    return Poll::Ready(());
+                                }
+                                if !told {
+                                    told = true;
+                                    let _ = polled.try_send(());
+                                }
+                                cx.waker().wake_by_ref();
+                                Poll::Pending
+                            })
+                            .await;
+                        })
+                    })
+                    .collect();
+                for _ in 0..CONNECTIONS {
+                    first_polls.recv().await;
+                }
+                stop.send_replace(true);
+                for connection in connections {
+                    tokio::time::timeout(Duration::from_secs(5), connection)
+                        .await
+                        .unwrap_or_else(|_| panic!("trial {trial}: a connection missed the stop"))
+                        .unwrap();
+                }
+            }
+        });
+    }
 }
