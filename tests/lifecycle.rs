@@ -331,7 +331,19 @@ async fn sighup_is_ignored_a_second_sigterm_too_and_sigint_then_exits_at_once() 
         proxy.child.try_wait().unwrap().is_none(),
         "still draining after a second SIGTERM"
     );
-    // ...a SIGINT (an operator's second Ctrl-C) does.
+    // A drain that takes long says what holds it: the hanging request's connection.
+    let report = proxy
+        .log
+        .wait_for(
+            "draining: client connections still open",
+            Duration::from_secs(15),
+        )
+        .expect("no report of what the drain waits for");
+    assert!(
+        report.contains("client_connections=1") && report.contains("requests_in_flight=1"),
+        "{report}"
+    );
+    // A SIGINT (an operator's second Ctrl-C) cuts it short.
     proxy.signal("INT");
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(20)))
         .await

@@ -634,21 +634,50 @@ async fn lifecycle(
     // HTTP connections first, then what outlives them: upgraded tunnels (WebSockets)
     // still count as in flight on their backends.
     let tracker = Arc::clone(&runtime.accepting.tracker);
+    let busy = || -> u64 {
+        shared
+            .table()
+            .load()
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter())
+            .map(|b| b.in_flight())
+            .sum()
+    };
+    let metrics = &runtime.accepting.metrics;
+    let open_connections =
+        || metrics.connections("http").get() + metrics.connections("https").get();
     let drained = tokio::time::timeout_at(deadline, async {
-        tracker.shutdown().await;
+        // What the drain still waits for, every few seconds: a drain that takes long
+        // shows which client connections or requests hold it.
+        let mut closed = std::pin::pin!(tracker.shutdown());
+        let mut report = tokio::time::interval(DRAIN_REPORT_INTERVAL);
+        report.tick().await;
         loop {
-            let busy: u64 = shared
-                .table()
-                .load()
-                .pools
-                .iter()
-                .flat_map(|p| p.backends.iter())
-                .map(|b| b.in_flight())
-                .sum();
-            if busy == 0 {
+            tokio::select! {
+                () = &mut closed => break,
+                _ = report.tick() => tracing::info!(
+                    client_connections = open_connections(),
+                    requests_in_flight = busy(),
+                    "draining: client connections still open"
+                ),
+            }
+        }
+        let mut waited = Duration::ZERO;
+        loop {
+            let in_flight = busy();
+            if in_flight == 0 {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if waited >= DRAIN_REPORT_INTERVAL {
+                waited = Duration::ZERO;
+                tracing::info!(
+                    requests_in_flight = in_flight,
+                    "draining: client connections closed, upstream requests (tunnels) still in flight"
+                );
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+            waited += DRAIN_POLL;
         }
     })
     .await;
@@ -671,6 +700,12 @@ async fn lifecycle(
         admin_task.abort();
     }
 }
+
+/// How often a drain that is still waiting says what for.
+const DRAIN_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the drain looks at the backends' in-flight counts once the client
+/// connections are closed.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Client connections still open, for the graceful shutdown: each holds a receiver
 /// that says when to finish, and the shutdown waits for every receiver to be dropped.

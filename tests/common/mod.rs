@@ -136,7 +136,10 @@ impl ProxyProcess {
         command
             .args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null());
         let Switchyard {
             child,
