@@ -179,10 +179,31 @@ pub struct ConnPool {
 /// An HTTP/2 backend's one multiplexed connection.
 #[derive(Default)]
 struct SharedH2 {
-    conn: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    conn: ArcSwapOption<OpenH2>,
     /// Held only while an HTTP/2 connection is being opened, so concurrent requests
     /// wait for that one instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
+}
+
+struct OpenH2 {
+    sender: http2::SendRequest<RequestBody>,
+    /// The TLS client settings it was opened with (see `opened_as`).
+    opened_with: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Whether a connection opened with the TLS client settings `opened_with` (`None`:
+/// plain TCP) may carry a request of a pool whose settings are now `upstream`.
+/// Backends and their pooled connections outlive a reload, which makes a pool's TLS
+/// client anew from its files: without this, a reload that turns TLS on (or changes the
+/// CA, the server name or the client certificate) would leave requests going over the
+/// connections made before, for as long as traffic kept them from idling out. Each
+/// connection holds its settings, so their address cannot be reused by newer ones.
+fn opened_as(opened_with: Option<&Arc<rustls::ClientConfig>>, upstream: &Upstream) -> bool {
+    match (opened_with, &upstream.tls) {
+        (None, None) => true,
+        (Some(opened), Some(now)) => Arc::ptr_eq(opened, &now.config),
+        _ => false,
+    }
 }
 
 /// One worker's idle connections to a backend.
@@ -222,26 +243,32 @@ impl ConnPool {
         }
     }
 
-    /// A pooled connection that is still open and not past its idle time.
-    pub fn checkout(&self) -> Option<Sender> {
-        if let Some(shared) = self.live_h2() {
+    /// A pooled connection that is still open, not past its idle time and opened with
+    /// the pool's current TLS settings (`upstream`); the others met on the way are
+    /// closed.
+    pub fn checkout(&self, upstream: &Upstream) -> Option<Sender> {
+        if let Some(shared) = self.live_h2(upstream) {
             return Some(Sender::H2(shared));
         }
         let list = self.own_list();
         let idle = list.queue.get()?;
         while let Some(mut idle_conn) = idle.pop() {
             list.len.fetch_sub(1, Ordering::Relaxed);
-            if idle_conn.since.elapsed() <= self.idle_timeout && idle_conn.conn.is_usable() {
+            if idle_conn.since.elapsed() <= self.idle_timeout
+                && opened_as(idle_conn.conn.opened_with(), upstream)
+                && idle_conn.conn.is_usable()
+            {
                 return Some(Sender::H1(idle_conn.conn));
             }
         }
         None
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+    fn live_h2(&self, upstream: &Upstream) -> Option<http2::SendRequest<RequestBody>> {
         let guard = self.h2.get()?.conn.load();
         let shared = guard.as_deref()?;
-        (!shared.is_closed()).then(|| shared.clone())
+        (!shared.sender.is_closed() && opened_as(shared.opened_with.as_ref(), upstream))
+            .then(|| shared.sender.clone())
     }
 
     /// An HTTP/1.1 connection whose response ended clean, for the next request.
@@ -320,12 +347,17 @@ impl ConnPool {
         }
         let h2 = self.h2.get_or_init(Box::default);
         let _opening = h2.connecting.lock().await;
-        if let Some(shared) = self.live_h2() {
+        if let Some(shared) = self.live_h2(upstream) {
             return Ok(Sender::H2(shared));
         }
         let sender = connect(addr, tls_name, upstream, timeout).await?;
         if let Sender::H2(shared) = &sender {
-            h2.conn.store(Some(Arc::new(shared.clone())));
+            // In place of one opened with other settings, which closes once its last
+            // stream ends.
+            h2.conn.store(Some(Arc::new(OpenH2 {
+                sender: shared.clone(),
+                opened_with: upstream.tls.as_ref().map(|tls| Arc::clone(&tls.config)),
+            })));
         }
         Ok(sender)
     }
@@ -346,6 +378,7 @@ pub async fn connect(
         match &upstream.tls {
             None if !upstream.protocol.is_h2() => Ok(Sender::H1(upstream_h1::Conn::new(
                 upstream_h1::Io::Plain(stream),
+                None,
             ))),
             None => handshake(stream, addr).await,
             Some(tls) => {
@@ -361,9 +394,10 @@ pub async fn connect(
                 if upstream.protocol.is_h2() {
                     handshake(stream, addr).await
                 } else {
-                    Ok(Sender::H1(upstream_h1::Conn::new(upstream_h1::Io::Tls(
-                        Box::new(stream),
-                    ))))
+                    Ok(Sender::H1(upstream_h1::Conn::new(
+                        upstream_h1::Io::Tls(Box::new(stream)),
+                        Some(Arc::clone(&tls.config)),
+                    )))
                 }
             }
         }

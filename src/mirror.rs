@@ -94,7 +94,7 @@ async fn send(copy: Copy) {
         let backend = &pool.backends[index];
         let _in_flight = backend.track_if_in_rotation().ok_or(())?;
         let upstream = &pool.settings.upstream;
-        let sender = match backend.conns.checkout() {
+        let sender = match backend.conns.checkout(upstream) {
             Some(sender) => sender,
             None => Box::pin(backend.conns.connect(
                 backend.addr,

@@ -574,7 +574,7 @@ impl Proxy {
         let timeout = self.settings.upstream_header_timeout;
         let mut resent_stale = false;
         loop {
-            let (sender, pooled) = match backend.conns.checkout() {
+            let (sender, pooled) = match backend.conns.checkout(upstream) {
                 Some(sender) => (sender, true),
                 None => {
                     let started = Instant::now();

@@ -445,3 +445,79 @@ async fn a_reload_that_changes_a_pools_protocol_fails_no_request_on_the_connecti
     reload_ok(&proxy).await;
     assert_eq!(versions(3).await, ["HTTP/2.0"; 3]);
 }
+
+/// Backends and their pooled connections outlive a reload; the connections made under
+/// a pool's old TLS settings must not carry its requests under the new ones.
+#[tokio::test]
+async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_pooled_connections() {
+    use common::tls::{TestCa, TlsUpstream};
+    let ca = TestCa::new("private CA");
+    let client_ca = TestCa::new("client CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path());
+    let (cert, key) = client_ca
+        .issue_client("switchyard")
+        .write(dir.path(), "client");
+    let upstream = TlsUpstream::start_plain_too(&ca.issue(&["backend.test"]), &client_ca).await;
+    let pool = |keys: &str| {
+        config_text(
+            "",
+            &[],
+            &format!(
+                "[pools.app]\nbackends = [\"{}\"]\n{keys}\n\n[services.app]\nactive = \"app\"\n",
+                upstream.addr
+            ),
+        )
+    };
+    let tls = format!(
+        "tls = true\nca_file = \"{}\"\nserver_name = \"backend.test\"",
+        ca_file.display()
+    );
+    let with_cert = format!(
+        "{tls}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let proxy = ProxyProcess::start(&pool(""));
+    wait_ready(proxy.admin_addr).await;
+    // One keep-alive client: each step's first request would find the connection the
+    // step before left idle.
+    let client = client();
+    let answers = |n: usize| {
+        let client = client.clone();
+        let addr = proxy.proxy_addr;
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let answer = send(&client, get(addr, "/")).await;
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+                seen.push(answer.text());
+            }
+            seen
+        }
+    };
+    assert_eq!(answers(3).await, ["plain-upstream HTTP/1.1"; 3]);
+    // HTTP/1.1's idle connections, then HTTP/2's shared one.
+    let h2 = tls.replace("tls = true", r#"protocol = "h2""#);
+    let h2_with_cert = with_cert.replace("tls = true", r#"protocol = "h2""#);
+    for (keys, expected) in [
+        (tls.as_str(), "tls-upstream HTTP/1.1 client-cert=no"),
+        (with_cert.as_str(), "tls-upstream HTTP/1.1 client-cert=yes"),
+        ("", "plain-upstream HTTP/1.1"),
+        (r#"protocol = "h2c""#, "plain-upstream HTTP/2.0"),
+        (h2.as_str(), "tls-upstream HTTP/2.0 client-cert=no"),
+        (
+            h2_with_cert.as_str(),
+            "tls-upstream HTTP/2.0 client-cert=yes",
+        ),
+        (r#"protocol = "h2c""#, "plain-upstream HTTP/2.0"),
+    ] {
+        std::fs::write(config_path(&proxy), pool(keys)).unwrap();
+        reload_ok(&proxy).await;
+        assert_eq!(
+            answers(3).await,
+            [expected; 3],
+            "after a reload to `{keys}`"
+        );
+    }
+}

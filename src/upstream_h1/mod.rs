@@ -175,6 +175,9 @@ pub struct Conn {
     header_deadline: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
     /// The field names of the last response.
     names: head::FieldNames,
+    /// The TLS client settings it was opened with, `None` over plain TCP: a pool
+    /// reuses it only while these are still its settings (see `client::ConnPool`).
+    opened_with: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// A request's head as HTTP/1.1 bytes, made once when the request is prepared. The
@@ -279,7 +282,7 @@ impl Conn {
     /// Boxed: a connection moves from the pool into each request's future and its
     /// response body and back, and at the size of a pointer each of those (and every
     /// move of them) is smaller by what a connection holds.
-    pub fn new(io: Io) -> Box<Conn> {
+    pub fn new(io: Io, opened_with: Option<std::sync::Arc<rustls::ClientConfig>>) -> Box<Conn> {
         Box::new(Conn {
             io,
             read: BytesMut::new(),
@@ -288,7 +291,13 @@ impl Conn {
             heard: false,
             header_deadline: None,
             names: head::FieldNames::default(),
+            opened_with,
         })
+    }
+
+    /// The TLS client settings it was opened with (`None`: plain TCP).
+    pub fn opened_with(&self) -> Option<&std::sync::Arc<rustls::ClientConfig>> {
+        self.opened_with.as_ref()
     }
 
     /// Whether an idle connection can take a request: the backend has neither closed it

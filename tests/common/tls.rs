@@ -261,19 +261,34 @@ impl Drop for TlsUpstream {
 impl TlsUpstream {
     /// `client_ca`: require client certificates issued by it.
     pub async fn start(server: &Issued, client_ca: Option<&TestCa>) -> TlsUpstream {
+        TlsUpstream::serve(server, client_ca, false).await
+    }
+
+    /// On one port, HTTPS as `start` but with client certificates optional (issued by
+    /// `client_ca`), and plain HTTP/1.1 answered `plain-upstream <version>`: a backend
+    /// a pool can be switched to and from TLS on, at the same address.
+    pub async fn start_plain_too(server: &Issued, client_ca: &TestCa) -> TlsUpstream {
+        TlsUpstream::serve(server, Some(client_ca), true).await
+    }
+
+    async fn serve(server: &Issued, client_ca: Option<&TestCa>, plain_too: bool) -> TlsUpstream {
         let (chain, key) = server.chain_and_key();
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap();
         let builder = match client_ca {
-            Some(ca) => builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Some(ca) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(ca.roots()),
                     provider(),
-                )
-                .build()
-                .unwrap(),
-            ),
+                );
+                let verifier = if plain_too {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(verifier.build().unwrap())
+            }
             None => builder.with_no_client_auth(),
         };
         let mut config = builder.with_single_cert(chain, key).unwrap();
@@ -288,6 +303,22 @@ impl TlsUpstream {
                 };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    // A TLS record starts with 22 (handshake).
+                    let tls = !plain_too
+                        || matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 22);
+                    if !tls {
+                        let service = service_fn(|req: Request<Incoming>| async move {
+                            let text = format!("plain-upstream {:?}", req.version());
+                            Ok::<_, std::convert::Infallible>(Response::new(full(Bytes::from(
+                                text,
+                            ))))
+                        });
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        return;
+                    }
                     let Ok(stream) = acceptor.accept(stream).await else {
                         return;
                     };
