@@ -529,7 +529,9 @@ impl Connection {
 /// pending: noting the version again there would shut out the wake that follows.
 async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     let mut probe = stop.clone();
-    let mut waiting = std::pin::pin!(stop.wait_for(|s| *s));
+    // Unconstrained: out of its task's budget, `wait_for` would return pending without
+    // registering the waker, and the version noted here would shut out the stop.
+    let mut waiting = std::pin::pin!(tokio::task::unconstrained(stop.wait_for(|s| *s)));
     let mut registered = false;
     std::future::poll_fn(|cx| {
         if !registered {
@@ -658,6 +660,43 @@ mod tests {
     use tokio::sync::watch;
 
     use super::stop_requested;
+
+    /// A connection's task can have spent its budget (tokio's cooperative scheduling)
+    /// when it first looks for the stop: that look must still register for it.
+    #[tokio::test]
+    async fn a_connection_out_of_budget_at_its_first_look_sees_the_stop() {
+        let (stop, mut watcher) = watch::channel(false);
+        let (busy, mut work) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1000 {
+            busy.send(()).unwrap();
+        }
+        let (polled, looked) = tokio::sync::oneshot::channel();
+        let mut polled = Some(polled);
+        let connection = tokio::spawn(async move {
+            let mut stopping = std::pin::pin!(stop_requested(&mut watcher));
+            let mut polls = 0;
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls == 1 {
+                    // Work until the budget is spent: the receiver then says pending
+                    // (and wakes the task for a second poll).
+                    while work.poll_recv(cx).is_ready() {}
+                }
+                let stopped = stopping.as_mut().poll(cx);
+                if polls == 2 {
+                    let _ = polled.take().map(|p| p.send(()));
+                }
+                stopped
+            })
+            .await;
+        });
+        looked.await.unwrap();
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the connection missed the stop")
+            .unwrap();
+    }
 
     /// The stop is sent from the runtime that accepts while connections run on workers:
     /// a connection's task can be polled between the channel's version moving and its
