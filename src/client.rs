@@ -191,19 +191,25 @@ struct OpenH2 {
     opened_with: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Whether a connection opened with the TLS client settings `opened_with` (`None`:
-/// plain TCP) may carry a request of a pool whose settings are now `upstream`.
-/// Backends and their pooled connections outlive a reload, which makes a pool's TLS
-/// client anew from its files: without this, a reload that turns TLS on (or changes the
-/// CA, the server name or the client certificate) would leave requests going over the
-/// connections made before, for as long as traffic kept them from idling out. Each
-/// connection holds its settings, so their address cannot be reused by newer ones.
-fn opened_as(opened_with: Option<&Arc<rustls::ClientConfig>>, upstream: &Upstream) -> bool {
-    match (opened_with, &upstream.tls) {
-        (None, None) => true,
-        (Some(opened), Some(now)) => Arc::ptr_eq(opened, &now.config),
-        _ => false,
-    }
+/// Whether a connection of HTTP/2 or not (`h2`), opened with the TLS client settings
+/// `opened_with` (`None`: plain TCP), may carry a request of a pool whose settings are
+/// now `upstream`. Backends and their pooled connections outlive a reload, which makes
+/// a pool's TLS client anew from its files: without this, a reload that turns TLS on (or
+/// changes the CA, the server name or the client certificate, or the protocol) would
+/// leave requests going over the connections made before, for as long as traffic kept
+/// them from idling out. Each connection holds its settings, so their address cannot
+/// be reused by newer ones.
+fn opened_as(
+    h2: bool,
+    opened_with: Option<&Arc<rustls::ClientConfig>>,
+    upstream: &Upstream,
+) -> bool {
+    h2 == upstream.protocol.is_h2()
+        && match (opened_with, &upstream.tls) {
+            (None, None) => true,
+            (Some(opened), Some(now)) => Arc::ptr_eq(opened, &now.config),
+            _ => false,
+        }
 }
 
 /// One worker's idle connections to a backend.
@@ -255,7 +261,7 @@ impl ConnPool {
         while let Some(mut idle_conn) = idle.pop() {
             list.len.fetch_sub(1, Ordering::Relaxed);
             if idle_conn.since.elapsed() <= self.idle_timeout
-                && opened_as(idle_conn.conn.opened_with(), upstream)
+                && opened_as(false, idle_conn.conn.opened_with(), upstream)
                 && idle_conn.conn.is_usable()
             {
                 return Some(Sender::H1(idle_conn.conn));
@@ -265,10 +271,16 @@ impl ConnPool {
     }
 
     fn live_h2(&self, upstream: &Upstream) -> Option<http2::SendRequest<RequestBody>> {
-        let guard = self.h2.get()?.conn.load();
+        let h2 = self.h2.get()?;
+        let guard = h2.conn.load();
         let shared = guard.as_deref()?;
-        (!shared.sender.is_closed() && opened_as(shared.opened_with.as_ref(), upstream))
-            .then(|| shared.sender.clone())
+        if !opened_as(true, shared.opened_with.as_ref(), upstream) {
+            // Made before a reload changed the pool: forgotten (unless a newer one took
+            // its place meanwhile), so it closes once its last stream ends.
+            h2.conn.compare_and_swap(&guard, None);
+            return None;
+        }
+        (!shared.sender.is_closed()).then(|| shared.sender.clone())
     }
 
     /// An HTTP/1.1 connection whose response ended clean, for the next request.

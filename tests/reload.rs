@@ -461,7 +461,8 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
     let upstream = TlsUpstream::start_plain_too(&ca.issue(&["backend.test"]), &client_ca).await;
     let pool = |keys: &str| {
         config_text(
-            "",
+            // Connections stay pooled however slow a step is.
+            "upstream_idle_timeout = \"1h\"",
             &[],
             &format!(
                 "[pools.app]\nbackends = [\"{}\"]\n{keys}\n\n[services.app]\nactive = \"app\"\n",
@@ -510,7 +511,9 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
             h2_with_cert.as_str(),
             "tls-upstream HTTP/2.0 client-cert=yes",
         ),
+        (tls.as_str(), "tls-upstream HTTP/1.1 client-cert=no"),
         (r#"protocol = "h2c""#, "plain-upstream HTTP/2.0"),
+        ("", "plain-upstream HTTP/1.1"),
     ] {
         std::fs::write(config_path(&proxy), pool(keys)).unwrap();
         reload_ok(&proxy).await;
