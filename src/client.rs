@@ -260,14 +260,19 @@ impl ConnPool {
         let idle = list.queue.get()?;
         while let Some(mut idle_conn) = idle.pop() {
             list.len.fetch_sub(1, Ordering::Relaxed);
-            if idle_conn.since.elapsed() <= self.idle_timeout
-                && opened_as(false, idle_conn.conn.opened_with(), upstream)
-                && idle_conn.conn.is_usable()
-            {
+            if self.reusable(&mut idle_conn, upstream) {
                 return Some(Sender::H1(idle_conn.conn));
             }
         }
         None
+    }
+
+    /// Not past its idle time, opened with the pool's current settings, and neither
+    /// closed by the backend nor sent anything unasked.
+    fn reusable(&self, idle_conn: &mut IdleConn, upstream: &Upstream) -> bool {
+        idle_conn.since.elapsed() <= self.idle_timeout
+            && opened_as(false, idle_conn.conn.opened_with(), upstream)
+            && idle_conn.conn.is_usable()
     }
 
     fn live_h2(&self, upstream: &Upstream) -> Option<http2::SendRequest<RequestBody>> {
@@ -300,12 +305,15 @@ impl ConnPool {
         }
     }
 
-    /// Closes the idle connections the backend has closed or that are past their idle
-    /// time, so none lingers (half-closed, holding a descriptor) until a request comes
-    /// for its backend. Run from the main thread now and then: it takes each list's
+    /// Closes the idle connections the backend has closed, that are past their idle
+    /// time or that were made before a reload changed the pool's settings (now
+    /// `upstream`), so none lingers (half-closed, holding a descriptor) until a request
+    /// comes for its backend; and forgets a shared HTTP/2 connection of the old
+    /// settings. Run from the main thread now and then: it takes each list's
     /// connections and puts the good ones back, a moment in which that list's worker
     /// finds it empty and opens a connection instead.
-    pub fn sweep(&self) {
+    pub fn sweep(&self, upstream: &Upstream) {
+        drop(self.live_h2(upstream));
         for list in self.idle.iter() {
             let Some(idle) = list.queue.get() else {
                 continue;
@@ -314,7 +322,7 @@ impl ConnPool {
                 let Some(mut idle_conn) = idle.pop() else {
                     break;
                 };
-                if idle_conn.since.elapsed() <= self.idle_timeout && idle_conn.conn.is_usable() {
+                if self.reusable(&mut idle_conn, upstream) {
                     idle.push(idle_conn);
                 } else {
                     list.len.fetch_sub(1, Ordering::Relaxed);

@@ -522,5 +522,12 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
             [expected; 3],
             "after a reload to `{keys}`"
         );
+        // What the old settings made is closed: the one connection left is the new one.
+        eventually(
+            Duration::from_secs(10),
+            &format!("one connection open to the upstream after a reload to `{keys}`"),
+            || upstream.open_connections() == 1,
+        )
+        .await;
     }
 }

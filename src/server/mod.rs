@@ -517,7 +517,7 @@ async fn sweep_idle_upstream_connections(
         drop(table);
         for pool in &pools.pools {
             for backend in &pool.backends {
-                backend.conns.sweep();
+                backend.conns.sweep(&pool.settings.upstream);
             }
             // A look at a closed connection spends the task's I/O budget; spent, the
             // rest would look open. A fresh budget for each pool.

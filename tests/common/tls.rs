@@ -249,6 +249,8 @@ impl Session {
 /// `tls-upstream <version> client-cert=<yes|no>`.
 pub struct TlsUpstream {
     pub addr: SocketAddr,
+    /// Connections open to it now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -296,13 +298,17 @@ impl TlsUpstream {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&open);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let acceptor = acceptor.clone();
+                let open = OpenConnection::new(&counted);
                 tokio::spawn(async move {
+                    let _open = open;
                     let mut first = [0u8; 1];
                     // A TLS record starts with 22 (handshake).
                     let tls = !plain_too
@@ -339,6 +345,26 @@ impl TlsUpstream {
                 });
             }
         });
-        TlsUpstream { addr, task }
+        TlsUpstream { addr, open, task }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Counts a connection as open until it is dropped.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<std::sync::atomic::AtomicUsize>) -> OpenConnection {
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenConnection(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
