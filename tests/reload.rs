@@ -498,6 +498,17 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
         }
     };
     assert_eq!(answers(3).await, ["plain-upstream HTTP/1.1"; 3]);
+    // Three idle connections for the first reload to leave behind.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = proxy.proxy_addr;
+            tokio::spawn(async move { send(&common::client(), get(addr, "/slow")).await.status })
+        })
+        .collect();
+    for request in slow {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert!(upstream.open_connections() >= 3);
     // HTTP/1.1's idle connections, then HTTP/2's shared one.
     let h2 = tls.replace("tls = true", r#"protocol = "h2""#);
     let h2_with_cert = with_cert.replace("tls = true", r#"protocol = "h2""#);
@@ -517,15 +528,23 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
     ] {
         std::fs::write(config_path(&proxy), pool(keys)).unwrap();
         reload_ok(&proxy).await;
+        // What the old settings made is closed with no request to meet it (the
+        // sweep's work: the idle timeout is an hour).
+        eventually(
+            Duration::from_secs(10),
+            &format!("the old connections closed after a reload to `{keys}`"),
+            || upstream.open_connections() == 0,
+        )
+        .await;
         assert_eq!(
             answers(3).await,
             [expected; 3],
             "after a reload to `{keys}`"
         );
-        // What the old settings made is closed: the one connection left is the new one.
+        // And the requests since share one new connection.
         eventually(
             Duration::from_secs(10),
-            &format!("one connection open to the upstream after a reload to `{keys}`"),
+            &format!("one connection open to the upstream after a reload to `{keys}` and requests"),
             || upstream.open_connections() == 1,
         )
         .await;

@@ -267,7 +267,8 @@ impl TlsUpstream {
     }
 
     /// On one port, HTTPS as `start` but with client certificates optional (issued by
-    /// `client_ca`), and plain HTTP/1.1 answered `plain-upstream <version>`: a backend
+    /// `client_ca`), and plain HTTP answered `plain-upstream <version>` (`/slow` after
+    /// 300 ms): a backend
     /// a pool can be switched to and from TLS on, at the same address.
     pub async fn start_plain_too(server: &Issued, client_ca: &TestCa) -> TlsUpstream {
         TlsUpstream::serve(server, Some(client_ca), true).await
@@ -315,6 +316,11 @@ impl TlsUpstream {
                         || matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 22);
                     if !tls {
                         let service = service_fn(|req: Request<Incoming>| async move {
+                            // `/slow`: answered after 300 ms, so that concurrent requests
+                            // each need a connection of their own.
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                            }
                             let text = format!("plain-upstream {:?}", req.version());
                             Ok::<_, std::convert::Infallible>(Response::new(full(Bytes::from(
                                 text,
