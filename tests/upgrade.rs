@@ -16,18 +16,33 @@ use http::StatusCode;
 /// "another version" at that path without touching the build's.
 fn installed_copy(dir: &Path) -> PathBuf {
     let path = dir.join("switchyard");
-    std::fs::copy(binary(), &path).unwrap();
+    copy_out_of_process(&binary(), &path);
     path
 }
 
-/// Replaces the file at `path` the way an installer does: a new file renamed over it
-/// (the running process keeps its own, now unlinked, executable).
-fn install(path: &Path, contents: &[u8]) {
-    use std::os::unix::fs::PermissionsExt;
+/// Replaces the file at `path` with a copy of `source` the way an installer does: a new
+/// file renamed over it (the running process keeps its own, now unlinked, executable).
+fn install(path: &Path, source: &Path) {
     let staged = path.with_extension("new");
-    std::fs::write(&staged, contents).unwrap();
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy_out_of_process(source, &staged);
     std::fs::rename(&staged, path).unwrap();
+}
+
+/// An executable script at `dir/name` that exits 3 at once.
+fn script_exiting_at_once(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("exits-at-once");
+    std::fs::write(&path, b"#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Copies by `cp`, not in this process: a descriptor of the copy open for writing here
+/// is inherited by whatever another test forks at that moment, and until that child
+/// execs, running the copy fails with "Text file busy" (ETXTBSY).
+fn copy_out_of_process(from: &Path, to: &Path) {
+    let status = Command::new("cp").arg(from).arg(to).status().unwrap();
+    assert!(status.success(), "cp {} {}", from.display(), to.display());
 }
 
 /// Kills a process by pid when dropped (the new process of an upgrade is not a child
@@ -78,7 +93,7 @@ async fn an_upgrade_under_load_fails_nothing_and_in_flight_requests_finish() {
     )
     .await;
     // "A new version" installed at the path the process was started from.
-    install(&executable, &std::fs::read(binary()).unwrap());
+    install(&executable, &binary());
     let out = Command::new(binary())
         .args([
             "ctl",
@@ -160,7 +175,7 @@ async fn an_upgrade_to_a_binary_that_exits_at_once_leaves_the_old_process_servin
     let load = LoadRun::start(proxy.proxy_addr, "/", 4);
     load.wait_for(200).await;
 
-    install(&executable, b"#!/bin/sh\nexit 3\n");
+    install(&executable, &script_exiting_at_once(dir.path()));
     for _ in 0..2 {
         let (status, answer) = admin(proxy.admin_addr, "POST", "/api/v1/upgrade", None, &[]).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
@@ -171,7 +186,7 @@ async fn an_upgrade_to_a_binary_that_exits_at_once_leaves_the_old_process_servin
         );
     }
     // A new binary that starts but cannot serve (here: a config it refuses) says why.
-    install(&executable, &std::fs::read(binary()).unwrap());
+    install(&executable, &binary());
     let config = proxy.dir.path().join("switchyard.toml");
     std::fs::write(&config, text.replace("[proxy]", "[proxy]\nlisen = 1")).unwrap();
     let (status, answer) = admin(proxy.admin_addr, "POST", "/api/v1/upgrade", None, &[]).await;
