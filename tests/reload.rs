@@ -12,6 +12,12 @@ use http::StatusCode;
 use serde_json::json;
 
 /// The config file the process was started with.
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    free.local_addr().unwrap().port()
+}
+
 fn config_path(proxy: &ProxyProcess) -> std::path::PathBuf {
     proxy.dir.path().join("switchyard.toml")
 }
@@ -314,15 +320,24 @@ async fn a_bad_file_changes_nothing_and_says_what_check_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_listen_address_is_bound_before_the_old_one_closes() {
     let blue = Upstream::start("blue-1").await;
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let old_port = free.local_addr().unwrap().port();
-    drop(free);
-    let text = config_text("", &[("blue", &[blue.addr])], "").replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{old_port}\""),
-        1,
-    );
-    let proxy = ProxyProcess::start(&text);
+    // A port found free can be taken (as another test's connection's local port) before
+    // the proxy binds it: then another one is tried.
+    let (proxy, text, old_port) = {
+        let mut tries = 0;
+        loop {
+            let old_port = free_port();
+            let text = config_text("", &[("blue", &[blue.addr])], "").replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{old_port}\""),
+                1,
+            );
+            match ProxyProcess::try_start(&text) {
+                Ok(proxy) => break (proxy, text, old_port),
+                Err(e) if e.contains("Address already in use") && tries < 5 => tries += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
     wait_ready(proxy.admin_addr).await;
     let kept_alive = client();
     assert_eq!(
@@ -332,18 +347,31 @@ async fn a_moved_listen_address_is_bound_before_the_old_one_closes() {
     let load = LoadRun::start(proxy.proxy_addr, "/", 2);
     load.wait_for(100).await;
 
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let new_port = free.local_addr().unwrap().port();
-    drop(free);
-    std::fs::write(
-        config_path(&proxy),
-        text.replace(
-            &format!("127.0.0.1:{old_port}"),
-            &format!("127.0.0.1:{new_port}"),
-        ),
-    )
-    .unwrap();
-    let answer = reload_ok(&proxy).await;
+    // A reload that cannot bind changes nothing: another port is tried.
+    let (new_port, answer) = {
+        let mut tries = 0;
+        loop {
+            let new_port = free_port();
+            std::fs::write(
+                config_path(&proxy),
+                text.replace(
+                    &format!("127.0.0.1:{old_port}"),
+                    &format!("127.0.0.1:{new_port}"),
+                ),
+            )
+            .unwrap();
+            let (status, answer) =
+                admin(proxy.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+            if status == StatusCode::OK {
+                break (new_port, answer);
+            }
+            assert!(
+                answer["code"] == "bind_failed" && tries < 5,
+                "{status} {answer}"
+            );
+            tries += 1;
+        }
+    };
     assert!(answer["changes"]
         .as_array()
         .unwrap()

@@ -77,10 +77,17 @@ impl Switchyard {
         }
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,
-            Err(_) => {
+            Err(waited) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("switchyard did not report its listeners within 30 s".into());
+                let why = match waited {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => "within 30 s",
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => "before it exited",
+                };
+                return Err(format!(
+                    "switchyard did not report its listeners {why}; its log: {}",
+                    log.lines().join(" | ")
+                ));
             }
         };
         let field =

@@ -129,6 +129,15 @@ impl ProxyProcess {
 
     /// As `start`, running the executable at `executable`.
     pub fn start_binary(executable: &Path, config: &str) -> ProxyProcess {
+        ProxyProcess::try_start_binary(executable, config).unwrap()
+    }
+
+    /// As `start`, with why it did not start (its last log line, as the start saw it).
+    pub fn try_start(config: &str) -> Result<ProxyProcess, String> {
+        ProxyProcess::try_start_binary(&binary(), config)
+    }
+
+    fn try_start_binary(executable: &Path, config: &str) -> Result<ProxyProcess, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, config).unwrap();
@@ -147,15 +156,15 @@ impl ProxyProcess {
             admin_addr,
             tls_addr,
             log,
-        } = Switchyard::start(command, true).unwrap();
-        ProxyProcess {
+        } = Switchyard::start(command, true)?;
+        Ok(ProxyProcess {
             proxy_addr,
             admin_addr,
             tls_addr,
             child,
             dir,
             log,
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {
