@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::tls::{tls_table, Issued, TestCa, TlsClient, TlsUpstream};
+use common::tls::{tls_table, Issued, TestCa, TlsClient, TlsUpstream, UpstreamTlsFiles};
 use common::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -326,27 +326,14 @@ async fn tls_upstreams_are_verified_against_the_pool_ca() {
 
 #[tokio::test]
 async fn client_certificates_are_presented_to_upstreams_that_require_them() {
-    let ca = TestCa::new("private CA");
-    let client_ca = TestCa::new("client CA");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = ca.write(dir.path());
-    let (cert, key) = client_ca
-        .issue_client("switchyard")
-        .write(dir.path(), "client");
-    let backend = tls_backend(&ca, Some(&client_ca)).await;
-    let base = format!(
-        "tls = true\nca_file = \"{}\"\nserver_name = \"backend.test\"",
-        ca_file.display()
-    );
+    let files = UpstreamTlsFiles::new();
+    let backend = tls_backend(&files.ca, Some(&files.client_ca)).await;
+    let base = files.pool_keys();
 
     let with_cert = start_proxy(&single_pool(
         "",
         &[backend.addr],
-        &format!(
-            "{base}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-            cert.display(),
-            key.display()
-        ),
+        &files.pool_keys_with_client_cert(),
     ))
     .await;
     let (status, text, _) = status_and_text(&with_cert).await;

@@ -18,6 +18,22 @@ fn free_port() -> u16 {
     free.local_addr().unwrap().port()
 }
 
+/// `n` GETs of `path`, one after another on `client`'s connection, each answered 200.
+async fn answered_in_turn(
+    client: &TestClient,
+    addr: std::net::SocketAddr,
+    path: &str,
+    n: usize,
+) -> Vec<Answer> {
+    let mut answers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let answer = send(client, get(addr, path)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        answers.push(answer);
+    }
+    answers
+}
+
 fn config_path(proxy: &ProxyProcess) -> std::path::PathBuf {
     proxy.dir.path().join("switchyard.toml")
 }
@@ -454,13 +470,11 @@ async fn a_reload_that_changes_a_pools_protocol_fails_no_request_on_the_connecti
         let client = client.clone();
         let addr = proxy.proxy_addr;
         async move {
-            let mut seen = Vec::new();
-            for _ in 0..n {
-                let answer = send(&client, get(addr, "/echo")).await;
-                assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-                seen.push(answer.json()["version"].as_str().unwrap_or("").to_string());
-            }
-            seen
+            answered_in_turn(&client, addr, "/echo", n)
+                .await
+                .iter()
+                .map(|answer| answer.json()["version"].as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
         }
     };
     // The pool's shared HTTP/2 connection is open when the reload makes it HTTP/1.1,
@@ -478,15 +492,9 @@ async fn a_reload_that_changes_a_pools_protocol_fails_no_request_on_the_connecti
 /// a pool's old TLS settings must not carry its requests under the new ones.
 #[tokio::test]
 async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_pooled_connections() {
-    use common::tls::{TestCa, TlsUpstream};
-    let ca = TestCa::new("private CA");
-    let client_ca = TestCa::new("client CA");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = ca.write(dir.path());
-    let (cert, key) = client_ca
-        .issue_client("switchyard")
-        .write(dir.path(), "client");
-    let upstream = TlsUpstream::start_plain_too(&ca.issue(&["backend.test"]), &client_ca).await;
+    use common::tls::{TlsUpstream, UpstreamTlsFiles};
+    let files = UpstreamTlsFiles::new();
+    let upstream = TlsUpstream::start_plain_too(&files.server_cert(), &files.client_ca).await;
     let pool = |keys: &str| {
         config_text(
             // Connections stay pooled however slow a step is.
@@ -498,15 +506,8 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
             ),
         )
     };
-    let tls = format!(
-        "tls = true\nca_file = \"{}\"\nserver_name = \"backend.test\"",
-        ca_file.display()
-    );
-    let with_cert = format!(
-        "{tls}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-        cert.display(),
-        key.display()
-    );
+    let tls = files.pool_keys();
+    let with_cert = files.pool_keys_with_client_cert();
     let proxy = ProxyProcess::start(&pool(""));
     wait_ready(proxy.admin_addr).await;
     // One keep-alive client: each step's first request would find the connection the
@@ -516,13 +517,11 @@ async fn a_reload_that_changes_a_pools_tls_settings_is_not_bypassed_by_its_poole
         let client = client.clone();
         let addr = proxy.proxy_addr;
         async move {
-            let mut seen = Vec::new();
-            for _ in 0..n {
-                let answer = send(&client, get(addr, "/")).await;
-                assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-                seen.push(answer.text());
-            }
-            seen
+            answered_in_turn(&client, addr, "/", n)
+                .await
+                .iter()
+                .map(Answer::text)
+                .collect::<Vec<_>>()
         }
     };
     assert_eq!(answers(3).await, ["plain-upstream HTTP/1.1"; 3]);

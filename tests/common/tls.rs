@@ -374,3 +374,57 @@ impl Drop for OpenConnection {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The files a pool needs to speak TLS to a test upstream: a CA whose
+/// `backend.test` certificate the upstream serves, and a client certificate from a
+/// second CA that the upstream can ask for.
+pub struct UpstreamTlsFiles {
+    pub ca: TestCa,
+    pub client_ca: TestCa,
+    ca_file: PathBuf,
+    client_cert: (PathBuf, PathBuf),
+    _dir: tempfile::TempDir,
+}
+
+impl UpstreamTlsFiles {
+    pub fn new() -> UpstreamTlsFiles {
+        let ca = TestCa::new("private CA");
+        let client_ca = TestCa::new("client CA");
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = ca.write(dir.path());
+        let client_cert = client_ca
+            .issue_client("switchyard")
+            .write(dir.path(), "client");
+        UpstreamTlsFiles {
+            ca,
+            client_ca,
+            ca_file,
+            client_cert,
+            _dir: dir,
+        }
+    }
+
+    /// The upstream's certificate, for `backend.test`.
+    pub fn server_cert(&self) -> Issued {
+        self.ca.issue(&["backend.test"])
+    }
+
+    /// Pool keys: TLS to `backend.test`, verified against the CA.
+    pub fn pool_keys(&self) -> String {
+        format!(
+            "tls = true\nca_file = \"{}\"\nserver_name = \"backend.test\"",
+            self.ca_file.display()
+        )
+    }
+
+    /// `pool_keys` with the client certificate to present.
+    pub fn pool_keys_with_client_cert(&self) -> String {
+        let (cert, key) = &self.client_cert;
+        format!(
+            "{}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+            self.pool_keys(),
+            cert.display(),
+            key.display()
+        )
+    }
+}
