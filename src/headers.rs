@@ -204,8 +204,9 @@ fn list_contains(value: &HeaderValue, token: &str) -> bool {
 pub struct Forwarded {
     client_ip: HeaderValue,
     tls: bool,
-    /// `None`: the request named no host (HTTP/1.0), and the client's
-    /// `X-Forwarded-Host`, if any, goes through as it came.
+    /// `None`: the request named no host (HTTP/1.0). The client's `X-Forwarded-Host`
+    /// is dropped all the same: a backend that builds links from it must not be handed a
+    /// host this proxy never saw, and a request with no `Host` is the easy way to try.
     host: Option<HeaderValue>,
     version: Version,
 }
@@ -257,16 +258,21 @@ impl Forwarded {
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(self.proto()),
         );
-        if let Some(host) = &self.host {
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        match &self.host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
         }
         append_to_list(headers, &header::VIA, HeaderValue::from_static(self.via()));
     }
 
     /// Whether the client's field `name` is left out of the request as it goes out,
-    /// because `write_h1_fields` writes it: replaced (`X-Forwarded-Proto`, and
-    /// `X-Forwarded-Host` when there is a host) or extended (`X-Forwarded-For` and
-    /// `Via`, noted in `seen`).
+    /// because `write_h1_fields` writes it: replaced (`X-Forwarded-Proto`,
+    /// `X-Forwarded-Host`, left out when there is no host) or extended
+    /// (`X-Forwarded-For` and `Via`, noted in `seen`).
     pub fn replaces(&self, name: &HeaderName, seen: &mut ListsSeen) -> bool {
         if name == header::VIA {
             seen.via = true;
@@ -276,7 +282,7 @@ impl Forwarded {
             seen.forwarded_for = true;
             return true;
         }
-        *name == X_FORWARDED_PROTO || (self.host.is_some() && *name == X_FORWARDED_HOST)
+        *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST
     }
 
     /// The fields as HTTP/1.1 field lines, the client's lines of the list fields (as

@@ -96,6 +96,36 @@ async fn host_is_preserved_and_forwarded_headers_are_set() {
     proxy.shutdown().await;
 }
 
+/// A backend that builds links from `X-Forwarded-Host` must only ever see a host the
+/// client asked this proxy for: the client's own value never gets through, not even on
+/// an HTTP/1.0 request that names no host at all.
+#[tokio::test]
+async fn a_clients_own_x_forwarded_host_never_reaches_the_backend() {
+    let (_upstream, proxy) = one_backend().await;
+    for (request, expected) in [
+        (
+            "GET /echo HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n",
+            None,
+        ),
+        (
+            "GET /echo HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n",
+            Some("shop.example.com"),
+        ),
+    ] {
+        let raw = raw_exchange(proxy.proxy_addr, request.as_bytes(), Duration::from_secs(10)).await;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(" 200 "), "{head}");
+        let echo: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        let seen: Vec<&str> = echo["headers"]["x-forwarded-host"]
+            .as_array()
+            .map(|values| values.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(seen, expected.into_iter().collect::<Vec<_>>(), "{request}");
+        assert_eq!(echo["headers"]["x-forwarded-proto"][0], "http", "{request}");
+    }
+    proxy.shutdown().await;
+}
+
 /// The map a request's fields came in is reused for its response's fields: none of the
 /// request's may show up in the answer, on the first request of a connection or later.
 #[tokio::test]
