@@ -17,49 +17,75 @@ pub struct Etcd {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Ports for an etcd are taken below the kernel's ephemeral range (32768 and up), so no
+/// other test's `bind(0)` or outgoing connection can take one between the check here and
+/// etcd's bind, or while a test has its etcd killed. Another etcd can still draw the
+/// same port; `start` sees that and draws again.
+fn unused_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        // A fresh RandomState is keyed anew: a random draw without a rand crate.
+        let hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Attempts at starting an etcd on ports that turn out to be taken.
+const START_ATTEMPTS: usize = 5;
+
+enum Started {
+    Up,
+    /// The process ended, or another process holds the client port.
+    PortTaken(String),
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
-        let mut etcd = Etcd {
-            client_url: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            tls_args: Vec::new(),
-            data: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        etcd.resume();
-        etcd
+        Etcd::start_on_unused_ports("http", Vec::new())
     }
 
     /// An etcd that serves TLS with `cert`/`key` and accepts only clients with a
     /// certificate from `ca`.
     pub fn start_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Etcd {
-        let mut etcd = Etcd {
-            client_url: format!("https://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            tls_args: vec![
-                format!("--cert-file={}", cert.display()),
-                format!("--key-file={}", key.display()),
-                format!("--trusted-ca-file={}", ca.display()),
-                "--client-cert-auth".into(),
-            ],
-            data: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        etcd.resume();
-        etcd
+        let tls_args = vec![
+            format!("--cert-file={}", cert.display()),
+            format!("--key-file={}", key.display()),
+            format!("--trusted-ca-file={}", ca.display()),
+            "--client-cert-auth".into(),
+        ];
+        Etcd::start_on_unused_ports("https", tls_args)
     }
 
-    /// Starts the process (again), on the same ports and data, and waits until it
+    fn start_on_unused_ports(scheme: &str, tls_args: Vec<String>) -> Etcd {
+        let mut why = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut etcd = Etcd {
+                client_url: format!("{scheme}://127.0.0.1:{}", unused_port()),
+                peer_url: format!("http://127.0.0.1:{}", unused_port()),
+                tls_args: tls_args.clone(),
+                data: tempfile::tempdir().unwrap(),
+                child: None,
+            };
+            match etcd.try_resume() {
+                Started::Up => return etcd,
+                Started::PortTaken(reason) => why.push(reason),
+            }
+        }
+        panic!("etcd did not start: {why:?}");
+    }
+
+    /// Starts the process again, on the same ports and data, and waits until it
     /// answers.
     pub fn resume(&mut self) {
+        if let Started::PortTaken(reason) = self.try_resume() {
+            panic!("etcd did not start again: {reason}");
+        }
+    }
+
+    fn try_resume(&mut self) -> Started {
         let child = Command::new("etcd")
             .args(["--name", "test"])
             .arg("--data-dir")
@@ -76,6 +102,7 @@ impl Etcd {
             .expect(
                 "etcd is needed for this test (Debian package `etcd-server`; .ci/run installs it)",
             );
+        let pid = child.id();
         self.child = Some(child);
         let tls = !self.tls_args.is_empty();
         let addr = self
@@ -83,17 +110,28 @@ impl Etcd {
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .to_string();
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // A TLS etcd is taken as up once it listens; switchyard's own connection
-            // is what the test then checks.
-            let healthy = if tls {
-                std::net::TcpStream::connect(&addr).is_ok()
-            } else {
-                health(&addr)
-            };
-            if healthy {
-                return;
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Started::PortTaken(format!("etcd on {addr} exited: {status}"));
+            }
+            // Whatever answers must be this etcd, not one another test started on the
+            // same port. A TLS etcd is taken as up once it listens; switchyard's own
+            // connection is what the test then checks.
+            if holds_listener(pid, port) {
+                if tls || health(&addr) {
+                    return Started::Up;
+                }
+            } else if std::net::TcpStream::connect(&addr).is_ok() && !holds_listener(pid, port) {
+                // Someone else listens there; this etcd will fail its bind and exit.
+                self.kill();
+                return Started::PortTaken(format!("another process listens on {addr}"));
             }
             assert!(Instant::now() < deadline, "etcd did not start");
             std::thread::sleep(Duration::from_millis(50));
@@ -120,6 +158,42 @@ impl Etcd {
             .output()
             .expect("etcdctl is needed (Debian package `etcd-client`)")
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`: the socket's
+/// inode from `/proc/net/tcp`, among the process's descriptors.
+fn holds_listener(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let local = format!("0100007F:{port:04X}");
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let listening =
+                fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&LISTEN);
+            let inode = fields.get(9).filter(|_| listening)?;
+            Some(format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(descriptors) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    descriptors.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| {
+                inodes
+                    .iter()
+                    .any(|inode| target.as_os_str() == inode.as_str())
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// `GET /health` answers `"health":"true"`.
