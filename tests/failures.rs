@@ -548,3 +548,84 @@ async fn the_default_balancer_keeps_most_requests_off_a_slow_backend() {
     );
     proxy.shutdown().await;
 }
+
+/// An upstream that reads requests, never answers, and counts the connections that
+/// carried one and were then closed by the proxy: how a test sees that a request was
+/// given up upstream. (The implicit TCP health check's connections carry none.)
+async fn silent_upstream(requests: Arc<AtomicU64>, closed: Arc<AtomicU64>) -> std::net::SocketAddr {
+    raw_upstream(move |mut s| {
+        let (requests, closed) = (Arc::clone(&requests), Arc::clone(&closed));
+        async move {
+            let mut buf = [0u8; 65536];
+            let mut head = Vec::new();
+            let mut carried_a_request = false;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        head.extend_from_slice(&buf[..n]);
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            head.clear();
+                            carried_a_request = true;
+                            requests.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            if carried_a_request {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    })
+    .await
+}
+
+/// A client that hangs up while its request waits upstream takes the request with it:
+/// the proxy closes the upstream connection (the backend can stop working on it) and
+/// the backend's in-flight count, which drains and `wait_drained` trust, goes back to
+/// 0 — long before any upstream timeout. Both for a request whose body was all sent
+/// and for one cut off in the middle of its body.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_request_cancels_it_upstream() {
+    let requests = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicU64::new(0));
+    let upstream = silent_upstream(Arc::clone(&requests), Arc::clone(&closed)).await;
+    let proxy = start_proxy(&config_text(
+        "upstream_header_timeout = \"5m\"",
+        &[("blue", &[upstream])],
+        "",
+    ))
+    .await;
+    let in_flight = || async {
+        let (_, pool) = admin(proxy.admin_addr, "GET", "/api/v1/pools/blue", None, &[]).await;
+        pool["backends"][0]["in_flight"].as_u64().unwrap()
+    };
+    let cases: [&[u8]; 2] = [
+        b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\nthe first bytes",
+    ];
+    for (case, request) in cases.iter().enumerate() {
+        let mut client = tokio::net::TcpStream::connect(proxy.proxy_addr)
+            .await
+            .unwrap();
+        client.write_all(request).await.unwrap();
+        let limit = Duration::from_secs(10);
+        let past = |count: &AtomicU64| count.load(Ordering::SeqCst) > case as u64;
+        eventually(limit, "the request to reach the upstream", || {
+            past(&requests)
+        })
+        .await;
+        assert_eq!(in_flight().await, 1, "case {case}");
+        drop(client);
+        eventually(limit, "the upstream connection to close", || past(&closed)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight().await != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "case {case}: still counted in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    proxy.shutdown().await;
+}
