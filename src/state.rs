@@ -138,6 +138,9 @@ impl BackendMode {
     }
 }
 
+/// Whether `(pool, addr)` is one of the addresses the pool's host names resolve to.
+pub type ResolvedTo<'a> = dyn Fn(&str, &str) -> bool + 'a;
+
 impl TrafficState {
     /// The state a config alone implies: every service on its configured pool.
     pub fn from_config(config: &Config) -> TrafficState {
@@ -208,7 +211,17 @@ impl TrafficState {
 
     /// Keeps what still fits `config`; returns a warning for everything dropped. Every
     /// configured service ends up with an entry.
-    pub fn reconcile(mut self, config: &Config) -> (TrafficState, Vec<String>) {
+    ///
+    /// `resolved` tells whether an address is one a pool's host names resolve to now.
+    /// `None` when that is not known (at start, before the first lookup; a state from
+    /// the fleet, whose instances look names up at their own times): then a drain or
+    /// disable saved for an address in a pool that has host names is kept, since the
+    /// address may well be one of them.
+    pub fn reconcile(
+        mut self,
+        config: &Config,
+        resolved: Option<&ResolvedTo<'_>>,
+    ) -> (TrafficState, Vec<String>) {
         let mut warnings = Vec::new();
         let pools: std::collections::HashSet<&str> =
             config.pools.iter().map(|p| p.name.as_str()).collect();
@@ -332,9 +345,14 @@ impl TrafficState {
             // Checked against the runtime membership when there is one, so a backend
             // added through the API keeps its drain across a restart.
             let current = self.members_of(configured);
+            let named = !configured.named.is_empty() && !self.members.contains_key(&pool);
+            let in_pool = |addr: &str| {
+                current.iter().any(|b| b.addr.to_string() == addr)
+                    || (named && resolved.is_none_or(|resolved| resolved(&pool, addr)))
+            };
             let mut kept = BTreeMap::new();
             for (addr, mode) in entries {
-                if current.iter().any(|b| b.addr.to_string() == addr) {
+                if in_pool(&addr) {
                     kept.insert(addr, mode);
                 } else {
                     warnings.push(format!(
@@ -451,7 +469,7 @@ pub fn load(path: &Path, config: &Config) -> Result<Loaded, StateError> {
     };
     match serde_json::from_slice::<TrafficState>(&text) {
         Ok(saved) => {
-            let (state, warnings) = saved.reconcile(config);
+            let (state, warnings) = saved.reconcile(config, None);
             Ok(Loaded {
                 state,
                 warnings,
@@ -592,7 +610,7 @@ mod tests {
             .entry("blue".into())
             .or_default()
             .insert("127.0.0.1:99".into(), BackendMode::Disabled);
-        let (state, warnings) = state.reconcile(&config());
+        let (state, warnings) = state.reconcile(&config(), None);
         assert_eq!(state.services["app"].active, "blue");
         assert!(!state.services.contains_key("gone"));
         assert!(state.backends.is_empty());
@@ -663,13 +681,38 @@ mod tests {
             .entry("blue".into())
             .or_default()
             .insert("127.0.0.1:7".into(), BackendMode::Draining);
-        let (state, warnings) = state.reconcile(&config());
+        let (state, warnings) = state.reconcile(&config(), None);
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
             state.backend_mode("blue", "127.0.0.1:7"),
             Some(BackendMode::Draining)
         );
         assert_eq!(state.members["blue"].len(), 2);
+    }
+
+    #[test]
+    fn a_saved_mode_in_a_pool_with_host_names_is_kept_until_its_address_is_known_gone() {
+        let config = Config::parse(
+            "[pools.blue]\nbackends=[\"127.0.0.1:1\", \"app-blue:8080\"]\n[services.app]\nactive=\"blue\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let mut state = TrafficState::from_config(&config);
+        let modes = state.backends.entry("blue".into()).or_default();
+        modes.insert("127.0.0.5:8080".into(), BackendMode::Draining);
+        modes.insert("127.0.0.6:8080".into(), BackendMode::Disabled);
+        let (kept, warnings) = state.clone().reconcile(&config, None);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(kept, state, "names not looked up yet: nothing dropped");
+        let resolved = |pool: &str, addr: &str| pool == "blue" && addr == "127.0.0.5:8080";
+        let (now, warnings) = state.reconcile(&config, Some(&resolved));
+        assert_eq!(
+            now.backend_mode("blue", "127.0.0.5:8080"),
+            Some(BackendMode::Draining)
+        );
+        assert_eq!(now.backend_mode("blue", "127.0.0.6:8080"), None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("127.0.0.6:8080"), "{warnings:?}");
     }
 
     #[test]

@@ -148,6 +148,76 @@ async fn a_named_backend_follows_its_address_and_keeps_the_last_good_one() {
     assert!(!failures.ends_with(" 0"), "{failures}");
 }
 
+/// Every request goes to `app-3`, none to the drained `app-2`.
+async fn only_the_other_serves(proxy: SocketAddr, drained: &Upstream) {
+    let before = drained.hits();
+    for _ in 0..20 {
+        let answer = send(&client(), get(proxy, "/")).await;
+        assert_eq!(answer.header("x-upstream"), Some("app-3"));
+    }
+    assert_eq!(drained.hits(), before);
+}
+
+/// A drain of one of a name's addresses is a change like any other: it survives a
+/// reload of an unchanged config and a restart, though neither knows the name's
+/// addresses when it reads the saved state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_address_of_a_named_backend_stays_drained_across_a_reload_and_a_restart() {
+    let (two, three, port) = twins().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 app-blue\n127.0.0.3 app-blue\n").unwrap();
+    let text = named_config(&hosts, &format!("backends = [\"app-blue:{port}\"]"));
+    let drained = format!("127.0.0.2:{port}");
+    let mode_of_drained = |state: &serde_json::Value| {
+        state["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["addr"] == drained.as_str())
+            .map(|b| b["state"].clone())
+    };
+    let mut first = ProxyProcess::start(&text);
+    let path = format!("/api/v1/pools/blue/backends/{drained}/drain");
+    let (status, answer) = admin(first.admin_addr, "POST", &path, None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    only_the_other_serves(first.proxy_addr, &two).await;
+
+    let (status, answer) =
+        admin(first.admin_addr, "POST", "/api/v1/config/reload", None, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let after_reload = state(first.admin_addr).await;
+    assert_eq!(
+        mode_of_drained(&after_reload),
+        Some("draining".into()),
+        "{after_reload}"
+    );
+    only_the_other_serves(first.proxy_addr, &two).await;
+
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    let second = ProxyProcess::start(&text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let restarted = loop {
+        let view = state(second.admin_addr).await;
+        if mode_of_drained(&view).is_some() {
+            break view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the name never resolved: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        mode_of_drained(&restarted),
+        Some("draining".into()),
+        "{restarted}"
+    );
+    only_the_other_serves(second.proxy_addr, &two).await;
+    assert!(three.hits() >= 60);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_named_backend_sends_and_verifies_its_name() {
     let dir = tempfile::tempdir().unwrap();

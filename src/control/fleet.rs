@@ -165,7 +165,7 @@ impl Control {
         if let Ok(mut raw) = self.fleet_raw.lock() {
             *raw = Some(state.clone());
         }
-        let (mut next, warnings) = state.reconcile(&self.config.load());
+        let (mut next, warnings) = state.reconcile(&self.config.load(), None);
         for warning in warnings {
             tracing::warn!("cluster state: {warning}");
         }

@@ -40,7 +40,13 @@ impl Control {
         let names = super::names::resolve_all(&config, &self.names_known(), &self.metrics).await;
         let mut state = self.writable().await?;
         let old = self.config.load_full();
-        let (mut next, warnings) = state.clone().reconcile(&config);
+        let resolved = super::names::resolved_pools(&config, &names);
+        let resolved_to = |pool: &str, addr: &str| {
+            resolved
+                .get(pool)
+                .is_some_and(|backends| backends.iter().any(|b| b.addr.to_string() == addr))
+        };
+        let (mut next, warnings) = state.clone().reconcile(&config, Some(&resolved_to));
         changes.extend(backend_changes(&old, &config, &state, &next));
         changes.extend(
             warnings
@@ -85,8 +91,7 @@ impl Control {
             .store(Arc::new(PoolSettings::for_config(&config, &upstreams)));
         self.request_metrics
             .store(config.metrics.enabled, Ordering::Relaxed);
-        self.resolved
-            .store(Arc::new(super::names::resolved_pools(&config, &names)));
+        self.resolved.store(Arc::new(resolved));
         self.set_names(names);
         self.config.store(Arc::new(config));
         let table = self.build_table(&next).await;
