@@ -815,6 +815,7 @@ fn prepare_upstream_request(
         parts.headers.insert(HOST, host);
     }
     let original_host = parts.headers.get(HOST).cloned();
+    let names_a_host = original_host.is_some();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     // The proxy answers `Expect: 100-continue` itself when it starts reading the body.
     parts.headers.remove(EXPECT);
@@ -850,6 +851,13 @@ fn prepare_upstream_request(
         parts.uri = origin;
     }
     parts.version = Version::HTTP_11;
+    if !names_a_host {
+        // An HTTP/1.0 request may name no host, but it goes out as HTTP/1.1, which
+        // must (RFC 9112 §3.2): the same stand-in the HTTP/2 path uses.
+        parts
+            .headers
+            .insert(HOST, HeaderValue::from_static("localhost"));
+    }
     if forwarded_in_fields {
         forwarded.apply(&mut parts.headers);
         return Ok(None);

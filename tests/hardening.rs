@@ -450,9 +450,15 @@ async fn the_proxy_routes_and_forwards_one_validated_host() {
         "Connection: host"
     );
 
-    // HTTP/1.0 may leave the host out: only the catch-all service matches.
+    // HTTP/1.0 may leave the host out: only the catch-all service matches. It goes
+    // out as HTTP/1.1, which must name one.
     let response = exchange("GET /echo HTTP/1.0\r\n\r\n".into()).await;
     assert!(response.contains("x-upstream: blue-1"), "{response}");
+    assert_eq!(
+        echoed_hosts(&response),
+        ["localhost"],
+        "HTTP/1.0 without Host"
+    );
     site.proxy.shutdown().await;
 }
 
