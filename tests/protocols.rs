@@ -41,6 +41,27 @@ async fn h2c_connect(
     Ok(sender)
 }
 
+/// A proxy that serves h2c on its plain port, in front of one HTTP/1.1 backend.
+async fn h2c_proxy(upstream: &Upstream) -> switchyard::server::Running {
+    start_proxy(&config_text(
+        "h2c = true",
+        &[("blue", &[upstream.addr])],
+        "",
+    ))
+    .await
+}
+
+/// Sends `request` over h2c to `proxy`; what the echoing backend saw. The answer
+/// must come back 200 over HTTP/2.
+async fn echoed_over_h2c(proxy: SocketAddr, request: http::Request<TestBody>) -> serde_json::Value {
+    let mut sender = h2c_connect(proxy).await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
 #[tokio::test]
 async fn an_h2c_pool_gets_http2_over_one_shared_connection() {
     let upstream = Upstream::start("rpc-1").await;
@@ -98,24 +119,36 @@ async fn an_h2c_pool_gets_http2_over_one_shared_connection() {
     }
 }
 
+/// Browsers speaking HTTP/2 send each cookie as a field of its own; an HTTP/1.1
+/// backend gets them as the one `Cookie` line HTTP/1.1 allows, in order.
+#[tokio::test]
+async fn cookies_split_over_http2_fields_reach_an_http1_backend_in_one_line() {
+    let upstream = Upstream::start("blue-1").await;
+    let proxy = h2c_proxy(&upstream).await;
+    let request = http::Request::get("http://app.test/echo")
+        .header("cookie", "session=abc")
+        .header("x-between", "1")
+        .header("cookie", "theme=dark")
+        .header("cookie", "lang=en")
+        .body(empty())
+        .unwrap();
+    let echo = echoed_over_h2c(proxy.proxy_addr, request).await;
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(
+        echo["headers"]["cookie"],
+        serde_json::json!(["session=abc; theme=dark; lang=en"])
+    );
+    assert_eq!(echo["headers"]["x-between"][0], "1");
+}
+
 #[tokio::test]
 async fn h2c_on_the_plain_port_is_served_only_when_enabled() {
     let upstream = Upstream::start("blue-1").await;
-    let on = start_proxy(&config_text(
-        "h2c = true",
-        &[("blue", &[upstream.addr])],
-        "",
-    ))
-    .await;
-    let mut sender = h2c_connect(on.proxy_addr).await.unwrap();
+    let on = h2c_proxy(&upstream).await;
     let request = http::Request::get("http://app.test/echo")
         .body(empty())
         .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.version(), http::Version::HTTP_2);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let echo = echoed_over_h2c(on.proxy_addr, request).await;
     // The upstream (HTTP/1.1 pool) gets the host as a Host header.
     assert_eq!(echo["version"], "HTTP/1.1");
     assert_eq!(echo["headers"]["host"][0], "app.test");

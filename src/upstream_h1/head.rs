@@ -7,7 +7,9 @@ use std::io::Write as _;
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, TRANSFER_ENCODING,
+};
 use http::{HeaderMap, Method, StatusCode, Version};
 
 use super::Error;
@@ -73,17 +75,23 @@ pub fn encode_request(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    match forwarded {
-        None => encode_fields(out, &parts.headers),
-        Some(forwarded) => {
-            let mut seen = ListsSeen::default();
-            for (name, value) in &parts.headers {
-                if !forwarded.replaces(name, &mut seen) {
-                    encode_field(out, name, value);
-                }
-            }
-            forwarded.write_h1_fields(&parts.headers, seen, out);
+    let mut seen = ListsSeen::default();
+    let mut cookies_written = false;
+    for (name, value) in &parts.headers {
+        if forwarded.is_some_and(|f| f.replaces(name, &mut seen)) {
+            continue;
         }
+        if name == COOKIE {
+            if !cookies_written {
+                cookies_written = true;
+                encode_cookies(out, &parts.headers);
+            }
+            continue;
+        }
+        encode_field(out, name, value);
+    }
+    if let Some(forwarded) = forwarded {
+        forwarded.write_h1_fields(&parts.headers, seen, out);
     }
     match framing {
         RequestFraming::Length {
@@ -95,6 +103,20 @@ pub fn encode_request(
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An HTTP/2 client may split its cookies into one field per cookie (RFC 9113
+/// §8.2.3), and HTTP/1.1 allows one `Cookie` line: a backend that reads the first only
+/// would lose the rest. The pieces go out joined with `"; "`, in one line.
+fn encode_cookies(out: &mut Vec<u8>, headers: &HeaderMap) {
+    out.extend_from_slice(b"cookie: ");
+    for (i, value) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }
