@@ -45,6 +45,27 @@ impl AdminState {
     }
 }
 
+/// The limits on waiting for a backend, named by their config keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTimeout {
+    /// No response head in time once the request was sent.
+    Header = 0,
+    /// Stuck in the middle of a body: no more of the response came, or the backend took
+    /// no more of the request.
+    Body = 1,
+}
+
+impl UpstreamTimeout {
+    pub const ALL: [UpstreamTimeout; 2] = [UpstreamTimeout::Header, UpstreamTimeout::Body];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            UpstreamTimeout::Header => "upstream_header_timeout",
+            UpstreamTimeout::Body => "upstream_body_timeout",
+        }
+    }
+}
+
 pub struct Backend {
     pub addr: SocketAddr,
     /// `addr` as text, made once so logs and the admin API never format it again.
@@ -74,6 +95,9 @@ pub struct Backend {
     /// these at scrape time, not kept in per-backend metric children.
     failed_checks: AtomicU64,
     last_check_ok: std::sync::atomic::AtomicBool,
+    /// Requests this backend kept waiting past a timeout, by `UpstreamTimeout`: read at
+    /// scrape time for `switchyard_upstream_timeouts_total`.
+    timeouts: [AtomicU64; 2],
     /// Why the last active check failed; empty while it passes.
     last_check_error: arc_swap::ArcSwapOption<String>,
 }
@@ -103,6 +127,7 @@ impl Backend {
             healthy_since_ms: AtomicU64::new(0),
             checks: AtomicU64::new(0),
             failed_checks: AtomicU64::new(0),
+            timeouts: [AtomicU64::new(0), AtomicU64::new(0)],
             last_check_ok: std::sync::atomic::AtomicBool::new(false),
             last_check_error: arc_swap::ArcSwapOption::empty(),
         }
@@ -162,6 +187,19 @@ impl Backend {
 
     pub fn last_check_ok(&self) -> bool {
         self.last_check_ok.load(Ordering::Relaxed)
+    }
+
+    /// A request gave up on this backend after `which`.
+    pub fn count_timeout(&self, which: UpstreamTimeout) {
+        self.timeouts[which as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests given up on this backend, by timeout, in `UpstreamTimeout::ALL` order.
+    pub fn timeout_counts(&self) -> [u64; 2] {
+        [
+            self.timeouts[0].load(Ordering::Relaxed),
+            self.timeouts[1].load(Ordering::Relaxed),
+        ]
     }
 
     pub fn in_flight(&self) -> u64 {

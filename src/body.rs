@@ -279,6 +279,10 @@ pub enum ProxyBody<E: Ending> {
         /// Until the body ends; a bodiless answer keeps it (already told) until hyper
         /// drops the body, so whatever it holds lasts as long.
         ending: Option<E>,
+        /// Runs while the client's side waits for more of the body and the backend
+        /// sends none (`upstream_body_timeout`). It cannot blame the backend for a slow
+        /// client: the body is polled only when the client side can take more.
+        waiting: IdleTimer,
     },
     Full(Option<Bytes>),
 }
@@ -293,10 +297,12 @@ pub trait Ending {
     fn ended(&mut self, body: &mut Self::Body);
     /// The upstream broke off in the middle of the body.
     fn broken(&mut self);
+    /// The upstream sent nothing for `waited`: the body is given up, with this error.
+    fn stalled(&mut self, waited: Duration) -> <Self::Body as Body>::Error;
 }
 
 impl<E: Ending> ProxyBody<E> {
-    pub fn upstream(mut inner: E::Body, mut ending: E) -> ProxyBody<E> {
+    pub fn upstream(mut inner: E::Body, mut ending: E, body_timeout: Duration) -> ProxyBody<E> {
         if inner.is_end_stream() {
             // HEAD, 204, 304: hyper may never poll an empty body, so it ends now.
             ending.ended(&mut inner);
@@ -304,6 +310,7 @@ impl<E: Ending> ProxyBody<E> {
         ProxyBody::Upstream {
             inner,
             ending: Some(ending),
+            waiting: IdleTimer::new(body_timeout),
         }
     }
 
@@ -335,8 +342,24 @@ impl<E: Ending + Unpin> Body for ProxyBody<E> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream { inner, ending } => {
+            ProxyBody::Upstream {
+                inner,
+                ending,
+                waiting,
+            } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if polled.is_pending() {
+                    if !waiting.expired(cx) {
+                        return Poll::Pending;
+                    }
+                    return match ending.take() {
+                        Some(mut ending) => {
+                            Poll::Ready(Some(Err(ending.stalled(waiting.timeout()))))
+                        }
+                        None => Poll::Pending,
+                    };
+                }
+                waiting.progress();
                 match &polled {
                     Poll::Ready(None) => {
                         if let Some(mut ending) = ending.take() {

@@ -86,11 +86,18 @@ impl Sender {
                 let (parts, mut body) = req.into_parts();
                 let upgrade = crate::headers::is_upgrade_request(&parts.headers);
                 let mut request = upstream_h1::EncodedRequest::new(parts, None, &body, upgrade);
-                match conn.send(&mut request, &mut body, header_timeout).await {
+                // What such requests carry is small: the one limit covers both waits.
+                match conn
+                    .send(&mut request, &mut body, header_timeout, header_timeout)
+                    .await
+                {
                     Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
                     Err(upstream_h1::SendError::TimedOut) => {
                         Err(format!("no response headers within {header_timeout:?}"))
                     }
+                    Err(upstream_h1::SendError::Stalled) => Err(format!(
+                        "the backend took none of the request body for {header_timeout:?}"
+                    )),
                     Err(upstream_h1::SendError::Stale(e) | upstream_h1::SendError::Failed(e)) => {
                         Err(e.to_string())
                     }

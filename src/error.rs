@@ -140,6 +140,9 @@ mod tests {
         fn passed(&mut self, _: u64) {}
         fn ended(&mut self, _: &mut Self::Body) {}
         fn broken(&mut self) {}
+        fn stalled(&mut self, _: std::time::Duration) -> std::convert::Infallible {
+            unreachable!("an empty body never waits")
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::backend::AdminState;
+use crate::backend::{AdminState, UpstreamTimeout};
 
 /// Request durations from 0.5 ms to 10 s.
 const DURATION_BUCKETS: [f64; 15] = [
@@ -651,6 +651,8 @@ pub struct BackendSample {
     pub state: AdminState,
     /// Active checks so far: passed, failed.
     pub checks: (u64, u64),
+    /// Requests given up on it, in `UpstreamTimeout::ALL` order.
+    pub timeouts: [u64; 2],
 }
 
 #[derive(Debug)]
@@ -674,6 +676,7 @@ struct LiveCollector {
     ejected: Desc,
     backend_state: Desc,
     health_checks: Desc,
+    upstream_timeouts: Desc,
     canary_weight: Desc,
     active_pool: Desc,
     generation: Desc,
@@ -734,6 +737,7 @@ impl LiveCollector {
             ejected: desc("switchyard_backend_ejected", "1 while passive ejection (failures of real traffic) keeps the backend out, whatever its active health checks say.", &backend),
             backend_state: desc("switchyard_backend_state", "1 for the backend's admin state (active, draining, disabled), 0 for the others.", &["pool", "backend", "state"]),
             health_checks: desc("switchyard_health_checks_total", "Active health check results each pool's backend received, by result (success or failure); pools checking one address alike share each check.", &["pool", "backend", "result"]),
+            upstream_timeouts: desc("switchyard_upstream_timeouts_total", "Requests that gave up waiting on a backend, by the timeout that fired: upstream_header_timeout (no response head; the client got 504), upstream_body_timeout (stuck in the middle of a body: a 504 before the response began, a cut-off response after).", &["pool", "backend", "timeout"]),
             canary_weight: desc("switchyard_canary_weight", "Percent of a service's traffic sent to its canary pool (0 when none).", &service),
             active_pool: desc("switchyard_active_pool", "1 for a service's active pool, 0 for the other pools it has used.", &service),
             generation: desc("switchyard_config_generation", "Generation of the traffic state; every admin change adds one.", &[]),
@@ -750,6 +754,7 @@ impl Collector for LiveCollector {
             &self.ejected,
             &self.backend_state,
             &self.health_checks,
+            &self.upstream_timeouts,
             &self.canary_weight,
             &self.active_pool,
             &self.generation,
@@ -767,6 +772,7 @@ impl Collector for LiveCollector {
         );
         let mut states = Vec::with_capacity(3 * n);
         let mut checks = Vec::with_capacity(2 * n);
+        let mut timeouts = Vec::with_capacity(2 * n);
         for b in &live.backends {
             let labels = [("backend", &*b.backend), ("pool", &*b.pool)];
             in_flight.push(sample(&labels, GAUGE, b.in_flight as f64));
@@ -776,6 +782,10 @@ impl Collector for LiveCollector {
             for (result, count) in [("success", passed), ("failure", failed)] {
                 let labels = [labels[0], labels[1], ("result", result)];
                 checks.push(sample(&labels, COUNTER, count as f64));
+            }
+            for (which, count) in UpstreamTimeout::ALL.iter().zip(b.timeouts) {
+                let labels = [labels[0], labels[1], ("timeout", which.key())];
+                timeouts.push(sample(&labels, COUNTER, count as f64));
             }
             for state in [
                 AdminState::Active,
@@ -831,6 +841,7 @@ impl Collector for LiveCollector {
             family(&self.ejected, GAUGE, ejected),
             family(&self.backend_state, GAUGE, states),
             family(&self.health_checks, COUNTER, checks),
+            family(&self.upstream_timeouts, COUNTER, timeouts),
             family(&self.canary_weight, GAUGE, weights),
             family(&self.active_pool, GAUGE, active),
             family(

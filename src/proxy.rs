@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt as _;
 use prometheus::Histogram;
 
 use crate::accesslog::{AccessLog, AccessRecord};
-use crate::backend::{Backend, InFlight};
+use crate::backend::{Backend, InFlight, UpstreamTimeout};
 use crate::balancer;
 use crate::body::{Ending, ProxyBody, RequestBody, RequestBodyError};
 use crate::client::{ConnectError, Sender, Upstream, UpstreamBody};
@@ -41,6 +41,7 @@ const MAX_ATTEMPTS: usize = balancer::MAX_EXCLUDED;
 pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub upstream_header_timeout: Duration,
+    pub upstream_body_timeout: Duration,
     pub connect_attempts: u32,
     pub max_request_body: Option<u64>,
     pub client_body_timeout: Duration,
@@ -69,7 +70,7 @@ enum AttemptError {
     /// The client's request body failed (too large, too slow, client gone): the
     /// answer that says so.
     Body(ProxyError),
-    TimedOut,
+    TimedOut(UpstreamTimeout),
 }
 
 /// A mirrored copy whose body is still to be taken from the request's as it streams.
@@ -544,16 +545,26 @@ impl Proxy {
                         break;
                     }
                 }
-                Err(AttemptError::TimedOut) => {
+                Err(AttemptError::TimedOut(which)) => {
                     trace.backend = Some(index);
                     health::report(pool, backend, false);
-                    backend.warn_rate_limited(
-                        "upstream timed out",
-                        &format_args!(
-                            "no response headers within {:?}",
-                            self.settings.upstream_header_timeout
+                    backend.count_timeout(which);
+                    match which {
+                        UpstreamTimeout::Header => backend.warn_rate_limited(
+                            "upstream timed out",
+                            &format_args!(
+                                "no response headers within {:?}",
+                                self.settings.upstream_header_timeout
+                            ),
                         ),
-                    );
+                        UpstreamTimeout::Body => backend.warn_rate_limited(
+                            "upstream timed out",
+                            &format_args!(
+                                "the backend took none of the request body for {:?}",
+                                self.settings.upstream_body_timeout
+                            ),
+                        ),
+                    }
                     return Err(ProxyError::UpstreamTimeout);
                 }
             }
@@ -610,7 +621,10 @@ impl Proxy {
                         }
                         return Err(protocol_mismatch());
                     };
-                    let sent = conn.send(request, &mut outgoing.body, timeout).await;
+                    let body_timeout = self.settings.upstream_body_timeout;
+                    let sent = conn
+                        .send(request, &mut outgoing.body, timeout, body_timeout)
+                        .await;
                     return match sent {
                         Ok((head, body)) => Ok(Response::from_parts(head, UpstreamBody::H1(body))),
                         // Closed by the backend while it was idle, most likely: once,
@@ -628,7 +642,12 @@ impl Proxy {
                         Err(upstream_h1::SendError::Body(e)) => {
                             Err(AttemptError::Body(body_failure(&e)))
                         }
-                        Err(upstream_h1::SendError::TimedOut) => Err(AttemptError::TimedOut),
+                        Err(upstream_h1::SendError::TimedOut) => {
+                            Err(AttemptError::TimedOut(UpstreamTimeout::Header))
+                        }
+                        Err(upstream_h1::SendError::Stalled) => {
+                            Err(AttemptError::TimedOut(UpstreamTimeout::Body))
+                        }
                     };
                 }
                 Sender::H2(h2) => {
@@ -661,7 +680,7 @@ impl Proxy {
             };
             let outcome = tokio::select! {
                 outcome = exchange => outcome,
-                () = deadline => return Err(AttemptError::TimedOut),
+                () = deadline => return Err(AttemptError::TimedOut(UpstreamTimeout::Header)),
             };
             match outcome {
                 Ok(response) => return Ok(response.map(UpstreamBody::H2)),
@@ -714,7 +733,8 @@ impl Proxy {
             log: None,
             bytes: 0,
         };
-        Response::from_parts(parts, ProxyBody::upstream(body, exchange))
+        let body_timeout = self.settings.upstream_body_timeout;
+        Response::from_parts(parts, ProxyBody::upstream(body, exchange, body_timeout))
     }
 }
 
@@ -744,6 +764,16 @@ impl Ending for Exchange {
 
     fn broken(&mut self) {
         // The body dropped its broken connection: nothing to pool.
+    }
+
+    fn stalled(&mut self, waited: Duration) -> Box<dyn std::error::Error + Send + Sync> {
+        // The connection goes with the body: whatever the backend sends later would be
+        // read as the next response's.
+        let backend = self.in_flight.backend();
+        backend.count_timeout(UpstreamTimeout::Body);
+        let error = format!("no more of the response body for {waited:?}");
+        backend.warn_rate_limited("upstream timed out", &error);
+        error.into()
     }
 }
 

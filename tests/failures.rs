@@ -629,3 +629,206 @@ async fn a_client_that_hangs_up_mid_request_cancels_it_upstream() {
     }
     proxy.shutdown().await;
 }
+
+/// `switchyard_upstream_timeouts_total` of the one backend of pool `blue`, for `timeout`.
+async fn upstream_timeouts(proxy: &switchyard::server::Running, timeout: &str) -> u64 {
+    let scrape = send(&client(), get(proxy.admin_addr, "/metrics"))
+        .await
+        .text();
+    let prefix = "switchyard_upstream_timeouts_total{backend=";
+    let suffix = format!("pool=\"blue\",timeout=\"{timeout}\"}}");
+    scrape
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.split(' ').next().unwrap().ends_with(&suffix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {timeout} counter in the scrape:\n{scrape}"))
+}
+
+/// Reads the start of a request from a raw upstream's connection: false when none
+/// comes (the TCP health check connects and closes).
+async fn a_request_came(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    matches!(s.read(&mut buf).await, Ok(n) if n > 0)
+}
+
+/// A proxy in front of `upstream` alone, with `upstream_body_timeout = timeout`.
+async fn proxy_with_body_timeout(
+    timeout: &str,
+    upstream: std::net::SocketAddr,
+) -> switchyard::server::Running {
+    start_proxy(&config_text(
+        &format!("upstream_body_timeout = \"{timeout}\""),
+        &[("blue", &[upstream])],
+        "",
+    ))
+    .await
+}
+
+/// A backend that sends its response head and a little of the body, then nothing,
+/// keeping the connection open, holds no client forever: after `upstream_body_timeout`
+/// without a byte the response is cut off (the client sees it end short, never a
+/// whole-looking answer), the backend's connection is closed, the request no longer
+/// counts in flight, and the timeout is counted.
+#[tokio::test]
+async fn a_backend_that_stops_in_the_middle_of_its_response_is_cut_off() {
+    let requests = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicU64::new(0));
+    let (requests_seen, closed_seen) = (Arc::clone(&requests), Arc::clone(&closed));
+    let upstream = raw_upstream(move |mut s| {
+        let (requests, closed) = (Arc::clone(&requests_seen), Arc::clone(&closed_seen));
+        async move {
+            if !a_request_came(&mut s).await {
+                return;
+            }
+            requests.fetch_add(1, Ordering::SeqCst);
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe first ")
+                .await;
+            // Nothing more: wait for the proxy to give up and close.
+            while a_request_came(&mut s).await {}
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let proxy = proxy_with_body_timeout("300ms", upstream).await;
+    let response = client()
+        .request(get(proxy.proxy_addr, "/"))
+        .await
+        .expect("the head arrives");
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+        .await
+        .expect("the body ends, one way or the other");
+    assert!(body.is_err(), "a cut-off body must not look whole");
+    // Not a timing assertion on the machine's speed: it must not give up early.
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    eventually(
+        Duration::from_secs(10),
+        "the upstream connection to close",
+        || closed.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "never retried");
+    assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 1);
+    assert_eq!(
+        upstream_timeouts(&proxy, "upstream_header_timeout").await,
+        0
+    );
+    let (_, pool) = admin(proxy.admin_addr, "GET", "/api/v1/pools/blue", None, &[]).await;
+    assert_eq!(pool["backends"][0]["in_flight"], 0, "{pool}");
+    proxy.shutdown().await;
+}
+
+/// A backend that reads a request's head but none of its body gets no more than
+/// `upstream_body_timeout` of the client's time: the client gets 504 rather than a
+/// request stuck for good behind a full socket.
+#[tokio::test]
+async fn a_backend_that_takes_none_of_a_request_body_gives_504() {
+    let upstream = raw_upstream(|mut s| async move {
+        if !a_request_came(&mut s).await {
+            return;
+        }
+        // Reads nothing more; the socket stays open.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        drop(s);
+    })
+    .await;
+    let proxy = proxy_with_body_timeout("300ms", upstream).await;
+    // More than the sockets on the way can hold.
+    let body = vec![b'x'; 64 << 20];
+    let request = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .body(full(body))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), send(&client(), request))
+        .await
+        .expect("an answer, not a request stuck for good");
+    assert_eq!(
+        answer.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        answer.text()
+    );
+    assert_eq!(
+        answer.header("x-switchyard-error"),
+        Some("upstream-timeout")
+    );
+    assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 1);
+    proxy.shutdown().await;
+}
+
+/// The clock blames only the backend: a client that reads a large answer slowly,
+/// pausing longer than `upstream_body_timeout` between reads while the backend has
+/// plenty ready, gets all of it.
+#[tokio::test]
+async fn a_slow_reading_client_is_not_taken_for_a_stalled_backend() {
+    let upstream = Upstream::start("blue-1").await;
+    let proxy = start_proxy(&config_text(
+        "upstream_body_timeout = \"200ms\"",
+        &[("blue", &[upstream.addr])],
+        "",
+    ))
+    .await;
+    let size = 8 << 20;
+    let mut stream = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET /download/{size} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let n = stream.read(&mut buf).await.unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got))
+        .await
+        .expect("the answer ends")
+        .unwrap();
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    let body_len = got.len() - head_end;
+    if head.contains("transfer-encoding: chunked") {
+        assert!(got.ends_with(b"0\r\n\r\n"), "the chunked body ended short");
+        assert!(body_len > size, "{body_len}");
+    } else {
+        assert_eq!(body_len, size);
+    }
+    assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 0);
+    proxy.shutdown().await;
+}
+
+/// The limit is on each wait, not on the whole body: a backend that streams slowly but
+/// steadily, each piece well within `upstream_body_timeout`, is passed on whole however
+/// long it takes in all.
+#[tokio::test]
+async fn a_slow_but_steady_backend_is_streamed_whole() {
+    let upstream = raw_upstream(|mut s| async move {
+        if !a_request_came(&mut s).await {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = s.write_all(b"5\r\npiece\r\n").await;
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+        while a_request_came(&mut s).await {}
+    })
+    .await;
+    let proxy = proxy_with_body_timeout("400ms", upstream).await;
+    let answer = send(&client(), get(proxy.proxy_addr, "/")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "piece".repeat(8));
+    assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 0);
+    proxy.shutdown().await;
+}

@@ -56,6 +56,7 @@ impl Config {
                 workers,
                 connect_timeout,
                 upstream_header_timeout,
+                upstream_body_timeout,
                 client_header_timeout,
                 upstream_idle_timeout,
                 connect_attempts,

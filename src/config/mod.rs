@@ -142,6 +142,9 @@ pub struct ProxyConfig {
     pub workers: usize,
     pub connect_timeout: Duration,
     pub upstream_header_timeout: Duration,
+    /// Longest wait on a backend in the middle of a body: for the next part of its
+    /// response, or for it to take more of the request.
+    pub upstream_body_timeout: Duration,
     pub client_header_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub connect_attempts: u32,

@@ -63,6 +63,8 @@ pub(super) struct RawProxy {
     #[serde(with = "humantime_serde")]
     pub(super) upstream_header_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub(super) upstream_body_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub(super) client_header_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub(super) upstream_idle_timeout: Duration,
@@ -141,6 +143,7 @@ impl Default for RawProxy {
             workers: 0,
             connect_timeout: Duration::from_secs(2),
             upstream_header_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
             client_header_timeout: Duration::from_secs(30),
             upstream_idle_timeout: Duration::from_secs(4),
             connect_attempts: 2,

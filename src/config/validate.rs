@@ -47,6 +47,11 @@ impl Validator<'_> {
                 "upstream_header_timeout",
                 p.upstream_header_timeout,
             )?,
+            upstream_body_timeout: self.timeout(
+                TABLE,
+                "upstream_body_timeout",
+                p.upstream_body_timeout,
+            )?,
             client_header_timeout: self.timeout(
                 TABLE,
                 "client_header_timeout",

@@ -237,6 +237,7 @@ pub(super) fn live_state(table: &RoutingTable, generation: u64) -> LiveState {
                     ejected: b.is_ejected(),
                     state: b.admin_state(),
                     checks: b.check_counts(),
+                    timeouts: b.timeout_counts(),
                 })
             })
             .collect(),

@@ -65,6 +65,7 @@ pub(super) fn serving(
         settings: ProxySettings {
             connect_timeout: config.proxy.connect_timeout,
             upstream_header_timeout: config.proxy.upstream_header_timeout,
+            upstream_body_timeout: config.proxy.upstream_body_timeout,
             connect_attempts: config.proxy.connect_attempts,
             max_request_body: config.proxy.max_request_body,
             client_body_timeout: config.proxy.client_body_timeout,

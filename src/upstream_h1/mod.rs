@@ -27,6 +27,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::body::{RequestBody, RequestBodyError};
 use crate::headers::Forwarded;
+use crate::idle_timer::IdleTimer;
 use head::RequestFraming;
 
 pub use body::ResponseBody;
@@ -82,6 +83,8 @@ pub enum SendError {
     Failed(Error),
     /// No response head within the deadline after the request was sent.
     TimedOut,
+    /// The backend took none of the request body for the body timeout.
+    Stalled,
 }
 
 /// A backend connection: TCP, or TLS over it.
@@ -270,11 +273,23 @@ struct Outbox {
     /// Body bytes taken so far.
     taken: u64,
     body_done: bool,
+    /// Runs while the backend takes nothing of what is to be written.
+    unwritten_for: IdleTimer,
 }
 
 impl Outbox {
     fn pending(&self, conn: &Conn) -> bool {
         self.head_at < conn.out.len() || !self.data.is_empty() || !self.after.is_empty()
+    }
+
+    /// A write to the backend is blocked: pending, until the backend has taken nothing
+    /// for the body timeout.
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        if self.unwritten_for.expired(cx) {
+            Poll::Ready(Err(SendError::Stalled))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -327,6 +342,7 @@ impl Conn {
         request: &mut EncodedRequest,
         body: &mut RequestBody,
         header_timeout: Duration,
+        body_timeout: Duration,
     ) -> Result<(http::response::Parts, ResponseBody), SendError> {
         let framing = request.framing;
         self.out.clear();
@@ -341,6 +357,7 @@ impl Conn {
             framing,
             taken: 0,
             body_done: framing == RequestFraming::Empty,
+            unwritten_for: IdleTimer::new(body_timeout),
         };
         let (method, fields) = (&request.method, &mut request.spare_fields);
         // While the body goes out the backend may already answer (a 413, a redirect, a
@@ -504,8 +521,11 @@ impl Conn {
                     io::IoSlice::new(&outbox.data),
                     io::IoSlice::new(outbox.after),
                 ];
-                let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices))
-                    .map_err(|e| SendError::Failed(e.into()))?;
+                let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices) {
+                    Poll::Ready(written) => written.map_err(|e| SendError::Failed(e.into()))?,
+                    Poll::Pending => return outbox.blocked(cx),
+                };
+                outbox.unwritten_for.progress();
                 if written == 0 {
                     return Poll::Ready(Err(SendError::Failed(
                         io::Error::from(io::ErrorKind::WriteZero).into(),
@@ -521,8 +541,10 @@ impl Conn {
                 left -= step;
                 outbox.after = &outbox.after[left.min(outbox.after.len())..];
             }
-            ready!(Pin::new(&mut self.io).poll_flush(cx))
-                .map_err(|e| SendError::Failed(e.into()))?;
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(flushed) => flushed.map_err(|e| SendError::Failed(e.into()))?,
+                Poll::Pending => return outbox.blocked(cx),
+            }
             if outbox.body_done {
                 return Poll::Ready(Ok(()));
             }
