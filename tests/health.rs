@@ -538,6 +538,63 @@ async fn backends_join_and_leave_at_runtime_and_leavers_are_drained_first() {
     proxy.shutdown().await;
 }
 
+/// The addresses of pool `blue`'s backends, as the admin API lists them.
+async fn pool_addrs(admin_addr: SocketAddr) -> Vec<String> {
+    let (_, pool) = admin(admin_addr, "GET", "/api/v1/pools/blue", None, &[]).await;
+    pool["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A script that adds backends in parallel (an autoscaler, a deploy of many hosts at
+/// once) without If-Match loses none: each call's change is made to the list as the
+/// previous one left it, so every acknowledged add is in the pool, and every
+/// acknowledged remove is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_and_removes_of_backends_lose_none() {
+    let a = Upstream::start("a").await;
+    let proxy = start_proxy(&config(&[a.addr], "", "")).await;
+    let admin_addr = proxy.admin_addr;
+    // Addresses nothing listens on: membership does not need them up.
+    let joiners: Vec<String> = (0..16)
+        .map(|i| format!("127.0.0.9:{}", 20000 + i))
+        .collect();
+    let adds = joiners.iter().map(|addr| async move {
+        admin(
+            admin_addr,
+            "POST",
+            "/api/v1/pools/blue/backends",
+            Some(json!({"addr": addr})),
+            &[],
+        )
+        .await
+    });
+    for (status, body) in futures_util::future::join_all(adds).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let listed = pool_addrs(admin_addr).await;
+    assert_eq!(listed.len(), 17, "{listed:?}");
+    for addr in &joiners {
+        assert!(listed.contains(addr), "{addr} is missing: {listed:?}");
+    }
+    let removes = joiners[..8].iter().map(|addr| async move {
+        let path = format!("/api/v1/pools/blue/backends/{addr}");
+        admin(admin_addr, "DELETE", &path, None, &[]).await
+    });
+    for (status, body) in futures_util::future::join_all(removes).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let listed = pool_addrs(admin_addr).await;
+    assert_eq!(listed.len(), 9, "{listed:?}");
+    for addr in &joiners[8..] {
+        assert!(listed.contains(addr), "{addr} is missing: {listed:?}");
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_a_backends_weight_keeps_its_in_flight_count() {
     let a = Upstream::start("a").await;

@@ -21,7 +21,20 @@ impl Control {
         drain_timeout: Duration,
         if_match: Option<u64>,
     ) -> Result<PoolView, ControlError> {
-        let configured = self.configured_pool(pool)?;
+        self.configured_pool(pool)?;
+        // Refused before any lock, so a bad list is answered as such whatever the state.
+        let members = self.checked_members(pool, members)?;
+        self.change_members(pool, drain_timeout, if_match, |_| Ok(members))
+            .await
+    }
+
+    /// The list `members` as a pool's backends: not empty, within the size limit,
+    /// socket addresses (written canonically) with weights 1-1000, none twice.
+    fn checked_members(
+        &self,
+        pool: &str,
+        members: Vec<MemberSpec>,
+    ) -> Result<Vec<MemberSpec>, ControlError> {
         if members.is_empty() {
             return Err(ControlError::BadRequest(
                 "a pool needs at least one backend".into(),
@@ -61,10 +74,25 @@ impl Control {
                 weight: member.weight,
             });
         }
+        Ok(normalized)
+    }
 
+    /// Replaces the backends of `pool` with what `edit` makes of them. `edit` sees the
+    /// backends under the writer lock, so two calls that each add (or remove) one
+    /// cannot both start from the same list and undo each other's change.
+    async fn change_members(
+        &self,
+        pool: &str,
+        drain_timeout: Duration,
+        if_match: Option<u64>,
+        edit: impl FnOnce(Vec<MemberSpec>) -> Result<Vec<MemberSpec>, ControlError>,
+    ) -> Result<PoolView, ControlError> {
+        let configured = self.configured_pool(pool)?;
         // Phase 1: the new list joins; leavers stay, draining.
         let leaving: Vec<String> = {
             let mut state = self.lock_current(if_match).await?;
+            let listed = edit(self.members_in(&state, &configured))?;
+            let normalized = self.checked_members(pool, listed)?;
             let current = state.members_of(&configured);
             let leaving: Vec<String> = current
                 .iter()
@@ -162,19 +190,22 @@ impl Control {
         member: MemberSpec,
         if_match: Option<u64>,
     ) -> Result<PoolView, ControlError> {
-        let mut list = self.members(pool).await?;
+        self.configured_pool(pool)?;
         let addr: Option<SocketAddr> = member.addr.parse().ok();
-        if list
-            .iter()
-            .any(|m| m.addr.parse::<SocketAddr>().ok() == addr && addr.is_some())
-        {
-            return Err(ControlError::Conflict(format!(
-                "pool `{pool}` already has backend `{}`",
-                member.addr
-            )));
-        }
-        list.push(member);
-        self.set_members(pool, list, Duration::ZERO, if_match).await
+        self.change_members(pool, Duration::ZERO, if_match, |mut list| {
+            if list
+                .iter()
+                .any(|m| m.addr.parse::<SocketAddr>().ok() == addr && addr.is_some())
+            {
+                return Err(ControlError::Conflict(format!(
+                    "pool `{pool}` already has backend `{}`",
+                    member.addr
+                )));
+            }
+            list.push(member);
+            Ok(list)
+        })
+        .await
     }
 
     /// Drains and removes one backend of `pool`.
@@ -186,18 +217,19 @@ impl Control {
         if_match: Option<u64>,
     ) -> Result<PoolView, ControlError> {
         let backend = self.find_backend(pool, addr)?;
-        let list: Vec<MemberSpec> = self
-            .members(pool)
-            .await?
-            .into_iter()
-            .filter(|m| m.addr.parse::<SocketAddr>().ok() != Some(backend.addr))
-            .collect();
-        if list.is_empty() {
-            return Err(ControlError::Conflict(format!(
-                "`{addr}` is the last backend of pool `{pool}`; a pool needs at least one"
-            )));
-        }
-        self.set_members(pool, list, drain_timeout, if_match).await
+        self.change_members(pool, drain_timeout, if_match, |list| {
+            let list: Vec<MemberSpec> = list
+                .into_iter()
+                .filter(|m| m.addr.parse::<SocketAddr>().ok() != Some(backend.addr))
+                .collect();
+            if list.is_empty() {
+                return Err(ControlError::Conflict(format!(
+                    "`{addr}` is the last backend of pool `{pool}`; a pool needs at least one"
+                )));
+            }
+            Ok(list)
+        })
+        .await
     }
 
     fn configured_pool(&self, pool: &str) -> Result<crate::config::PoolConfig, ControlError> {
@@ -210,21 +242,29 @@ impl Control {
             .ok_or_else(|| ControlError::UnknownPool(pool.to_string()))
     }
 
-    /// The pool's backends now: the runtime membership, else the config's addresses
-    /// and what its host names resolved to.
-    async fn members(&self, pool: &str) -> Result<Vec<MemberSpec>, ControlError> {
-        let configured = self.configured_pool(pool)?;
-        let state = self.state.lock().await;
+    /// The pool's backends in `state`: the runtime membership, else the config's
+    /// addresses and what its host names resolved to.
+    fn members_in(
+        &self,
+        state: &crate::state::TrafficState,
+        configured: &crate::config::PoolConfig,
+    ) -> Vec<MemberSpec> {
         let mut members: Vec<MemberSpec> = state
-            .members_of(&configured)
+            .members_of(configured)
             .into_iter()
             .map(|b| MemberSpec {
                 addr: b.addr.to_string(),
                 weight: b.weight,
             })
             .collect();
-        if !state.members.contains_key(pool) {
-            for named in self.resolved.load().get(pool).into_iter().flatten() {
+        if !state.members.contains_key(&configured.name) {
+            for named in self
+                .resolved
+                .load()
+                .get(&configured.name)
+                .into_iter()
+                .flatten()
+            {
                 let addr = named.addr.to_string();
                 if !members.iter().any(|m| m.addr == addr) {
                     members.push(MemberSpec {
@@ -234,6 +274,6 @@ impl Control {
                 }
             }
         }
-        Ok(members)
+        members
     }
 }
