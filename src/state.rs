@@ -138,6 +138,9 @@ impl BackendMode {
     }
 }
 
+/// 100%, in basis points: the most a canary weight or a mirror share can be.
+const FULL_BP: u32 = 10_000;
+
 /// Whether `(pool, addr)` is one of the addresses the pool's host names resolve to.
 pub type ResolvedTo<'a> = dyn Fn(&str, &str) -> bool + 'a;
 
@@ -251,6 +254,13 @@ impl TrafficState {
                         service.name, canary.pool
                     ));
                     Arc::make_mut(&mut saved).canary = None;
+                } else if canary.weight_bp > FULL_BP {
+                    warnings.push(format!(
+                        "service `{}`: saved canary weight {}% is over 100%; canary dropped",
+                        service.name,
+                        f64::from(canary.weight_bp) / 100.0
+                    ));
+                    Arc::make_mut(&mut saved).canary = None;
                 }
             }
             if let Some(fault) = saved.rollout.as_ref().and_then(|r| r.check_saved().err()) {
@@ -294,6 +304,13 @@ impl TrafficState {
                         service.name, mirror.pool
                     ));
                     Arc::make_mut(&mut saved).mirror = None;
+                } else if !(1..=FULL_BP).contains(&mirror.percent_bp) {
+                    warnings.push(format!(
+                        "service `{}`: saved mirror share {}% is not above 0% and at most 100%; mirroring stopped",
+                        service.name,
+                        f64::from(mirror.percent_bp) / 100.0
+                    ));
+                    Arc::make_mut(&mut saved).mirror = None;
                 }
             }
             if saved
@@ -320,15 +337,20 @@ impl TrafficState {
                 ));
                 continue;
             }
+            let mut seen = std::collections::HashSet::new();
             let valid = !list.is_empty()
+                && list.len() <= config.proxy.max_backends_per_pool
                 && list.iter().all(|m| {
-                    m.addr.parse::<std::net::SocketAddr>().is_ok() && (1..=1000).contains(&m.weight)
+                    m.addr
+                        .parse::<std::net::SocketAddr>()
+                        .is_ok_and(|addr| seen.insert(addr))
+                        && (1..=1000).contains(&m.weight)
                 });
             if valid {
                 members.insert(pool, list);
             } else {
                 warnings.push(format!(
-                    "pool `{pool}`: saved backend list is invalid; using the config's"
+                    "pool `{pool}`: saved backend list is invalid (empty, over max_backends_per_pool, an address twice, or a bad address or weight); using the config's"
                 ));
             }
         }
@@ -521,6 +543,10 @@ fn salvage_generation(text: &[u8]) -> Option<u64> {
 
 /// Writes `state` durably: a temporary file beside the target, fsync, rename over the
 /// target, fsync of the directory. Blocking: call it off the async workers.
+///
+/// A failure before the rename leaves the target as it was, and no temporary file.
+/// The directory is opened first, so one that cannot be opened for its fsync fails the
+/// save before anything changed, not after the rename replaced the file.
 pub fn save(path: &Path, state: &TrafficState) -> Result<(), StateError> {
     let wrap = |source| StateError::Write {
         path: path.to_path_buf(),
@@ -528,20 +554,22 @@ pub fn save(path: &Path, state: &TrafficState) -> Result<(), StateError> {
     };
     let mut json = serde_json::to_vec_pretty(state).map_err(|e| wrap(std::io::Error::other(e)))?;
     json.push(b'\n');
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    {
-        let mut file = std::fs::File::create(&tmp).map_err(wrap)?;
-        file.write_all(&json).map_err(wrap)?;
-        file.sync_all().map_err(wrap)?;
-    }
-    std::fs::rename(&tmp, path).map_err(wrap)?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(wrap)?;
+    let dir = std::fs::File::open(dir).map_err(wrap)?;
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let written = std::fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(&json)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(wrap(e));
+    }
+    dir.sync_all().map_err(wrap)?;
     Ok(())
 }
 
@@ -555,6 +583,68 @@ mod tests {
             Path::new("t.toml"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_save_that_fails_leaves_the_target_as_it_was_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: the rename over it fails.
+        let path = dir.path().join("state.json");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("kept"), "x").unwrap();
+        let error = save(&path, &TrafficState::from_config(&config())).unwrap_err();
+        assert!(error.to_string().contains("state.json"), "{error}");
+        assert!(path.join("kept").exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        // And a directory that cannot be opened fails before anything is written.
+        let missing = dir.path().join("no-such-dir").join("state.json");
+        assert!(save(&missing, &TrafficState::from_config(&config())).is_err());
+        assert!(!dir.path().join("no-such-dir").exists());
+    }
+
+    #[test]
+    fn saved_values_the_api_would_refuse_are_dropped_with_a_warning() {
+        for (case, fault) in [
+            (0, "canary weight 500%"),
+            (1, "mirror share 0%"),
+            (2, "backend list is invalid"),
+        ] {
+            let mut state = TrafficState::from_config(&config());
+            let app = state.service_mut("app").unwrap();
+            match case {
+                0 => {
+                    app.canary = Some(Box::new(CanarySpec {
+                        pool: "green".into(),
+                        weight_bp: 50_000,
+                        header: None,
+                        cookie: None,
+                        sticky: None,
+                    }))
+                }
+                1 => {
+                    app.mirror = Some(MirrorSpec {
+                        pool: "green".into(),
+                        percent_bp: 0,
+                    })
+                }
+                _ => {
+                    let twice = MemberSpec {
+                        addr: "127.0.0.1:7".into(),
+                        weight: 1,
+                    };
+                    state
+                        .members
+                        .insert("blue".into(), vec![twice.clone(), twice]);
+                }
+            }
+            let (kept, warnings) = state.reconcile(&config(), None);
+            assert_eq!(kept, TrafficState::from_config(&config()), "{fault}");
+            assert!(
+                warnings.iter().any(|w| w.contains(fault)),
+                "{fault}: {warnings:?}"
+            );
+        }
     }
 
     #[test]

@@ -300,7 +300,7 @@ impl Control {
         if self.cluster.get().is_some() {
             crate::cluster::UNKNOWN_GENERATION
         } else {
-            current.generation + 1
+            current.generation.saturating_add(1)
         }
     }
 }
