@@ -299,6 +299,11 @@ pub trait Ending {
     fn broken(&mut self);
     /// The upstream sent nothing for `waited`: the body is given up, with this error.
     fn stalled(&mut self, waited: Duration) -> <Self::Body as Body>::Error;
+    /// The request body is still going out with `body`: a response that waits for it
+    /// waits on the client, not on the backend.
+    fn still_sending(&self, _body: &Self::Body) -> bool {
+        false
+    }
 }
 
 impl<E: Ending> ProxyBody<E> {
@@ -349,6 +354,10 @@ impl<E: Ending + Unpin> Body for ProxyBody<E> {
             } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 if polled.is_pending() {
+                    if ending.as_ref().is_some_and(|e| e.still_sending(inner)) {
+                        waiting.progress();
+                        return Poll::Pending;
+                    }
                     if !waiting.expired(cx) {
                         return Poll::Pending;
                     }

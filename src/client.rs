@@ -122,6 +122,15 @@ pub enum UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// The request body still goes out alongside (HTTP/1.1 only: hyper sends an HTTP/2
+    /// request body on its own).
+    pub fn still_sending(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.still_sending(),
+            UpstreamBody::H2(_) => false,
+        }
+    }
+
     /// The HTTP/1.1 connection, once its body ended clean and the backend keeps it
     /// open; HTTP/2 connections are shared and never handed back.
     pub fn take_reusable(&mut self) -> Option<Box<upstream_h1::Conn>> {

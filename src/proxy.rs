@@ -766,6 +766,10 @@ impl Ending for Exchange {
         // The body dropped its broken connection: nothing to pool.
     }
 
+    fn still_sending(&self, body: &UpstreamBody) -> bool {
+        body.still_sending()
+    }
+
     fn stalled(&mut self, waited: Duration) -> Box<dyn std::error::Error + Send + Sync> {
         // The connection goes with the body: whatever the backend sends later would be
         // read as the next response's.

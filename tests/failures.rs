@@ -832,3 +832,54 @@ async fn a_slow_but_steady_backend_is_streamed_whole() {
     assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 0);
     proxy.shutdown().await;
 }
+
+/// A backend that answers early and then reads a slow upload (a full-duplex app)
+/// waits on the client, not the other way round: its response is not cut off while
+/// the request body still comes, however long that takes in all.
+#[tokio::test]
+async fn a_backend_that_answers_before_a_slow_upload_ends_is_not_cut_off() {
+    let upstream = raw_upstream(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await;
+        let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let mut body = seen.len() - head_end;
+        while body < 20 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body += n,
+            }
+        }
+        let _ = s.write_all(b"2\r\nok\r\n0\r\n\r\n").await;
+        while a_request_came(&mut s).await {}
+    })
+    .await;
+    let proxy = proxy_with_body_timeout("300ms", upstream).await;
+    let slow_body = futures_util::stream::unfold(0, |i| async move {
+        if i == 4 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        Some((
+            Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from_static(b"chunk"))),
+            i + 1,
+        ))
+    });
+    let request = Request::post(format!("http://{}/upload", proxy.proxy_addr))
+        .header("content-length", "20")
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(slow_body)))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(upstream_timeouts(&proxy, "upstream_body_timeout").await, 0);
+    proxy.shutdown().await;
+}

@@ -82,6 +82,13 @@ impl ResponseBody {
     }
 }
 
+impl ResponseBody {
+    /// Part of the request body is still to go out.
+    pub fn still_sending(&self) -> bool {
+        self.upload.is_some()
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = Error;
